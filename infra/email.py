@@ -1,0 +1,60 @@
+"""SES in us-east-2: the katforge.com identity with Easy DKIM, a custom MAIL FROM domain, DMARC,
+a configuration set, and the one IAM user allowed to send (whose SMTP credentials the api uses)."""
+from __future__ import annotations
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.dns import Zones
+from infra.policies import ses_send_policy
+from infra.settings import REGION, EmailSettings
+
+DKIM_KEYS = 3  # Easy DKIM always publishes three CNAMEs
+SMTP_ENDPOINT = f"email-smtp.{REGION}.amazonaws.com"
+SMTP_PORT = 587
+
+
+def dmarc_record(policy: str) -> str:
+    return f"v=DMARC1; p={policy};"
+
+
+class Email(pulumi.ComponentResource):
+    def __init__(self, name: str, email: EmailSettings, zones: Zones, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("katforge:email:Email", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        domain = email.domain
+        identity = aws.ses.DomainIdentity(
+            domain, domain=domain, opts=pulumi.ResourceOptions(parent=self, import_=email.identity_id or None))
+        zones.record(f"_amazonses.{domain}", "TXT", [identity.verification_token], self)
+
+        dkim = aws.ses.DomainDkim(domain, domain=identity.domain, opts=child)
+        for i in range(DKIM_KEYS):
+            token = dkim.dkim_tokens[i]
+            aws.route53.Record(f"dkim-{i}", zone_id=zones.ids[domain],
+                               name=token.apply(lambda t: f"{t}._domainkey.{domain}"), type="CNAME", ttl=1800,
+                               records=[token.apply(lambda t: f"{t}.dkim.amazonses.com")], allow_overwrite=True,
+                               opts=child)
+
+        mail_from = f"{email.mail_from_subdomain}.{domain}"
+        aws.ses.MailFrom(domain, domain=identity.domain, mail_from_domain=mail_from,
+                         behavior_on_mx_failure="RejectMessage", opts=child)
+        zones.record(mail_from, "MX", [f"10 feedback-smtp.{REGION}.amazonses.com"], self)
+        zones.record(mail_from, "TXT", ["v=spf1 include:amazonses.com -all"], self)
+        zones.record(f"_dmarc.{domain}", "TXT", [dmarc_record(email.dmarc_policy)], self)
+
+        configuration_set = aws.ses.ConfigurationSet(
+            "katforge", name="katforge",
+            delivery_options=aws.ses.ConfigurationSetDeliveryOptionsArgs(tls_policy="Require"),
+            reputation_metrics_enabled=True, opts=child)
+
+        sender = aws.iam.User("ses-sender", name="ses-sender", opts=child)
+        aws.iam.UserPolicy("ses-sender", user=sender.name,
+                           policy=pulumi.Output.all(identity.arn, configuration_set.arn).apply(
+                               lambda arns: ses_send_policy(arns[0], arns[1], list(email.from_addresses))),
+                           opts=child)
+        key = aws.iam.AccessKey("ses-sender", user=sender.name, opts=pulumi.ResourceOptions(
+            parent=self, additional_secret_outputs=["secret", "sesSmtpPasswordV4"]))
+        self.smtp_username = pulumi.Output.secret(key.id)
+        self.smtp_password = pulumi.Output.secret(key.ses_smtp_password_v4)
+        self.configuration_set = configuration_set.name
+        self.register_outputs({"identity": identity.domain, "configuration_set": configuration_set.name})

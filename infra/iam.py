@@ -1,0 +1,20 @@
+"""The IAM user whose key lets Traefik answer Let's Encrypt's DNS-01 challenge in Route53."""
+from __future__ import annotations
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.policies import dns_challenge_policy
+
+
+class DnsChallengeUser(pulumi.ComponentResource):
+    def __init__(self, name: str, zone_arns: dict[str, str], opts: pulumi.ResourceOptions | None = None):
+        super().__init__("katforge:iam:DnsChallengeUser", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        user = aws.iam.User(name, name="traefik-dns-challenge", opts=child)
+        aws.iam.UserPolicy(name, user=user.name, policy=dns_challenge_policy(list(zone_arns.values())), opts=child)
+        key = aws.iam.AccessKey(name, user=user.name,
+                                opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["secret"]))
+        self.access_key_id = pulumi.Output.secret(key.id)
+        self.secret_access_key = pulumi.Output.secret(key.secret)
+        self.register_outputs({"user": user.name})

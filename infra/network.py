@@ -1,0 +1,90 @@
+"""The default VPC (looked up, never created) and the two hosts' security groups.
+
+Each rule is one row of data with the reason it exists; nothing else is open.
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from infra.settings import NetworkSettings, SettingsError
+
+ANYWHERE = "0.0.0.0/0"
+VPN_SG = "vpn-security-group"  # a rule source: the VPN host's private address, which its clients are NATed behind
+
+
+@dataclass(frozen=True)
+class Rule:
+    protocol: str
+    port: int
+    sources: tuple[str, ...]  # CIDRs, or VPN_SG
+    why: str
+
+
+def k3s_rules(net: NetworkSettings, vpn_public_ip: str) -> tuple[Rule, ...]:
+    # VPN clients reach the private address through the VPN's security group, and the public
+    # names (k3s.katforge.com) from the VPN's Elastic IP.
+    operators = (VPN_SG, f"{vpn_public_ip}/32", *net.admin_cidrs)
+    return (
+        Rule("tcp", 80, (ANYWHERE,), "HTTP for the public sites; Traefik redirects it to HTTPS"),
+        Rule("tcp", 443, (ANYWHERE,), "HTTPS for the public sites"),
+        Rule("tcp", 6443, tuple(dict.fromkeys(operators + net.k3s_api_cidrs)),
+             "k3s API for kubectl and the deploy workflow (through the VPN)"),
+        Rule("tcp", 22, operators, "SSH for operators and the Pulumi host bootstrap"),
+        Rule("tcp", 5432, (net.vpc_cidr,), "PostgreSQL for hosts inside the VPC only"),
+    )
+
+
+def vpn_rules(net: NetworkSettings) -> tuple[Rule, ...]:
+    return (
+        Rule("udp", 51820, (ANYWHERE,), "WireGuard clients connect from anywhere"),
+        Rule("tcp", 22, net.admin_cidrs, "SSH for operators to administer the VPN host"),
+    )
+
+
+def subnet_cidr_of(ip: str) -> str:
+    """AWS creates a default VPC's subnets as /20s; the host's subnet is the /20 holding its IP."""
+    return str(ipaddress.IPv4Network(f"{ip}/20", strict=False))
+
+
+class Network(pulumi.ComponentResource):
+    def __init__(self, name: str, net: NetworkSettings, vpn_public_ip: str,
+                 opts: pulumi.ResourceOptions | None = None):
+        super().__init__("katforge:network:Network", name, None, opts)
+        invoke = pulumi.InvokeOptions(parent=self)
+        vpc = aws.ec2.get_vpc(default=True, opts=invoke)
+        if vpc.cidr_block != net.vpc_cidr:
+            raise SettingsError(
+                f"katforge:vpcCidr = {net.vpc_cidr!r} does not match the default VPC {vpc.id} ({vpc.cidr_block})."
+            )
+        self.vpc_id = vpc.id
+        self.subnet_id = aws.ec2.get_subnet(vpc_id=vpc.id, cidr_block=subnet_cidr_of(net.k3s_private_ip),
+                                            opts=invoke).id
+
+        self.vpn_sg = self._group("vpn", "WireGuard VPN host", vpn_rules(net), source_sg=None)
+        self.k3s_sg = self._group("k3s", "k3s host: sites, k3s API, SSH, PostgreSQL", k3s_rules(net, vpn_public_ip),
+                                  source_sg=self.vpn_sg)
+        self.register_outputs({"vpc_id": self.vpc_id, "k3s_sg": self.k3s_sg.id, "vpn_sg": self.vpn_sg.id})
+
+    def _group(self, name: str, description: str, rules: tuple[Rule, ...],
+               source_sg: aws.ec2.SecurityGroup | None) -> aws.ec2.SecurityGroup:
+        child = pulumi.ResourceOptions(parent=self)
+        group = aws.ec2.SecurityGroup(name, vpc_id=self.vpc_id, description=description,
+                                      tags={"Name": name}, opts=child)
+        in_group = pulumi.ResourceOptions(parent=group)
+        for rule in rules:
+            for source in rule.sources:
+                peer = (dict(referenced_security_group_id=source_sg.id) if source == VPN_SG
+                        else dict(cidr_ipv4=source))
+                label = "vpn" if source == VPN_SG else source.replace("/", "-")
+                aws.vpc.SecurityGroupIngressRule(
+                    f"{name}-{rule.protocol}{rule.port}-from-{label}", security_group_id=group.id,
+                    ip_protocol=rule.protocol, from_port=rule.port, to_port=rule.port,
+                    description=rule.why, **peer, opts=in_group)
+        aws.vpc.SecurityGroupEgressRule(f"{name}-egress", security_group_id=group.id, ip_protocol="-1",
+                                        cidr_ipv4=ANYWHERE, description="outbound: packages, ACME, SES, S3",
+                                        opts=in_group)
+        return group

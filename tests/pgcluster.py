@@ -1,0 +1,140 @@
+"""A throwaway PostgreSQL 16 cluster laid out like Ubuntu's, for tests that run the real host scripts.
+
+The binaries come from `pgserver` (PyPI), which bundles PostgreSQL 16; Debian's packages are the
+fallback. Like Ubuntu, the configuration lives apart from the data (`/etc/postgresql/16/main` with a
+`conf.d/` include directory), so the host scripts can be pointed at it through environment variables.
+PostgreSQL refuses to run as root, so under root the server runs as an unprivileged user.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SERVER_USER = "pgtest"
+SUPERUSER = "postgres"
+
+
+def find_bin_dir() -> Path | None:
+    try:
+        from pgserver._commands import POSTGRES_BIN_PATH
+        return Path(POSTGRES_BIN_PATH)
+    except ImportError:
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
+        return Path(found[-1]).parent if found else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_account() -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(SERVER_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", SERVER_USER], check=True)
+        return pwd.getpwnam(SERVER_USER)
+
+
+@dataclass
+class PgCluster:
+    root: Path
+    bin_dir: Path
+    port: int
+
+    @property
+    def conf_dir(self) -> Path:
+        return self.root / "etc"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.root / "run"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Environment for clients and for the host scripts: where the cluster and its tools are."""
+        env = dict(os.environ)
+        env.update(
+            PATH=f"{self.bin_dir}:{env['PATH']}",
+            PGHOST=str(self.socket_dir),
+            PGPORT=str(self.port),
+            PGUSER=SUPERUSER,
+            PGDATABASE="postgres",
+            PG_CONF_DIR=str(self.conf_dir),
+            PG_BIN_DIR=str(self.bin_dir),
+        )
+        env.update(extra)
+        return env
+
+    def _as_server(self, args: list[str], **kwargs) -> subprocess.CompletedProcess:
+        account = _server_account()
+        if account is not None:
+            kwargs.update(user=account.pw_uid, group=account.pw_gid, extra_groups=[])
+        result = subprocess.run(args, capture_output=True, text=True, **kwargs)
+        if result.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed: {result.stderr}{result.stdout}")
+        return result
+
+    def start(self) -> None:
+        for d in (self.conf_dir / "conf.d", self.data_dir, self.socket_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        account = _server_account()
+        if account is not None:
+            os.chmod(self.root, 0o755)
+            for path in [self.root, *self.root.rglob("*")]:
+                os.chown(path, account.pw_uid, account.pw_gid)
+            os.chmod(self.socket_dir, 0o777)
+        self._as_server([str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", SUPERUSER,
+                         "--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8", "--no-instructions"])
+        # Move the configuration out of the data directory, as Ubuntu's pg_createcluster does.
+        for name in ("pg_hba.conf", "pg_ident.conf"):
+            shutil.move(self.data_dir / name, self.conf_dir / name)
+        (self.conf_dir / "postgresql.conf").write_text(
+            f"data_directory = '{self.data_dir}'\n"
+            f"hba_file = '{self.conf_dir / 'pg_hba.conf'}'\n"
+            f"ident_file = '{self.conf_dir / 'pg_ident.conf'}'\n"
+            f"port = {self.port}\n"
+            "listen_addresses = '127.0.0.1'\n"
+            f"unix_socket_directories = '{self.socket_dir}'\n"
+            "include_dir = 'conf.d'\n"
+        )
+        (self.data_dir / "postgresql.conf").unlink()
+        if account is not None:
+            for path in self.conf_dir.rglob("*"):
+                os.chown(path, account.pw_uid, account.pw_gid)
+        self.pg_ctl("start", "-w", "-l", str(self.root / "server.log"))
+
+    def pg_ctl(self, *args: str) -> subprocess.CompletedProcess:
+        return self._as_server([str(self.bin_dir / "pg_ctl"), "-D", str(self.conf_dir), *args])
+
+    def stop(self) -> None:
+        self.pg_ctl("stop", "-m", "fast", "-w")
+
+    def psql(self, sql: str, *, database: str = "postgres", **env: str) -> str:
+        """Run SQL as the superuser over the local socket; return unaligned, tuples-only output."""
+        result = subprocess.run(
+            [str(self.bin_dir / "psql"), "-X", "-v", "ON_ERROR_STOP=1", "-At", "-d", database, "-c", sql],
+            check=True, capture_output=True, text=True, env=self.env(**env),
+        )
+        return result.stdout.strip()
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while subprocess.run([str(self.bin_dir / "pg_isready"), "-h", str(self.socket_dir), "-p", str(self.port)],
+                             capture_output=True).returncode != 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError("PostgreSQL did not become ready")
+            time.sleep(0.1)

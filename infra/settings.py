@@ -206,6 +206,8 @@ def is_email(value: str) -> bool:
 
 
 def is_cidr(value: str) -> bool:
+    if "/" not in value:
+        return False
     try:
         ipaddress.IPv4Network(value, strict=True)
     except ValueError:

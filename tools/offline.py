@@ -102,6 +102,7 @@ class Plan:
     resources: list[PlannedResource]
     raw_outputs: dict = field(default_factory=dict)
     secret_outputs: frozenset = frozenset()
+    lookups: list = field(default_factory=list)  # (token, args) of every data-source call
 
     @property
     def outputs(self) -> dict:
@@ -110,14 +111,17 @@ class Plan:
     def of_type(self, token: str) -> list[PlannedResource]:
         return [r for r in self.resources if r.type == token]
 
-    def named(self, name: str) -> PlannedResource:
-        found = [r for r in self.resources if r.name == name]
+    def named(self, name: str, token: Optional[str] = None) -> PlannedResource:
+        found = [r for r in self.resources if r.name == name and token in (None, r.type)]
         if len(found) != 1:
             raise KeyError(f"{len(found)} resources named {name!r}")
         return found[0]
 
     def children(self, parent: PlannedResource) -> list[PlannedResource]:
         return [r for r in self.resources if r.parent == parent.urn]
+
+    def lookups_of(self, token: str) -> list[dict]:
+        return [args for tok, args in self.lookups if tok == token]
 
     def to_json(self) -> str:
         document = {"stack": self.stack, "resources": [r.to_json() for r in self.resources],
@@ -133,6 +137,17 @@ def redact(value: Any) -> Any:
         return {k: redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
+    return value
+
+
+def whole_numbers(value: Any) -> Any:
+    """Protobuf carries every number as a float; show 30 rather than 30.0."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers(v) for v in value]
     return value
 
 
@@ -222,6 +237,11 @@ class RecordingMonitor(mocks.MockMonitor):
     def __init__(self, mock: mocks.Mocks):
         super().__init__(mock)
         self.planned: list[PlannedResource] = []
+        self.lookups: list[tuple[str, dict]] = []
+
+    def Invoke(self, request):
+        self.lookups.append((request.tok, whole_numbers(rpc.deserialize_properties(request.args))))
+        return super().Invoke(request)
 
     def RegisterResource(self, request):
         response = super().RegisterResource(request)
@@ -230,9 +250,10 @@ class RecordingMonitor(mocks.MockMonitor):
                 urn=response.urn,
                 type=request.type,
                 name=request.name,
-                parent=request.parent or None,
+                # Top-level components hang off the root stack, which the plan leaves implicit.
+                parent=None if "::pulumi:pulumi:Stack::" in request.parent else request.parent or None,
                 custom=bool(request.custom),
-                raw_inputs=rpc.deserialize_properties(request.object),
+                raw_inputs=whole_numbers(rpc.deserialize_properties(request.object)),
                 options={
                     "protect": bool(request.protect),
                     "ignore_changes": sorted(request.ignoreChanges),
@@ -250,7 +271,7 @@ async def _resolve_outputs(outputs: dict) -> tuple[dict, frozenset]:
     values, secrets = {}, set()
     for name, value in outputs.items():
         output = pulumi.Output.from_input(value)
-        values[name] = unwrap(await output.future())
+        values[name] = whole_numbers(unwrap(await output.future()))
         if await output.is_secret():
             secrets.add(name)
     return values, frozenset(secrets)
@@ -267,7 +288,8 @@ def _run(stack: str, config: dict[str, str], secret_keys: list[str], mock: Estat
     root = runtime_settings.get_root_resource()
     outputs, secrets = _sync_await(_resolve_outputs(root.outputs))
     resources = sorted(monitor.planned, key=lambda r: r.urn)
-    return Plan(stack=stack, resources=resources, raw_outputs=outputs, secret_outputs=secrets)
+    return Plan(stack=stack, resources=resources, raw_outputs=outputs, secret_outputs=secrets,
+                lookups=monitor.lookups)
 
 
 def evaluate(stack: str, config: Optional[dict[str, Any]] = None, prod_config: Optional[dict[str, Any]] = None) -> Plan:

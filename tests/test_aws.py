@@ -1,0 +1,289 @@
+"""The AWS estate as the plan declares it, checked against the spec and the issue's rules."""
+import ipaddress
+import json
+import re
+
+import pytest
+
+from infra.settings import SettingsError
+from tools.offline import ROOT, evaluate, evaluate_cached
+
+SPEC = ROOT.parent / "shared" / "spec" / "deployment.md"
+
+
+@pytest.fixture(scope="module")
+def prod():
+    return evaluate_cached("prod")
+
+
+@pytest.fixture(scope="module")
+def qa():
+    return evaluate_cached("qa")
+
+
+def instance(plan, name):
+    return next(r for r in plan.of_type("aws:ec2/instance:Instance") if r.name == name)
+
+
+def eip(plan, name):
+    return next(r for r in plan.of_type("aws:ec2/eip:Eip") if r.name == name)
+
+
+def records(plan):
+    return plan.of_type("aws:route53/record:Record")
+
+
+# --- hosts -------------------------------------------------------------------------------------
+
+def test_k3s_host_matches_the_spec(prod):
+    host = instance(prod, "k3s")
+    i = host.inputs
+    assert i["instanceType"] == "t3.medium"
+    assert i["privateIp"] == "172.31.14.98"
+    assert i["rootBlockDevice"] == {"volumeSize": 30, "volumeType": "gp3", "encrypted": True,
+                                    "deleteOnTermination": True}
+    [subnet] = prod.lookups_of("aws:ec2/getSubnet:getSubnet")
+    assert ipaddress.IPv4Address(i["privateIp"]) in ipaddress.IPv4Network(subnet["cidrBlock"])
+
+
+def test_the_default_vpc_is_looked_up_not_created(prod):
+    assert prod.lookups_of("aws:ec2/getVpc:getVpc") == [{"default": True}]
+    assert prod.of_type("aws:ec2/vpc:Vpc") == [] and prod.of_type("aws:ec2/subnet:Subnet") == []
+
+
+def test_a_vpc_with_another_cidr_stops_the_program():
+    with pytest.raises(SettingsError, match="does not match the default VPC"):
+        evaluate("prod", {"katforge:vpcCidr": "10.0.0.0/16", "katforge:k3sPrivateIp": "10.0.14.98"})
+
+
+def test_hosts_run_ubuntu_2404_from_canonical(prod):
+    [ami] = prod.lookups_of("aws:ec2/getAmi:getAmi")
+    assert ami["owners"] == ["099720109477"]
+    assert ami["filters"] == [{"name": "name", "values": ["ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*"]}]
+    assert ami["mostRecent"] is True
+
+
+@pytest.mark.parametrize("name", ["k3s", "vpn"])
+def test_hosts_require_imdsv2_with_one_hop_and_encrypted_root(prod, name):
+    i = instance(prod, name).inputs
+    assert i["metadataOptions"]["httpTokens"] == "required"
+    assert i["metadataOptions"]["httpPutResponseHopLimit"] == 1
+    assert i["rootBlockDevice"]["encrypted"] is True
+
+
+def test_k3s_host_cannot_be_replaced_or_terminated_by_accident(prod):
+    host = instance(prod, "k3s")
+    assert host.inputs["disableApiTermination"] is True
+    assert host.options["protect"] is True
+    assert {"ami", "userData"} <= set(host.options["ignore_changes"])
+
+
+def test_key_pair_comes_from_config(prod):
+    key = prod.named("operators")
+    assert key.inputs["publicKey"].startswith("ssh-ed25519 ")
+    assert instance(prod, "k3s").inputs["keyName"] == key.inputs["keyName"]
+
+
+def test_vpn_host_is_a_t2_nano_that_forwards_packets(prod):
+    i = instance(prod, "vpn").inputs
+    assert i["instanceType"] == "t2.nano"
+    assert i["sourceDestCheck"] is False
+    assert instance(prod, "k3s").inputs["sourceDestCheck"] is True
+
+
+def test_elastic_ips_are_attached_protected_and_feed_dns(prod):
+    for name, address in (("k3s", "3.19.192.157"), ("vpn", "3.15.140.218")):
+        address_resource = eip(prod, name)
+        assert address_resource.inputs["instance"] == f"{name}-id"
+        assert address_resource.options["protect"] is True
+        assert prod.outputs[f"{name}PublicIp"] == address
+
+
+def test_live_ids_are_imported_not_created():
+    plan = evaluate("prod", {"katforge:k3sInstanceId": "i-0abc12345def67890",
+                             "katforge:vpnInstanceId": "i-0fedcba9876543210",
+                             "katforge:k3sEipAllocationId": "eipalloc-0123456789abcdef0",
+                             "katforge:vpnEipAllocationId": "eipalloc-0fedcba9876543210",
+                             "katforge:sesIdentityId": "katforge.com"})
+    assert instance(plan, "k3s").options["import_id"] == "i-0abc12345def67890"
+    assert instance(plan, "vpn").options["import_id"] == "i-0fedcba9876543210"
+    assert eip(plan, "k3s").options["import_id"] == "eipalloc-0123456789abcdef0"
+    assert eip(plan, "vpn").options["import_id"] == "eipalloc-0fedcba9876543210"
+    identity = plan.of_type("aws:ses/domainIdentity:DomainIdentity")[0]
+    assert identity.options["import_id"] == "katforge.com"
+
+
+def test_nothing_is_imported_unless_configured(prod):
+    assert [r.name for r in prod.resources if r.options["import_id"]] == []
+
+
+def test_adopting_an_elastic_ip_with_another_address_stops_the_deployment():
+    with pytest.raises(SettingsError, match="holds 3.19.192.157, but katforge:k3sPublicIp expects 3.19.192.1"):
+        evaluate("prod", {"katforge:k3sEipAllocationId": "eipalloc-0123456789abcdef0",
+                          "katforge:k3sPublicIp": "3.19.192.1"})
+
+
+# --- security groups ---------------------------------------------------------------------------
+
+def ingress(plan, group):
+    groups = {r.urn: r.name for r in plan.of_type("aws:ec2/securityGroup:SecurityGroup")}
+    vpn_id = "vpn-id"
+    rules = set()
+    for rule in plan.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"):
+        if groups[rule.parent] != group:
+            continue
+        i = rule.inputs
+        assert i["fromPort"] == i["toPort"]
+        assert i["description"], "every rule says why it exists"
+        source = "vpn-sg" if i.get("referencedSecurityGroupId") == vpn_id else i["cidrIpv4"]
+        rules.add((i["ipProtocol"], i["fromPort"], source))
+    return rules
+
+
+def test_k3s_host_opens_exactly_the_listed_ports(prod):
+    vpn = ("vpn-sg", "3.15.140.218/32")
+    assert ingress(prod, "k3s") == {
+        ("tcp", 80, "0.0.0.0/0"), ("tcp", 443, "0.0.0.0/0"),
+        *{("tcp", 6443, s) for s in vpn}, *{("tcp", 22, s) for s in vpn},
+        ("tcp", 5432, "172.31.0.0/16"),
+    }
+
+
+def test_vpn_host_opens_only_wireguard(prod):
+    assert ingress(prod, "vpn") == {("udp", 51820, "0.0.0.0/0")}
+
+
+def test_admin_and_api_cidrs_widen_only_their_ports():
+    plan = evaluate("prod", {"katforge:adminCidrs": ["203.0.113.7/32"], "katforge:k3sApiCidrs": ["198.51.100.0/24"]})
+    k3s = ingress(plan, "k3s")
+    assert ("tcp", 22, "203.0.113.7/32") in k3s and ("tcp", 6443, "203.0.113.7/32") in k3s
+    assert ("tcp", 6443, "198.51.100.0/24") in k3s and ("tcp", 22, "198.51.100.0/24") not in k3s
+    assert ingress(plan, "vpn") == {("udp", 51820, "0.0.0.0/0"), ("tcp", 22, "203.0.113.7/32")}
+
+
+# --- DNS ---------------------------------------------------------------------------------------
+
+def spec_routing_table():
+    if not SPEC.exists():
+        pytest.skip(f"the spec is not at {SPEC}")
+    rows = re.findall(r"^\|?\s*([a-z0-9.]+\.(?:com|gg))\s*\|\s*(A|CNAME)\s*\|\s*([^|]+?)\s*\|\s*([^|]+?)\s*\|",
+                      SPEC.read_text(), flags=re.M)
+    return {(name, type_): (target, "qa" if stage.startswith("qa") else "prod") for name, type_, target, stage in rows}
+
+
+def test_every_spec_record_is_declared_once_in_its_stage(prod, qa):
+    spec = spec_routing_table()
+    assert len(spec) == 8
+    declared = {}
+    for plan in (prod, qa):
+        for record in records(plan):
+            key = (record.inputs["name"], record.inputs["type"])
+            assert key not in declared, f"{key} is declared twice"
+            declared[key] = (record.inputs["records"], plan.stack)
+    for key, (target, stage) in spec.items():
+        assert declared[key] == ([target], stage), key
+
+
+def test_zones_are_looked_up_never_created(prod, qa):
+    for plan in (prod, qa):
+        assert plan.of_type("aws:route53/zone:Zone") == []
+        assert {z["name"] for z in plan.lookups_of("aws:route53/getZone:getZone")} == {"katforge.com", "stumper.gg"}
+    zone_of = {r.inputs["name"]: r.inputs["zoneId"] for r in records(prod)}
+    assert zone_of["katforge.com"] == "Z0292557263L1FJT7JXXS"
+    assert zone_of["stumper.gg"] != zone_of["katforge.com"]
+
+
+def test_qa_declares_only_its_own_records_and_reads_prod(qa):
+    assert {r.inputs["name"] for r in records(qa)} == {"qa.katforge.com", "qa.api.katforge.com"}
+    assert [r for r in qa.resources if r.type.startswith("aws:") and r.type != "aws:route53/record:Record"] == []
+
+
+# --- SES ---------------------------------------------------------------------------------------
+
+def record_values(plan, name, type_):
+    return [r.inputs["records"] for r in records(plan) if r.inputs["name"] == name and r.inputs["type"] == type_]
+
+
+def test_ses_identity_with_three_dkim_cnames(prod):
+    identity = prod.of_type("aws:ses/domainIdentity:DomainIdentity")[0]
+    assert identity.inputs["domain"] == "katforge.com"
+    dkim = [r for r in records(prod) if r.inputs["name"].endswith("._domainkey.katforge.com")]
+    assert len(dkim) == 3
+    for record in dkim:
+        token = record.inputs["name"].split(".")[0]
+        assert record.inputs["type"] == "CNAME"
+        assert record.inputs["records"] == [f"{token}.dkim.amazonses.com"]
+
+
+def test_custom_mail_from_rejects_on_mx_failure(prod):
+    mail_from = prod.of_type("aws:ses/mailFrom:MailFrom")[0].inputs
+    assert mail_from["mailFromDomain"] == "mail.katforge.com"
+    assert mail_from["behaviorOnMxFailure"] == "RejectMessage"
+    assert record_values(prod, "mail.katforge.com", "MX") == [["10 feedback-smtp.us-east-2.amazonses.com"]]
+    [[spf]] = record_values(prod, "mail.katforge.com", "TXT")
+    assert spf.startswith("v=spf1 include:amazonses.com")
+
+
+def test_dmarc_starts_at_none_and_is_configurable(prod):
+    assert record_values(prod, "_dmarc.katforge.com", "TXT") == [["v=DMARC1; p=none;"]]
+    stricter = evaluate("prod", {"katforge:dmarcPolicy": "quarantine"})
+    assert record_values(stricter, "_dmarc.katforge.com", "TXT") == [["v=DMARC1; p=quarantine;"]]
+
+
+def test_configuration_set_exists(prod):
+    assert len(prod.of_type("aws:ses/configurationSet:ConfigurationSet")) == 1
+
+
+def policy_of(plan, user_policy_name):
+    return json.loads(plan.named(user_policy_name, "aws:iam/userPolicy:UserPolicy").inputs["policy"])
+
+
+def test_ses_sender_may_only_send_from_known_addresses(prod):
+    [statement] = policy_of(prod, "ses-sender")["Statement"]
+    assert statement["Effect"] == "Allow"
+    assert sorted(statement["Action"]) == ["ses:SendEmail", "ses:SendRawEmail"]
+    assert any(":katforge.com" in arn or "katforge.com" == arn.split(":")[-1] for arn in statement["Resource"])
+    assert "*" not in statement["Resource"]
+    assert statement["Condition"] == {"StringEquals": {"ses:FromAddress": ["noreply@katforge.com"]}}
+
+
+def test_smtp_credentials_are_secret_outputs(prod):
+    assert {"sesSmtpUsername", "sesSmtpPassword"} <= prod.secret_outputs
+    key = next(r for r in prod.of_type("aws:iam/accessKey:AccessKey") if r.name == "ses-sender")
+    assert {"secret", "sesSmtpPasswordV4"} <= set(key.options["additional_secret_outputs"])
+
+
+# --- DNS challenge user ------------------------------------------------------------------------
+
+def test_dns_challenge_user_has_least_privilege(prod):
+    statements = {s["Action"]: s for s in policy_of(prod, "dns-challenge")["Statement"]}
+    zone_arns = sorted(f"arn:aws:route53:::hostedzone/{z}" for z in prod.outputs["zoneIds"].values())
+    change = statements.pop("route53:ChangeResourceRecordSets")
+    assert change["Resource"] == zone_arns
+    assert change["Condition"]["ForAllValues:StringEquals"] == {"route53:ChangeResourceRecordSetsRecordTypes": ["TXT"]}
+    assert change["Condition"]["ForAllValues:StringLike"] == {
+        "route53:ChangeResourceRecordSetsNormalizedRecordNames": ["_acme-challenge.*"]}
+    assert statements.pop("route53:ListResourceRecordSets")["Resource"] == zone_arns
+    assert statements.pop("route53:GetChange")["Resource"] == "arn:aws:route53:::change/*"
+    assert statements.pop("route53:ListHostedZonesByName")["Resource"] == "*"
+    assert statements == {}
+
+
+def test_iam_users_get_no_managed_policies(prod):
+    """The spec's user had AmazonRoute53FullAccess; users now hold only their inline least-privilege policy."""
+    assert prod.of_type("aws:iam/userPolicyAttachment:UserPolicyAttachment") == []
+    assert prod.of_type("aws:iam/policyAttachment:PolicyAttachment") == []
+
+
+def test_dns_challenge_key_is_a_secret_output(prod):
+    assert {"dnsChallengeAccessKeyId", "dnsChallengeSecretAccessKey"} <= prod.secret_outputs
+    key = next(r for r in prod.of_type("aws:iam/accessKey:AccessKey") if r.name == "dns-challenge")
+    assert "secret" in key.options["additional_secret_outputs"]
+
+
+# --- secrets -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stack", ["prod", "qa"])
+def test_no_secret_value_reaches_the_plan(stack):
+    text = evaluate_cached(stack).to_json()
+    assert "offline-placeholder" not in text and "offline-secret" not in text and "offline-smtp" not in text

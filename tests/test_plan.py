@@ -1,0 +1,42 @@
+"""`make plan`: the summary people read and the JSON machines diff."""
+import json
+
+import pytest
+
+from tools import plan as plan_cli
+from tools.offline import evaluate, evaluate_cached
+
+
+@pytest.mark.parametrize("stack", ["prod", "qa"])
+def test_same_inputs_give_byte_identical_json(stack, tmp_path):
+    first = plan_cli.write_json(evaluate(stack), tmp_path / "a").read_bytes()
+    second = plan_cli.write_json(evaluate(stack), tmp_path / "b").read_bytes()
+    assert first == second
+    document = json.loads(first)
+    assert document["stack"] == stack and document["resources"]
+
+
+def test_summary_shows_components_dns_rules_and_hosts():
+    text = plan_cli.summary(evaluate_cached("prod"))
+    components = text.split("Resources by component")[1].split("\n\n")[0]
+    assert "  Hosts hosts\n    Host k3s\n      Eip k3s  [protected]\n      Instance k3s  [protected]" in components
+    dns = text.split("DNS records")[1].split("\n\n")[0]
+    assert any(line.split()[:3] == ["katforge.com", "A", "3.19.192.157"] for line in dns.splitlines())
+    rules = text.split("Security group ingress")[1].split("\n\n")[0]
+    assert any(line.split()[:3] == ["k3s", "tcp/5432", "172.31.0.0/16"] for line in rules.splitlines())
+    hosts = text.split("\nHosts\n")[1].split("\n\n")[0]
+    assert any(line.split()[:4] == ["k3s", "t3.medium", "172.31.14.98", "3.19.192.157"] for line in hosts.splitlines())
+
+
+def test_summary_and_json_never_show_secrets():
+    plan = evaluate_cached("prod")
+    assert plan.outputs["sesSmtpPassword"] == "[secret]"
+    for text in (plan_cli.summary(plan), plan.to_json()):
+        assert "offline-placeholder" not in text and "offline-smtp" not in text and "offline-secret" not in text
+
+
+def test_cli_writes_the_plan_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(plan_cli, "BUILD", tmp_path)
+    assert plan_cli.main(["--stack", "qa"]) == 0
+    assert json.loads((tmp_path / "plan-qa.json").read_text())["stack"] == "qa"
+    assert "qa.katforge.com" in capsys.readouterr().out

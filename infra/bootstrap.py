@@ -1,0 +1,209 @@
+"""Host bootstrap over SSH: the baseline of both hosts, k3s and PostgreSQL 16 on the k3s host,
+WireGuard on the VPN host, and each stage's database and login role.
+
+The work is done by the scripts in infra/host/ (each one documents its inputs and does nothing when
+the host already matches). This module installs them under /usr/local/lib/katforge/<stage>/ with
+`sudo install` from stdin (a copy over SFTP would land as ubuntu, not root) and runs them with
+pulumi_command: plain inputs as `sudo env NAME=value`, data and secrets on stdin. Each run's trigger is
+a hash of its script and inputs, so `pulumi up` runs a script again only when one of them changed.
+`HostBootstrap` belongs to prod; `StageDatabase` runs in both stacks.
+"""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+import pulumi
+import pulumi_command as command
+import pulumi_kubernetes as k8s
+import yaml
+
+from infra.hosts import Host
+from infra.settings import BootstrapSettings, NetworkSettings, SettingsError, Stage, WireguardPeer
+
+HOST_FILES = Path(__file__).resolve().parent / "host"
+REMOTE_DIR = "/usr/local/lib/katforge"
+SSH_USER = "ubuntu"
+K3S_API_HOST = "k3s.katforge.com"
+K3S_API_SERVER = f"https://{K3S_API_HOST}:6443"
+K3S_KUBECONFIG = "/etc/rancher/k3s/k3s.yaml"
+
+# The Traefik Helm chart each pinned k3s release bundles (k3s ships it as traefik-<chart>01+up<chart>;
+# v1.34.6+k3s1 carries traefik-39.0.501+up39.0.5). The cluster's Traefik values are checked against
+# that chart's schema, so a release is pinned only once its row is here.
+K3S_TRAEFIK_CHART = {"v1.34.6+k3s1": "39.0.5"}
+
+# The k3s host's memory (t3.medium, 4096 MiB) outside the pods; infra/capacity.py adds the pods.
+SYSTEM_MEMORY_MIB = 384  # kernel, systemd, journald, sshd, snapd and the SSM agent, unattended-upgrades
+K3S_MEMORY_MIB = 640  # the k3s server process (API server, controllers, kubelet, kine/SQLite) and containerd
+POSTGRES_MEMORY_MIB = 768  # the worst case of host/postgresql-katforge.conf, itemised there
+
+# Besides the VPC, who may log in to PostgreSQL with a password: pods (k3s's 10.42.0.0/16 and
+# 10.43.0.0/16) and container networks (172.16.0.0/12), as the spec lists them.
+POSTGRES_POD_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12")
+
+
+def traefik_chart_version(k3s_version: str) -> str:
+    """The Traefik chart bundled with a k3s release; unknown releases stop the program."""
+    try:
+        return K3S_TRAEFIK_CHART[k3s_version]
+    except KeyError:
+        raise SettingsError(
+            f"katforge:k3sVersion = {k3s_version!r} is invalid: expected a release whose bundled Traefik chart "
+            f"is recorded in K3S_TRAEFIK_CHART (infra/bootstrap.py): {', '.join(K3S_TRAEFIK_CHART)}."
+        ) from None
+
+
+def ssh_connection(host: pulumi.Input[str], private_key: pulumi.Input[str]) -> command.remote.ConnectionArgs:
+    return command.remote.ConnectionArgs(host=host, user=SSH_USER, private_key=private_key)
+
+
+def kubernetes_provider(name: str, kubeconfig: pulumi.Input[str],
+                        parent: Optional[pulumi.Resource] = None) -> k8s.Provider:
+    """The provider every cluster resource uses, built from the k3s kubeconfig (prod's output in qa)."""
+    return k8s.Provider(name, kubeconfig=kubeconfig, opts=pulumi.ResourceOptions(parent=parent))
+
+
+def postgres_client_cidrs(vpc_cidr: str) -> tuple[str, ...]:
+    return (*POSTGRES_POD_NETWORKS, vpc_cidr)
+
+
+def render_k3s_config(*, public_ip: str, private_ip: str) -> str:
+    """/etc/rancher/k3s/config.yaml: the API's certificate names its public name and address."""
+    config = {
+        "tls-san": [K3S_API_HOST, public_ip],
+        "node-ip": private_ip,
+        "node-external-ip": public_ip,
+        "write-kubeconfig-mode": "0600",
+        "secrets-encryption": True,
+    }
+    return "# Managed by katforge (infra/bootstrap.py).\n" + yaml.safe_dump(config, sort_keys=False)
+
+
+def kubeconfig_for_api(kubeconfig: Optional[str]) -> Optional[str]:
+    """k3s's kubeconfig, pointed at the API's public name instead of 127.0.0.1."""
+    if kubeconfig is None:  # offline, under mocks, commands print nothing
+        return None
+    document = yaml.safe_load(kubeconfig)
+    for cluster in document["clusters"]:
+        cluster["cluster"]["server"] = K3S_API_SERVER
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def wireguard_address(client_cidr: str) -> str:
+    """The server's tunnel address: the first of the clients' network, with its prefix length."""
+    network = ipaddress.IPv4Network(client_cidr)
+    return f"{next(network.hosts())}/{network.prefixlen}"
+
+
+def wireguard_peer_lines(peers: Sequence[WireguardPeer]) -> str:
+    return "".join(f"{peer.name},{peer.public_key},{peer.address}\n" for peer in peers)
+
+
+def run_line(path: str, environment: Mapping[str, str]) -> str:
+    """The command line that runs an installed script as root; plain values only, never a secret."""
+    assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in sorted(environment.items()))
+    return f"sudo env {assignments} bash {path}" if assignments else f"sudo bash {path}"
+
+
+def content_hash(*parts: Optional[str]) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Target:
+    """A host to run scripts on: how to reach it, and what identifies the machine (a new instance
+    gets every script again)."""
+    connection: command.remote.ConnectionArgs
+    identity: pulumi.Input[str]
+
+
+def host_target(public_ip: pulumi.Input[str], instance_id: pulumi.Input[str],
+                private_key: pulumi.Input[str]) -> Target:
+    return Target(ssh_connection(public_ip, private_key), instance_id)
+
+
+def run_script(parent: pulumi.Resource, name: str, target: Target, stage: str, script: str, *,
+               environment: Optional[Mapping[str, pulumi.Input[str]]] = None,
+               stdin: Optional[pulumi.Input[str]] = None,
+               after: Sequence[pulumi.Resource] = ()) -> command.remote.Command:
+    """Install infra/host/<script> on the target and run it there; returns the run."""
+    text = (HOST_FILES / script).read_text()
+    path = f"{REMOTE_DIR}/{stage}/{script}"
+    installed = command.remote.Command(
+        f"{name}-script", connection=target.connection,
+        create=f"sudo install -D -m 0755 /dev/stdin {path}", delete=f"sudo rm -f {path}",
+        stdin=text, triggers=[target.identity], add_previous_output_in_env=False,
+        opts=pulumi.ResourceOptions(parent=parent, depends_on=list(after)))
+    line = pulumi.Output.from_input(dict(environment or {})).apply(lambda values: run_line(path, values))
+    return command.remote.Command(
+        name, connection=target.connection, create=line, stdin=stdin,
+        triggers=[pulumi.Output.all(text, line, stdin, target.identity).apply(lambda parts: content_hash(*parts))],
+        add_previous_output_in_env=False,
+        opts=pulumi.ResourceOptions(parent=parent, depends_on=[installed, *after]))
+
+
+class HostBootstrap(pulumi.ComponentResource):
+    """Both hosts' baseline, k3s and PostgreSQL on the k3s host, WireGuard on the VPN host (prod)."""
+
+    def __init__(self, name: str, bootstrap: BootstrapSettings, network: NetworkSettings, stage: str,
+                 k3s_host: Host, vpn_host: Host, opts: Optional[pulumi.ResourceOptions] = None):
+        super().__init__("katforge:bootstrap:HostBootstrap", name, None, opts)
+        traefik_chart_version(bootstrap.k3s_version)
+        k3s = self.k3s_target = host_target(k3s_host.public_ip, k3s_host.instance.id, bootstrap.ssh_private_key)
+        self.k3s_connection = k3s.connection
+        vpn = host_target(vpn_host.public_ip, vpn_host.instance.id, bootstrap.ssh_private_key)
+
+        def run(run_name: str, target: Target, script: str, **kwargs) -> command.remote.Command:
+            return run_script(self, f"{name}-{run_name}", target, stage, script, **kwargs)
+
+        k3s_baseline = run("k3s-baseline", k3s, "host-baseline.sh")
+        vpn_baseline = run("vpn-baseline", vpn, "host-baseline.sh")
+
+        k3s_config = k3s_host.public_ip.apply(
+            lambda ip: render_k3s_config(public_ip=ip, private_ip=network.k3s_private_ip))
+        k3s_install = run("k3s", k3s, "k3s-install.sh", environment={"K3S_VERSION": bootstrap.k3s_version},
+                          stdin=k3s_config, after=[k3s_baseline])
+        # k3s.yaml holds the cluster's admin credentials: never logged, stored only as a secret.
+        read_kubeconfig = command.remote.Command(
+            f"{name}-kubeconfig", connection=self.k3s_connection, create=f"sudo cat {K3S_KUBECONFIG}",
+            logging=command.remote.Logging.NONE, triggers=[k3s_install.triggers],
+            add_previous_output_in_env=False,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[k3s_install],
+                                        additional_secret_outputs=["stdout", "stderr"]))
+        self.kubeconfig = pulumi.Output.secret(read_kubeconfig.stdout.apply(kubeconfig_for_api))
+
+        postgres_install = run("postgres-install", k3s, "postgres-install.sh", after=[k3s_baseline])
+        self.postgres = run(
+            "postgres-config", k3s, "pg-configure.sh",
+            environment={"PG_LISTEN_ADDRESSES": f"localhost,{network.k3s_private_ip}",
+                         "PG_CLIENT_CIDRS": " ".join(postgres_client_cidrs(network.vpc_cidr))},
+            stdin=(HOST_FILES / "postgresql-katforge.conf").read_text(), after=[postgres_install])
+
+        # Clients reach the VPC and the k3s host's public name (kubectl) as the VPN host itself.
+        wireguard = run(
+            "wireguard", vpn, "wireguard.sh",
+            environment={"WG_ADDRESS": wireguard_address(network.vpn_client_cidr),
+                         "WG_NAT_CIDRS": k3s_host.public_ip.apply(lambda ip: f"{network.vpc_cidr} {ip}/32")},
+            stdin=wireguard_peer_lines(bootstrap.wireguard_peers), after=[vpn_baseline])
+        self.vpn_public_key = wireguard.stdout
+
+        self.register_outputs({"kubeconfig": self.kubeconfig, "vpn_public_key": self.vpn_public_key})
+
+
+class StageDatabase(pulumi.ComponentResource):
+    """A stage's login role and database on the k3s host's PostgreSQL (both stacks)."""
+
+    def __init__(self, name: str, stage: Stage, password: pulumi.Input[str], target: Target,
+                 postgres_ready: Optional[pulumi.Resource] = None, opts: Optional[pulumi.ResourceOptions] = None):
+        super().__init__("katforge:bootstrap:StageDatabase", name, None, opts)
+        self.database = run_script(
+            self, f"{name}-role", target, stage.name, "pg-database.sh",
+            environment={"PG_ROLE": stage.db_role, "PG_DATABASE": stage.database},
+            stdin=pulumi.Output.secret(password), after=[postgres_ready] if postgres_ready else [])
+        self.register_outputs({"database": stage.database, "role": stage.db_role})

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK ?= prod
 
-.PHONY: plan test clean
+.PHONY: plan test restore clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,13 @@ plan: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# Restore a backup (README, "Backups and restore"): the operator's own AWS credentials, PostgreSQL through PG*.
+#   make restore STAGE=prod AT=latest|YYYYMMDDTHHMMSSZ TARGET=<database> [FORCE=1] [DATABASE=<dumped database>]
+restore:
+	BACKUP_BUCKET="$${BACKUP_BUCKET:-$$(pulumi stack output backupBucket --stack prod)}" \
+		bash infra/host/restore-database.sh --stage "$(STAGE)" --at "$(AT)" --target "$(TARGET)" \
+		$(if $(DATABASE),--database "$(DATABASE)") $(if $(FORCE),--force)
 
 clean:
 	rm -rf $(VENV) build

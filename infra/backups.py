@@ -1,0 +1,193 @@
+"""Daily pg_dump of every stage database to S3, and the bucket that keeps the dumps.
+
+`BackupStorage` (prod, before the hosts): the bucket, the k3s host's writer role and instance profile,
+and the managed policy operators attach to restore. `BackupSchedule` (after the host bootstrap): the
+backup and restore scripts and the systemd timer on the k3s host. The schedule is a host timer, not a
+CronJob, because pods cannot reach the instance role (IMDS hop limit 1) while the host can: no static
+key exists anywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_command as command
+
+from infra.bootstrap import Target
+from infra.policies import document
+from infra.settings import REGION, BackupSettings, Stage
+
+HOST_FILES = Path(__file__).resolve().parent / "host"
+UNIT = "katforge-backup"
+ENVIRONMENT_FILE = "/etc/katforge/backup.env"
+NONCURRENT_DAYS = 7  # how long an overwritten or expired dump stays recoverable as an old version
+# The writer cannot abort a failed multipart upload (no s3:AbortMultipartUpload); S3 drops the parts.
+INCOMPLETE_UPLOAD_DAYS = 1
+
+
+def writer_policy(bucket_arn: str, stages: Iterable[str]) -> str:
+    """The host may add dumps under each stage's prefix: no read, no list, no delete."""
+    return document({
+        "Sid": "PutDumpsOnly",
+        "Effect": "Allow",
+        # Also covers the multipart upload calls the AWS CLI makes for large files.
+        "Action": "s3:PutObject",
+        "Resource": [f"{bucket_arn}/{stage}/*" for stage in sorted(stages)],
+    })
+
+
+def restore_policy(bucket_arn: str) -> str:
+    """What an operator needs to run the restore script: find the dumps and download one."""
+    return document(
+        {"Sid": "FindDumps", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": bucket_arn},
+        {"Sid": "ReadDumps", "Effect": "Allow", "Action": "s3:GetObject", "Resource": f"{bucket_arn}/*"},
+    )
+
+
+def tls_only_policy(bucket_arn: str) -> str:
+    return document({
+        "Sid": "DenyPlainHttp",
+        "Effect": "Deny",
+        "Principal": "*",
+        "Action": "s3:*",
+        "Resource": [bucket_arn, f"{bucket_arn}/*"],
+        "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+    })
+
+
+def ec2_trust_policy() -> str:
+    return document({"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"})
+
+
+def backup_targets(stages: Iterable[Stage]) -> str:
+    """The backup script's arguments: every stage's database as STAGE:DATABASE."""
+    return " ".join(f"{stage.name}:{stage.database}" for stage in stages)
+
+
+def environment_file(bucket: str, region: str, targets: str) -> str:
+    return (
+        "# Written by Pulumi (infra/backups.py); read by katforge-backup.service.\n"
+        f"BACKUP_BUCKET={bucket}\n"
+        f"AWS_DEFAULT_REGION={region}\n"
+        f'BACKUP_TARGETS="{targets}"\n'
+    )
+
+
+def timer_unit(time_utc: str) -> str:
+    return (
+        "[Unit]\n"
+        f"Description=Daily Katforge database backup at {time_utc} UTC\n"
+        "\n"
+        "[Timer]\n"
+        f"OnCalendar=*-*-* {time_utc}:00 UTC\n"
+        # A run missed while the host was down happens at the next boot.
+        "Persistent=true\n"
+        "\n"
+        "[Install]\n"
+        "WantedBy=timers.target\n"
+    )
+
+
+class BackupStorage(pulumi.ComponentResource):
+    """The backup bucket and the identities that write to it (the host) and read from it (operators)."""
+
+    def __init__(self, name: str, backups: BackupSettings, stages: Iterable[Stage],
+                 opts: pulumi.ResourceOptions | None = None):
+        super().__init__("katforge:backups:BackupStorage", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        # The only copy of production data outside the host: never deleted by a stack change.
+        self.bucket = aws.s3.Bucket(name, bucket=backups.bucket,
+                                    opts=pulumi.ResourceOptions(parent=self, protect=True))
+        aws.s3.BucketVersioning(name, bucket=self.bucket.id,
+                                versioning_configuration={"status": "Enabled"}, opts=child)
+        aws.s3.BucketServerSideEncryptionConfiguration(
+            name, bucket=self.bucket.id,
+            rules=[{"apply_server_side_encryption_by_default": {"sse_algorithm": "AES256"}}], opts=child)
+        public_access = aws.s3.BucketPublicAccessBlock(
+            name, bucket=self.bucket.id, block_public_acls=True, block_public_policy=True,
+            ignore_public_acls=True, restrict_public_buckets=True, opts=child)
+        # S3 rejects a policy written while the public access block is still being applied.
+        aws.s3.BucketPolicy(name, bucket=self.bucket.id, policy=self.bucket.arn.apply(tls_only_policy),
+                            opts=pulumi.ResourceOptions(parent=self, depends_on=[public_access]))
+        aws.s3.BucketLifecycleConfiguration(
+            name, bucket=self.bucket.id,
+            rules=[{
+                "id": "expire-dumps",
+                "status": "Enabled",
+                "filter": {"prefix": ""},
+                "expiration": {"days": backups.retention_days},
+                "noncurrent_version_expiration": {"noncurrent_days": NONCURRENT_DAYS},
+                "abort_incomplete_multipart_upload": {"days_after_initiation": INCOMPLETE_UPLOAD_DAYS},
+            }],
+            opts=child)
+
+        stage_names = [stage.name for stage in stages]
+        role = aws.iam.Role(f"{name}-writer", name="katforge-backup-writer",
+                            assume_role_policy=ec2_trust_policy(), opts=child)
+        aws.iam.RolePolicy(f"{name}-writer", role=role.id,
+                           policy=self.bucket.arn.apply(lambda arn: writer_policy(arn, stage_names)), opts=child)
+        profile = aws.iam.InstanceProfile(f"{name}-writer", name="katforge-k3s-host", role=role.name, opts=child)
+        restore = aws.iam.Policy(f"{name}-restore", name="katforge-backup-restore",
+                                 description="Attach to an operator to run `make restore`.",
+                                 policy=self.bucket.arn.apply(restore_policy), opts=child)
+
+        self.bucket_name = self.bucket.bucket
+        self.instance_profile_name = profile.name
+        self.restore_policy_arn = restore.arn
+        self.register_outputs({"bucket": self.bucket_name, "instance_profile_name": self.instance_profile_name,
+                               "restore_policy_arn": self.restore_policy_arn})
+
+
+@dataclass(frozen=True)
+class HostFile:
+    name: str
+    path: str
+    mode: str
+    content: pulumi.Input[str]
+
+
+class BackupSchedule(pulumi.ComponentResource):
+    """The backup script and its daily systemd timer on the k3s host (and the restore script beside it)."""
+
+    def __init__(self, name: str, backups: BackupSettings, stages: Iterable[Stage], storage: BackupStorage,
+                 target: Target, postgres_ready: pulumi.Resource, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("katforge:backups:BackupSchedule", name, None, opts)
+        # Everything waits for the bootstrap: the host answers SSH and PostgreSQL holds every database.
+        after_bootstrap = pulumi.ResourceOptions(parent=self, depends_on=[postgres_ready])
+        targets = backup_targets(stages)
+        environment = storage.bucket_name.apply(lambda bucket: environment_file(bucket, REGION, targets))
+        files = [
+            HostFile("script", f"/usr/local/sbin/{UNIT}", "0755", (HOST_FILES / "backup-databases.sh").read_text()),
+            HostFile("restore", "/usr/local/sbin/katforge-restore", "0755",
+                     (HOST_FILES / "restore-database.sh").read_text()),
+            HostFile("service", f"/etc/systemd/system/{UNIT}.service", "0644",
+                     (HOST_FILES / "backup-databases.service").read_text()),
+            HostFile("timer", f"/etc/systemd/system/{UNIT}.timer", "0644", timer_unit(backups.time_utc)),
+            HostFile("environment", ENVIRONMENT_FILE, "0644", environment),
+        ]
+        # The snap is AWS's own build of CLI v2; Ubuntu 24.04 has no awscli package.
+        # A replaced host (new instance ID) gets everything again.
+        aws_cli = command.remote.Command(
+            f"{name}-aws-cli", connection=target.connection,
+            create="snap list aws-cli >/dev/null 2>&1 || sudo snap install aws-cli --classic",
+            triggers=[target.identity], add_previous_output_in_env=False, opts=after_bootstrap)
+        installed = [
+            command.remote.Command(
+                f"{name}-{file.name}", connection=target.connection,
+                create=f"sudo install -D -m {file.mode} /dev/stdin {file.path}", stdin=file.content,
+                delete=f"sudo rm -f {file.path}", triggers=[target.identity], add_previous_output_in_env=False,
+                opts=after_bootstrap)
+            for file in files
+        ]
+        timer = f"{UNIT}.timer"
+        command.remote.Command(
+            f"{name}-enable", connection=target.connection,
+            create=f"sudo systemctl daemon-reload && sudo systemctl enable {timer} && sudo systemctl restart {timer}",
+            delete=f"sudo systemctl disable --now {timer}",
+            # Any changed file re-runs this, so systemd reads the new units.
+            triggers=[target.identity, *(file.content for file in files)], add_previous_output_in_env=False,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[aws_cli, *installed]))
+        self.register_outputs({"timer": timer})

@@ -85,10 +85,8 @@ def render_k3s_config(*, public_ip: str, private_ip: str) -> str:
     return "# Managed by katforge (infra/bootstrap.py).\n" + yaml.safe_dump(config, sort_keys=False)
 
 
-def kubeconfig_for_api(kubeconfig: Optional[str]) -> Optional[str]:
+def kubeconfig_for_api(kubeconfig: str) -> str:
     """k3s's kubeconfig, pointed at the API's public name instead of 127.0.0.1."""
-    if kubeconfig is None:  # offline, under mocks, commands print nothing
-        return None
     document = yaml.safe_load(kubeconfig)
     for cluster in document["clusters"]:
         cluster["cluster"]["server"] = K3S_API_SERVER

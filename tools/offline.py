@@ -7,6 +7,7 @@ program runs in update mode, so checks inside `apply` run too. Used by `make pla
 """
 from __future__ import annotations
 
+import base64
 import json
 import runpy
 from dataclasses import dataclass, field
@@ -216,8 +217,39 @@ LOOKUPS = {
                                                                    "userId": "AIDAOFFLINE"},
 }
 
+# What the hosts print to the commands whose output the program reads, by command name: k3s's
+# /etc/rancher/k3s/k3s.yaml (credentials shortened) and the VPN's WireGuard public key.
+_K3S_YAML = """apiVersion: v1
+clusters:
+- cluster:
+    certificate-authority-data: LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCk1JSUJkekNDQVIyZ0F3SUJBZ0lCQURBS0JnZ3Foa2pPUFFRREFqQWpNU0V3SHdZRFZRUUREQmhyTTNNdGMyVnkKLS0tLS1FTkQgQ0VSVElGSUNBVEUtLS0tLQo=
+    server: https://127.0.0.1:6443
+  name: default
+contexts:
+- context:
+    cluster: default
+    user: default
+  name: default
+current-context: default
+kind: Config
+preferences: {}
+users:
+- name: default
+  user:
+    client-certificate-data: LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg==
+    client-key-data: LS0tLS1CRUdJTiBFQyBQUklWQVRFIEtFWS0tLS0tCg==
+"""
+_WIREGUARD_PUBLIC_KEY = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
+HOST_OUTPUT = {"bootstrap-kubeconfig": _K3S_YAML, "bootstrap-wireguard": _WIREGUARD_PUBLIC_KEY}
+
 # Properties that the cloud computes when a resource is created, by type token.
 COMPUTED = {
+    "command:remote:Command": lambda name, inputs: {"stdout": HOST_OUTPUT.get(name, ""), "stderr": ""},
+    # The token controller fills a ServiceAccount token Secret; the provider waits for it.
+    "kubernetes:core/v1:Secret": lambda name, inputs: {"data": {
+        "token": base64.b64encode(b"offline-token").decode(), "ca.crt": base64.b64encode(b"offline-ca").decode(),
+        "namespace": base64.b64encode(inputs["metadata"]["namespace"].encode()).decode(),
+    }} if inputs.get("type") == "kubernetes.io/service-account-token" else {},
     "aws:ec2/eip:Eip": lambda name, inputs: {"publicIp": CLOUD["elastic_ips"].get(name, "198.51.100.7"),
                                              "allocationId": f"eipalloc-{name}"},
     "aws:ec2/instance:Instance": lambda name, inputs: {"publicIp": "198.51.100.8",

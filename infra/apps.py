@@ -1,0 +1,392 @@
+"""The apps: one table, and what each stage's namespace holds to run them.
+
+`APPS` is plain data; adding an app is one more row. The pure functions below turn a row into
+Kubernetes manifests (dicts, camelCase as the API has them), so they can be checked without Pulumi;
+`StageWorkloads` declares them in one namespace, and both stacks use it: prod for `default`, qa
+for `qa`.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+from urllib.parse import quote
+
+import pulumi
+import pulumi_kubernetes as k8s
+
+from infra import cluster, traefik_values
+from infra.email import SMTP_ENDPOINT as SMTP_HOST
+from infra.settings import ClusterSettings, NetworkSettings, Stage
+
+MIGRATE = ("php", "bin/console", "doctrine:migrations:migrate", "--no-interaction", "--allow-no-migration")
+REGISTRY = "ghcr.io"
+POSTGRES_PORT = 5432
+SMTP_PORT = 587
+HTTP_PORT = 8080  # unprivileged: the containers drop every capability
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where an app answers: a host, a path prefix, and what Traefik does on the way."""
+    host: str
+    path: str = "/"
+    strip_prefix: bool = False  # the app expects to be served at `/`
+    redirect_to: Optional[str] = None  # answer 301 to this host instead of serving
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpu_request: str
+    cpu_limit: str
+    memory_request_mib: int
+    memory_limit_mib: int
+
+
+@dataclass(frozen=True)
+class App:
+    name: str
+    image: str  # repository, without tag: the ship pipeline owns the tag
+    routes: Mapping[str, tuple[Route, ...]]  # stage -> routes; a stage without routes does not run the app
+    resources: Resources
+    port: int = HTTP_PORT
+    migrate: tuple[str, ...] = MIGRATE
+    env: Mapping[str, str] = field(default_factory=lambda: {"APP_ENV": "prod"})
+    readiness_path: Optional[str] = "/"  # None: a TCP check, for an app with no page at a fixed path
+    smtp: bool = False  # gets the SES SMTP credentials, and egress to the SMTP port
+    https_egress: bool = False  # may call HTTPS services on the internet
+
+
+APPS: tuple[App, ...] = (
+    App("api", "ghcr.io/katforge/api.katforge.com", readiness_path=None, smtp=True,
+        routes={"prod": (Route("api.katforge.com"),), "qa": (Route("qa.api.katforge.com"),)},
+        resources=Resources(cpu_request="100m", cpu_limit="1", memory_request_mib=160, memory_limit_mib=320)),
+    App("web", "ghcr.io/katforge/katforge.com",
+        routes={"prod": (Route("katforge.com"), Route("www.katforge.com", redirect_to="katforge.com")),
+                "qa": (Route("qa.katforge.com"),)},
+        resources=Resources(cpu_request="50m", cpu_limit="500m", memory_request_mib=128, memory_limit_mib=256)),
+    App("lextris", "ghcr.io/katforge/lextris.com",
+        routes={"prod": (Route("katforge.com", path="/play/lextris/", strip_prefix=True),)},
+        resources=Resources(cpu_request="25m", cpu_limit="250m", memory_request_mib=64, memory_limit_mib=128)),
+    App("stumper", "ghcr.io/katforge/stumper.gg",
+        routes={"prod": (Route("stumper.gg"),)},
+        resources=Resources(cpu_request="50m", cpu_limit="500m", memory_request_mib=128, memory_limit_mib=256)),
+)
+
+# Stages whose routes admit only the VPN and the VPC: a second lock behind their private-IP DNS names.
+VPN_ONLY_STAGES = frozenset({"qa"})
+
+# The Secrets every app namespace holds; the names are referenced from the pods.
+PULL_SECRET = "ghcr"
+DATABASE_SECRET = "database"
+SMTP_SECRET = "smtp"
+
+# Image fields the ship pipeline sets with `kubectl set image`; `pulumi up` must leave them alone.
+IMAGE_FIELDS = ("spec.template.spec.containers[0].image", "spec.template.spec.initContainers[0].image")
+
+# Outside the cluster, the VPC and link-local (instance metadata): what "the internet" means to egress rules.
+PRIVATE_RANGES = ("10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16")
+
+
+def apps_in(stage: str, apps: Sequence[App] = APPS) -> list[App]:
+    return [app for app in apps if app.routes.get(stage)]
+
+
+def selector(app: App) -> dict:
+    return {"app.kubernetes.io/name": app.name}
+
+
+def labels(app: App) -> dict:
+    return {**selector(app), "app.kubernetes.io/part-of": "katforge"}
+
+
+def database_url(*, role: str, password: str, host: str, database: str) -> str:
+    return f"postgres://{quote(role, safe='')}:{quote(password, safe='')}@{host}:{POSTGRES_PORT}/{database}"
+
+
+def mailer_dsn(*, username: str, password: str) -> str:
+    return f"smtp://{quote(username, safe='')}:{quote(password, safe='')}@{SMTP_HOST}:{SMTP_PORT}"
+
+
+def dockerconfigjson(*, username: str, token: str) -> str:
+    auth = base64.b64encode(f"{username}:{token}".encode()).decode()
+    return json.dumps({"auths": {REGISTRY: {"username": username, "password": token, "auth": auth}}}, sort_keys=True)
+
+
+def _secret_env(secret: str, key: str) -> dict:
+    return {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def container_env(app: App) -> list[dict]:
+    env = [{"name": k, "value": v} for k, v in sorted(app.env.items())]
+    env.append(_secret_env(DATABASE_SECRET, "DATABASE_URL"))
+    if app.smtp:
+        env += [{"name": "SMTP_HOST", "value": SMTP_HOST}, {"name": "SMTP_PORT", "value": str(SMTP_PORT)}]
+        env += [_secret_env(SMTP_SECRET, key) for key in ("SMTP_USERNAME", "SMTP_PASSWORD", "MAILER_DSN")]
+    return env
+
+
+def _container(app: App, name: str, image: str) -> dict:
+    r = app.resources
+    return {
+        "name": name,
+        "image": image,
+        "env": container_env(app),
+        "resources": {
+            "requests": {"cpu": r.cpu_request, "memory": f"{r.memory_request_mib}Mi"},
+            "limits": {"cpu": r.cpu_limit, "memory": f"{r.memory_limit_mib}Mi"},
+        },
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+
+
+def deployment(app: App, *, namespace: str, image_tag: str) -> dict:
+    """The app's Deployment: its migrations run first, from the same image, in an init container."""
+    image = f"{app.image}:{image_tag}"
+    readiness = ({"httpGet": {"path": app.readiness_path, "port": "http"}} if app.readiness_path
+                 else {"tcpSocket": {"port": "http"}})
+    main = _container(app, app.name, image)
+    main["ports"] = [{"name": "http", "containerPort": app.port, "protocol": "TCP"}]
+    main["readinessProbe"] = {**readiness, "periodSeconds": 10, "failureThreshold": 3}
+    main["livenessProbe"] = {"tcpSocket": {"port": "http"}, "initialDelaySeconds": 10, "periodSeconds": 20,
+                             "failureThreshold": 3}
+    migrate = _container(app, "migrate", image)
+    migrate["command"] = list(app.migrate)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": app.name, "namespace": namespace, "labels": labels(app)},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector(app)},
+            "template": {
+                "metadata": {"labels": labels(app)},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "imagePullSecrets": [{"name": PULL_SECRET}],
+                    "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                    "initContainers": [migrate],
+                    "containers": [main],
+                },
+            },
+        },
+    }
+
+
+def service(app: App, *, namespace: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": app.name, "namespace": namespace, "labels": labels(app)},
+        "spec": {"selector": selector(app), "ports": [{"name": "http", "port": 80, "targetPort": "http",
+                                                      "protocol": "TCP"}]},
+    }
+
+
+def _network_policy(name: str, namespace: str, spec: dict) -> dict:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": namespace}, "spec": spec}
+
+
+def _in_kube_system(pod_labels: Mapping[str, str]) -> dict:
+    return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": dict(pod_labels)}}
+
+
+def _to_internet(port: int) -> dict:
+    return {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": list(PRIVATE_RANGES)}}],
+            "ports": [{"protocol": "TCP", "port": port}]}
+
+
+def network_policies(apps: Sequence[App], *, namespace: str, postgres_host: str) -> list[dict]:
+    """Default deny, DNS for everyone, then per app exactly the flows it needs."""
+    policies = [
+        _network_policy("default-deny", namespace, {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+        _network_policy("allow-dns", namespace, {
+            "podSelector": {},
+            "policyTypes": ["Egress"],
+            "egress": [{"to": [_in_kube_system(cluster.KUBE_DNS_LABELS)],
+                        "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}],
+        }),
+    ]
+    for app in apps:
+        egress = [{"to": [{"ipBlock": {"cidr": f"{postgres_host}/32"}}],
+                   "ports": [{"protocol": "TCP", "port": POSTGRES_PORT}]}]
+        if app.smtp:
+            egress.append(_to_internet(SMTP_PORT))
+        if app.https_egress:
+            egress.append(_to_internet(443))
+        policies.append(_network_policy(app.name, namespace, {
+            "podSelector": {"matchLabels": selector(app)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [_in_kube_system(traefik_values.POD_LABELS)],
+                         "ports": [{"protocol": "TCP", "port": app.port}]}],
+            "egress": egress,
+        }))
+    return policies
+
+
+def ci_role(*, namespace: str) -> dict:
+    """What `kubectl set image`, `kubectl rollout status` and `kubectl rollout undo` need, nothing more."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": cluster.CI_SERVICE_ACCOUNT, "namespace": namespace},
+        "rules": [
+            # set image: get + patch; rollout status: get/list/watch; rollout undo: get + patch.
+            {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "patch"]},
+            # rollout undo finds the previous revision among the Deployment's ReplicaSets.
+            {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get", "list", "watch"]},
+        ],
+    }
+
+
+def ci_role_binding(*, namespace: str) -> dict:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": cluster.CI_SERVICE_ACCOUNT, "namespace": namespace},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": cluster.CI_SERVICE_ACCOUNT},
+        "subjects": [{"kind": "ServiceAccount", "name": cluster.CI_SERVICE_ACCOUNT,
+                      "namespace": cluster.CI_NAMESPACE}],
+    }
+
+
+# --- Traefik routing (CRDs, traefik.io/v1alpha1) -----------------------------------------------
+
+TRAEFIK_API = "traefik.io/v1alpha1"
+VPN_ONLY_MIDDLEWARE = "vpn-only"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def route_name(app: App, route: Route) -> str:
+    return _slug(f"{app.name} {route.host} {route.path}")
+
+
+def _middleware(name: str, namespace: str, spec: dict) -> dict:
+    return {"apiVersion": TRAEFIK_API, "kind": "Middleware", "metadata": {"name": name, "namespace": namespace},
+            "spec": spec}
+
+
+def route_middlewares(app: App, route: Route, *, namespace: str) -> list[dict]:
+    """The middlewares a route needs of its own (redirect, prefix strip)."""
+    name = route_name(app, route)
+    if route.redirect_to:
+        return [_middleware(name, namespace, {"redirectRegex": {
+            "regex": f"^https?://{re.escape(route.host)}/(.*)",
+            "replacement": f"https://{route.redirect_to}/${{1}}",
+            "permanent": True,
+        }})]
+    if route.strip_prefix:
+        return [_middleware(name, namespace, {"stripPrefix": {"prefixes": [route.path.rstrip("/")]}})]
+    return []
+
+
+def vpn_only_middleware(network: NetworkSettings, *, namespace: str) -> dict:
+    return _middleware(VPN_ONLY_MIDDLEWARE, namespace, {"ipAllowList": {
+        "sourceRange": [network.vpn_client_cidr, network.vpc_cidr]}})
+
+
+def ingress_route(app: App, route: Route, *, namespace: str, vpn_only: bool) -> dict:
+    match = f"Host(`{route.host}`)"
+    if route.path != "/":
+        match += f" && PathPrefix(`{route.path}`)"
+    middlewares = [VPN_ONLY_MIDDLEWARE] if vpn_only else []
+    middlewares += [m["metadata"]["name"] for m in route_middlewares(app, route, namespace=namespace)]
+    rule = {"kind": "Rule", "match": match, "services": [{"name": app.name, "port": 80}]}
+    if middlewares:
+        rule["middlewares"] = [{"name": m} for m in middlewares]
+    return {
+        "apiVersion": TRAEFIK_API,
+        "kind": "IngressRoute",
+        "metadata": {"name": route_name(app, route), "namespace": namespace},
+        "spec": {"entryPoints": ["websecure"], "routes": [rule],
+                 "tls": {"certResolver": traefik_values.cert_resolver(route.host)}},
+    }
+
+
+# --- the component -----------------------------------------------------------------------------
+
+
+class StageWorkloads(pulumi.ComponentResource):
+    """Everything one stage owns inside its namespace: apps, their Secrets, policies, routes, CI's Role."""
+
+    def __init__(self, name: str, *, stage: Stage, network: NetworkSettings, settings: ClusterSettings,
+                 db_password: pulumi.Input[str], smtp_username: pulumi.Input[str], smtp_password: pulumi.Input[str],
+                 provider: k8s.Provider, apps: Sequence[App] = APPS,
+                 opts: Optional[pulumi.ResourceOptions] = None):
+        super().__init__("katforge:cluster:StageWorkloads", name, None, opts)
+        ns = stage.namespace
+        apps = apps_in(stage.name, apps)
+
+        def opts_(*depends_on: pulumi.Resource, **extra) -> pulumi.ResourceOptions:
+            return pulumi.ResourceOptions(parent=self, provider=provider, depends_on=list(depends_on), **extra)
+
+        # `default` exists in every cluster: patch its labels rather than own it.
+        ns_kind = k8s.core.v1.NamespacePatch if ns == "default" else k8s.core.v1.Namespace
+        namespace = ns_kind(f"{name}-namespace", metadata=cluster.namespace_metadata(ns, cluster.APP_POD_SECURITY),
+                            opts=opts_())
+
+        def secret(key: str, type_: str, string_data: Mapping[str, pulumi.Input[str]]) -> k8s.core.v1.Secret:
+            return k8s.core.v1.Secret(
+                f"{name}-{key}", type=type_, metadata={"name": key, "namespace": ns},
+                string_data={k: pulumi.Output.secret(v) for k, v in string_data.items()}, opts=opts_(namespace))
+
+        secrets = [
+            secret(PULL_SECRET, "kubernetes.io/dockerconfigjson", {".dockerconfigjson": pulumi.Output.from_input(
+                settings.ghcr_token).apply(lambda token: dockerconfigjson(username=settings.ghcr_username,
+                                                                          token=token))}),
+            secret(DATABASE_SECRET, "Opaque", {"DATABASE_URL": pulumi.Output.from_input(db_password).apply(
+                lambda password: database_url(role=stage.db_role, password=password,
+                                              host=network.k3s_private_ip, database=stage.database))}),
+        ]
+        if any(app.smtp for app in apps):
+            smtp = pulumi.Output.all(smtp_username, smtp_password)
+            secrets.append(secret(SMTP_SECRET, "Opaque", {
+                "SMTP_USERNAME": smtp_username,
+                "SMTP_PASSWORD": smtp_password,
+                "MAILER_DSN": smtp.apply(lambda c: mailer_dsn(username=c[0], password=c[1])),
+            }))
+
+        for policy in network_policies(apps, namespace=ns, postgres_host=network.k3s_private_ip):
+            k8s.networking.v1.NetworkPolicy(f"{name}-netpol-{policy['metadata']['name']}",
+                                            metadata=policy["metadata"], spec=policy["spec"], opts=opts_(namespace))
+
+        role = ci_role(namespace=ns)
+        k8s.rbac.v1.Role(f"{name}-ci-role", metadata=role["metadata"], rules=role["rules"], opts=opts_(namespace))
+        binding = ci_role_binding(namespace=ns)
+        k8s.rbac.v1.RoleBinding(f"{name}-ci-role-binding", metadata=binding["metadata"],
+                                role_ref=binding["roleRef"], subjects=binding["subjects"], opts=opts_(namespace))
+
+        vpn_only = stage.name in VPN_ONLY_STAGES
+        route_deps: list[pulumi.Resource] = [namespace]
+        if vpn_only:
+            allow_list = vpn_only_middleware(network, namespace=ns)
+            route_deps.append(self._custom(f"{name}-mw-{VPN_ONLY_MIDDLEWARE}", allow_list, opts_(namespace)))
+
+        for app in apps:
+            manifest = deployment(app, namespace=ns, image_tag=settings.image_tag)
+            k8s.apps.v1.Deployment(f"{name}-{app.name}", metadata=manifest["metadata"], spec=manifest["spec"],
+                                   opts=opts_(*secrets, ignore_changes=list(IMAGE_FIELDS)))
+            svc = service(app, namespace=ns)
+            k8s.core.v1.Service(f"{name}-{app.name}-service", metadata=svc["metadata"], spec=svc["spec"],
+                                opts=opts_(namespace))
+            for route in app.routes[stage.name]:
+                own = [self._custom(f"{name}-mw-{m['metadata']['name']}", m, opts_(namespace))
+                       for m in route_middlewares(app, route, namespace=ns)]
+                self._custom(f"{name}-route-{route_name(app, route)}",
+                             ingress_route(app, route, namespace=ns, vpn_only=vpn_only), opts_(*route_deps, *own))
+
+        self.register_outputs({"namespace": ns, "apps": [app.name for app in apps]})
+
+    @staticmethod
+    def _custom(resource_name: str, manifest: dict, opts: pulumi.ResourceOptions) -> k8s.apiextensions.CustomResource:
+        return k8s.apiextensions.CustomResource(resource_name, api_version=manifest["apiVersion"],
+                                                kind=manifest["kind"], metadata=manifest["metadata"],
+                                                spec=manifest["spec"], opts=opts)

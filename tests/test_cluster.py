@@ -1,0 +1,170 @@
+"""Every Kubernetes object the program declares, and the cluster-wide ones prod owns."""
+from __future__ import annotations
+
+import base64
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from infra import traefik_values
+from tools.offline import evaluate_cached, unwrap
+
+# Custom resources: not in the Kubernetes schema. The HelmChartConfig's values are checked against
+# the chart's schema in test_traefik_values.py; IngressRoute and Middleware in test_apps.py.
+CRD_KINDS = {("helm.cattle.io/v1", "HelmChartConfig"), ("traefik.io/v1alpha1", "IngressRoute"),
+             ("traefik.io/v1alpha1", "Middleware")}
+STACKS = ["prod", "qa"]
+
+
+@pytest.fixture(scope="module")
+def prod():
+    return evaluate_cached("prod")
+
+
+@pytest.fixture(scope="module")
+def qa():
+    return evaluate_cached("qa")
+
+
+def kubernetes_objects(plan):
+    return [r for r in plan.resources if r.type.startswith("kubernetes:")]
+
+
+def manifest(resource) -> dict:
+    """The object as the API server receives it: inputs carry apiVersion and kind, and secret
+    values are checked too (offline placeholders stand in for them)."""
+    return unwrap(resource.raw_inputs)
+
+
+def of_kind(plan, kind):
+    return [r for r in kubernetes_objects(plan) if r.inputs["kind"] == kind]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_built_in_object_is_valid_kubernetes_1_34(stack, request):
+    plan = request.getfixturevalue(stack)
+    checked = set()
+    for resource in kubernetes_objects(plan):
+        obj = manifest(resource)
+        if (obj["apiVersion"], obj["kind"]) in CRD_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, "1.34.0", strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{resource.name} ({obj['kind']}): {error.message} at {list(error.path)}")
+        checked.add(obj["kind"])
+    assert checked >= {"Namespace", "Secret", "Deployment", "Service", "NetworkPolicy", "Role", "RoleBinding"}
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_kubernetes_object_goes_through_the_k3s_provider_inside_a_component(stack, request):
+    plan = request.getfixturevalue(stack)
+    components = {r.urn for r in plan.resources if r.type.startswith("katforge:cluster:")}
+    for resource in kubernetes_objects(plan):
+        assert resource.options["provider"] == "k3s", resource.name
+        assert resource.parent in components, resource.name
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_nothing_cluster_wide_is_granted(stack, request):
+    kinds = {r.inputs["kind"] for r in kubernetes_objects(request.getfixturevalue(stack))}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding"}
+
+
+# --- who owns what -----------------------------------------------------------------------------
+
+def test_prod_owns_traefik_ci_and_default(prod):
+    [config] = of_kind(prod, "HelmChartConfig")
+    assert config.inputs["metadata"] == {"name": "traefik", "namespace": "kube-system"}
+    [ci] = prod.of_type("kubernetes:core/v1:Namespace")
+    assert ci.inputs["metadata"]["name"] == "ci"
+    # default exists in every cluster: only its labels are patched, it is never created or deleted.
+    [default] = [r for r in kubernetes_objects(prod) if r.type == "kubernetes:core/v1:NamespacePatch"]
+    assert default.inputs["metadata"]["name"] == "default"
+
+
+def test_qa_declares_only_namespace_qa(qa):
+    namespaces = [r for r in kubernetes_objects(qa) if r.inputs["kind"] == "Namespace"]
+    assert [n.inputs["metadata"]["name"] for n in namespaces] == ["qa"]
+    assert namespaces[0].type == "kubernetes:core/v1:Namespace"
+    for resource in kubernetes_objects(qa):
+        if resource.inputs["kind"] != "Namespace":
+            assert resource.inputs["metadata"]["namespace"] == "qa", resource.name
+    assert not of_kind(qa, "HelmChartConfig") and not of_kind(qa, "ServiceAccount")
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_namespaces_carry_pod_security_labels(stack, request):
+    for namespace in of_kind(request.getfixturevalue(stack), "Namespace"):
+        labels = namespace.inputs["metadata"]["labels"]
+        expected = "restricted" if namespace.inputs["metadata"]["name"] == "ci" else "baseline"
+        assert labels["pod-security.kubernetes.io/enforce"] == expected
+        assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+        assert labels["pod-security.kubernetes.io/enforce-version"] == "v1.34"
+
+
+# --- Traefik -----------------------------------------------------------------------------------
+
+def test_traefik_values_reach_the_helm_chart_config_without_credentials(prod):
+    [config] = of_kind(prod, "HelmChartConfig")
+    text = config.raw_inputs["spec"]["valuesContent"]
+    values = yaml.safe_load(text)
+    assert values == traefik_values.values(acme_email="ops@katforge.com", aws_region="us-east-2",
+                                           hosted_zone_id="Z0292557263L1FJT7JXXS")
+    key = unwrap(prod.raw_outputs["dnsChallengeSecretAccessKey"])
+    key_id = unwrap(prod.raw_outputs["dnsChallengeAccessKeyId"])
+    assert key not in text and key_id not in text
+
+
+def test_dns_challenge_key_is_a_kube_system_secret(prod):
+    [secret] = [r for r in of_kind(prod, "Secret")
+                if r.inputs["metadata"] == {"name": traefik_values.CREDENTIALS_SECRET, "namespace": "kube-system"}]
+    assert secret.inputs["stringData"] == "[secret]"
+    data = unwrap(secret.raw_inputs)["stringData"]
+    assert data == {"AWS_ACCESS_KEY_ID": unwrap(prod.raw_outputs["dnsChallengeAccessKeyId"]),
+                    "AWS_SECRET_ACCESS_KEY": unwrap(prod.raw_outputs["dnsChallengeSecretAccessKey"])}
+    [config] = of_kind(prod, "HelmChartConfig")
+    assert secret.urn in config.options["depends_on"], "Traefik must not start before its credentials exist"
+
+
+# --- CI's deploy account -----------------------------------------------------------------------
+
+def test_ci_service_account_has_a_long_lived_token(prod):
+    [account] = of_kind(prod, "ServiceAccount")
+    assert account.inputs["metadata"] == {"name": "deployer", "namespace": "ci"}
+    assert account.inputs["automountServiceAccountToken"] is False
+    [token] = [r for r in of_kind(prod, "Secret") if r.inputs["type"] == "kubernetes.io/service-account-token"]
+    assert token.inputs["metadata"]["namespace"] == "ci"
+    assert token.inputs["metadata"]["annotations"] == {"kubernetes.io/service-account.name": "deployer"}
+    assert account.urn in token.options["depends_on"]
+
+
+def test_ci_kubeconfig_is_a_secret_output_using_the_token(prod):
+    assert "ciKubeconfig" in prod.secret_outputs and prod.outputs["ciKubeconfig"] == "[secret]"
+    config = yaml.safe_load(prod.raw_outputs["ciKubeconfig"])
+    [entry] = config["clusters"]
+    assert entry["cluster"]["server"] == "https://k3s.katforge.com:6443"
+    # From the offline token controller (tools/offline.py): data is base64, the token is used decoded.
+    assert base64.b64decode(entry["cluster"]["certificate-authority-data"]) == b"offline-ca"
+    [user] = config["users"]
+    assert user["user"] == {"token": "offline-token"}
+    [context] = config["contexts"]
+    assert config["current-context"] == context["name"]
+    assert context["context"]["cluster"] == entry["name"] and context["context"]["user"] == user["name"]
+
+
+@pytest.mark.parametrize("stack, namespace", [("prod", "default"), ("qa", "qa")])
+def test_ci_may_set_images_watch_and_undo_rollouts_in_app_namespaces_only(stack, namespace, request):
+    plan = request.getfixturevalue(stack)
+    [role] = of_kind(plan, "Role")
+    assert role.inputs["metadata"]["namespace"] == namespace
+    granted = {(group, resource, verb) for rule in role.inputs["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    assert granted == {("apps", "deployments", v) for v in ("get", "list", "watch", "patch")} | {
+        ("apps", "replicasets", v) for v in ("get", "list", "watch")}
+    [binding] = of_kind(plan, "RoleBinding")
+    assert binding.inputs["metadata"]["namespace"] == namespace
+    assert binding.inputs["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                         "name": role.inputs["metadata"]["name"]}
+    assert binding.inputs["subjects"] == [{"kind": "ServiceAccount", "name": "deployer", "namespace": "ci"}]

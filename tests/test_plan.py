@@ -24,6 +24,8 @@ def test_summary_shows_components_dns_rules_and_hosts():
     assert any(line.split()[:3] == ["katforge.com", "A", "3.19.192.157"] for line in dns.splitlines())
     rules = text.split("Security group ingress")[1].split("\n\n")[0]
     assert any(line.split()[:3] == ["k3s", "tcp/5432", "172.31.0.0/16"] for line in rules.splitlines())
+    budget = text.split("Memory budget of the k3s host (4096 MiB):")[1].split("\n\n")[0]
+    assert "PostgreSQL 16" in budget and "default/api" in budget and "qa/api" in budget and "headroom" in budget
     hosts = text.split("\nHosts\n")[1].split("\n\n")[0]
     assert any(line.split()[:4] == ["k3s", "t3.medium", "172.31.14.98", "3.19.192.157"] for line in hosts.splitlines())
 

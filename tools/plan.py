@@ -11,6 +11,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from infra import capacity
 from tools.offline import ROOT, Plan, evaluate
 
 BUILD = ROOT / "build"
@@ -77,7 +78,11 @@ def hosts_section(plan: Plan) -> list[str]:
     return ["Hosts", *table(headers, sorted(rows))] if rows else []
 
 
-SECTIONS = [components_section, dns_section, security_section, hosts_section]
+def capacity_section(plan: Plan) -> list[str]:
+    return capacity.lines(capacity.estate_report())
+
+
+SECTIONS = [components_section, dns_section, security_section, hosts_section, capacity_section]
 
 
 def summary(plan: Plan) -> str:

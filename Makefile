@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STACK ?= prod
 
-.PHONY: plan test restore clean
+.PHONY: plan test plan-diff diagram restore clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,14 @@ plan: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The offline plans of BASE (a git ref) and of the working tree, compared: markdown on stdout.
+plan-diff: $(VENV)/.installed
+	@$(PY) -m tools.plan_diff --base "$(BASE)"
+
+# docs/estate.svg and docs/estate.png from the offline plans of both stacks (needs Graphviz).
+diagram: $(VENV)/.installed
+	@$(PY) -m tools.diagram
 
 # Restore a backup (README, "Backups and restore"): the operator's own AWS credentials, PostgreSQL through PG*.
 #   make restore STAGE=prod AT=latest|YYYYMMDDTHHMMSSZ TARGET=<database> [FORCE=1] [DATABASE=<dumped database>]

@@ -1,34 +1,91 @@
 """The Katforge estate: one stack per stage. prod owns the hosts and everything shared; qa owns only
-what belongs to qa and reads the rest from prod."""
+what belongs to qa and reads the rest from prod through a StackReference."""
+from typing import NamedTuple
+
 import pulumi
 
-from infra import dns
+from infra import capacity, dns
+from infra.apps import StageWorkloads
+from infra.backups import BackupSchedule, BackupStorage
+from infra.bootstrap import HostBootstrap, StageDatabase, host_target, kubernetes_provider
+from infra.cluster import Cluster
 from infra.dns import Dns
 from infra.email import Email
 from infra.hosts import Hosts
 from infra.iam import DnsChallengeUser
 from infra.network import Network
-from infra.settings import load
+from infra.pipeline import Pipeline
+from infra.settings import REGION, STAGES, Settings, load
 
-settings = load()
 
-if settings.is_prod:
+class StageBase(NamedTuple):
+    """What a stage's workloads stand on, and the stack's outputs."""
+    records: Dns
+    database: StageDatabase
+    provider: pulumi.ProviderResource
+    smtp_username: pulumi.Output
+    smtp_password: pulumi.Output
+    exports: dict
+
+
+def prod_estate(settings: Settings) -> StageBase:
+    """The hosts, DNS, mail, IAM, bootstrap, backups, cluster-wide objects and the CI roles."""
     network = Network("network", settings.network, settings.hosts.vpn.expected_public_ip)
-    hosts = Hosts("hosts", settings.hosts, settings.network.k3s_private_ip, network)
+    backups = BackupStorage("backups", settings.backups, STAGES.values())
+    hosts = Hosts("hosts", settings.hosts, settings.network.k3s_private_ip, network,
+                  instance_profile=backups.instance_profile_name)
     records = Dns("dns", settings.stage, {dns.K3S_PUBLIC: hosts.k3s.public_ip, dns.VPN_PUBLIC: hosts.vpn.public_ip})
     email = Email("email", settings.email, records.zones)
     dns_challenge = DnsChallengeUser("dns-challenge", records.zones.arns)
+    bootstrap = HostBootstrap("bootstrap", settings.bootstrap, settings.network, settings.stage, hosts.k3s, hosts.vpn)
+    database = StageDatabase("database", settings.stage_facts, settings.db_password, bootstrap.k3s_target,
+                             bootstrap.postgres)
+    BackupSchedule("backup-schedule", settings.backups, STAGES.values(), backups, bootstrap.k3s_target,
+                   bootstrap.postgres)
+    k3s = kubernetes_provider("k3s", bootstrap.kubeconfig)
+    cluster = Cluster("cluster", acme_email=settings.cluster.acme_email, aws_region=REGION,
+                      hosted_zone_id=records.zones.ids["katforge.com"], access_key_id=dns_challenge.access_key_id,
+                      secret_access_key=dns_challenge.secret_access_key, provider=k3s)
+    pipeline = Pipeline("pipeline", settings.pipeline)
+    return StageBase(
+        records=records, database=database, provider=k3s,
+        smtp_username=email.smtp_username, smtp_password=email.smtp_password,
+        exports={
+            "k3sPublicIp": hosts.k3s.public_ip, "k3sPrivateIp": settings.network.k3s_private_ip,
+            "k3sInstanceId": hosts.k3s.instance.id, "vpnPublicIp": hosts.vpn.public_ip,
+            "vpnPublicKey": bootstrap.vpn_public_key, "zoneIds": records.zones.ids,
+            "kubeconfig": bootstrap.kubeconfig, "ciKubeconfig": cluster.ci_kubeconfig,
+            "sesSmtpUsername": email.smtp_username, "sesSmtpPassword": email.smtp_password,
+            "dnsChallengeAccessKeyId": dns_challenge.access_key_id,
+            "dnsChallengeSecretAccessKey": dns_challenge.secret_access_key,
+            "backupBucket": backups.bucket_name, "backupRestorePolicyArn": backups.restore_policy_arn,
+            "previewRoleArn": pipeline.preview_role_arn, "deployRoleArn": pipeline.deploy_role_arn,
+        },
+    )
 
-    pulumi.export("k3sPublicIp", hosts.k3s.public_ip)
-    pulumi.export("k3sPrivateIp", settings.network.k3s_private_ip)
-    pulumi.export("vpnPublicIp", hosts.vpn.public_ip)
-    pulumi.export("zoneIds", records.zones.ids)
-    pulumi.export("sesSmtpUsername", email.smtp_username)
-    pulumi.export("sesSmtpPassword", email.smtp_password)
-    pulumi.export("dnsChallengeAccessKeyId", dns_challenge.access_key_id)
-    pulumi.export("dnsChallengeSecretAccessKey", dns_challenge.secret_access_key)
-else:
+
+def qa_estate(settings: Settings) -> StageBase:
+    """qa's DNS names and database; the host, kubeconfig and mail credentials come from prod."""
     prod = pulumi.StackReference("prod", stack_name=settings.prod_stack)
     records = Dns("dns", settings.stage, {dns.K3S_PRIVATE: prod.require_output("k3sPrivateIp")})
+    host = host_target(prod.require_output("k3sPublicIp"), prod.require_output("k3sInstanceId"),
+                       settings.bootstrap.ssh_private_key)
+    database = StageDatabase("database", settings.stage_facts, settings.db_password, host)
+    return StageBase(
+        records=records, database=database, provider=kubernetes_provider("k3s", prod.require_output("kubeconfig")),
+        smtp_username=prod.require_output("sesSmtpUsername"), smtp_password=prod.require_output("sesSmtpPassword"),
+        exports={},
+    )
 
-pulumi.export("dnsRecords", {name: record.records for name, record in records.records.items()})
+
+settings = load()
+capacity.check(capacity.estate_report())  # an over-committed host stops the preview
+base = prod_estate(settings) if settings.is_prod else qa_estate(settings)
+StageWorkloads("apps", stage=settings.stage_facts, network=settings.network, settings=settings.cluster,
+               db_password=settings.db_password, smtp_username=base.smtp_username,
+               smtp_password=base.smtp_password, provider=base.provider,
+               opts=pulumi.ResourceOptions(depends_on=[base.database]))
+
+for name, value in base.exports.items():
+    pulumi.export(name, value)
+pulumi.export("dnsRecords", {name: record.records for name, record in base.records.records.items()})

@@ -78,7 +78,6 @@ class WireguardPeer:
     address: str
 
 
-# --- section: bootstrap (host bootstrap: k3s, PostgreSQL, WireGuard) ---
 @dataclass(frozen=True)
 class BootstrapSettings:
     k3s_version: str
@@ -86,7 +85,6 @@ class BootstrapSettings:
     ssh_private_key: pulumi.Output
 
 
-# --- section: cluster (Traefik, namespaces, apps) ---
 @dataclass(frozen=True)
 class ClusterSettings:
     acme_email: str
@@ -95,7 +93,6 @@ class ClusterSettings:
     ghcr_token: pulumi.Output
 
 
-# --- section: backups ---
 @dataclass(frozen=True)
 class BackupSettings:
     bucket: str
@@ -103,7 +100,6 @@ class BackupSettings:
     time_utc: str
 
 
-# --- section: pipeline (GitHub Actions preview and deploy) ---
 @dataclass(frozen=True)
 class PipelineSettings:
     github_repository: str

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.pgcluster import PgCluster, find_bin_dir, free_port
+from tools.offline import evaluate_cached
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +23,14 @@ def pg() -> PgCluster:
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prod():
+    """The prod stack's offline plan with its committed config, shared by the tests that only read it."""
+    return evaluate_cached("prod")
+
+
+@pytest.fixture(scope="session")
+def qa():
+    return evaluate_cached("qa")

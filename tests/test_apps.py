@@ -9,7 +9,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from infra import apps, traefik_values
-from tools.offline import evaluate_cached, unwrap
+from tools.offline import unwrap
 
 IMAGES = {  # the table
     "api": "ghcr.io/katforge/api.katforge.com",
@@ -22,16 +22,6 @@ DEPLOYMENT = "kubernetes:apps/v1:Deployment"
 INGRESS_ROUTE = "kubernetes:traefik.io/v1alpha1:IngressRoute"
 MIDDLEWARE = "kubernetes:traefik.io/v1alpha1:Middleware"
 POLICY = "kubernetes:networking.k8s.io/v1:NetworkPolicy"
-
-
-@pytest.fixture(scope="module")
-def prod():
-    return evaluate_cached("prod")
-
-
-@pytest.fixture(scope="module")
-def qa():
-    return evaluate_cached("qa")
 
 
 def deployments(plan) -> dict:

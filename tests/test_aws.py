@@ -11,16 +11,6 @@ from tools.offline import ROOT, evaluate, evaluate_cached
 SPEC = ROOT.parent / "shared" / "spec" / "deployment.md"
 
 
-@pytest.fixture(scope="module")
-def prod():
-    return evaluate_cached("prod")
-
-
-@pytest.fixture(scope="module")
-def qa():
-    return evaluate_cached("qa")
-
-
 def instance(plan, name):
     return next(r for r in plan.of_type("aws:ec2/instance:Instance") if r.name == name)
 

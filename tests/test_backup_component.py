@@ -13,11 +13,6 @@ BUCKET_TYPE = "aws:s3/bucket:Bucket"
 COMMAND = "command:remote:Command"
 
 
-@pytest.fixture(scope="module")
-def prod():
-    return evaluate_cached("prod")
-
-
 def one(plan, token, name=None):
     [resource] = [r for r in plan.of_type(token) if name is None or r.name == name]
     return resource

@@ -22,16 +22,6 @@ VPN_KEY = offline.HOST_OUTPUT["bootstrap-wireguard"]
 
 
 @pytest.fixture(scope="module")
-def prod():
-    return evaluate_cached("prod")
-
-
-@pytest.fixture(scope="module")
-def qa():
-    return evaluate_cached("qa")
-
-
-@pytest.fixture(scope="module")
 def prod_with_host_output():
     """prod evaluated afresh; the offline hosts print what real ones would (tools/offline.HOST_OUTPUT)."""
     return evaluate("prod")

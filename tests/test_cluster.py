@@ -8,23 +8,13 @@ import pytest
 import yaml
 
 from infra import traefik_values
-from tools.offline import evaluate_cached, unwrap
+from tools.offline import unwrap
 
 # Custom resources: not in the Kubernetes schema. The HelmChartConfig's values are checked against
 # the chart's schema in test_traefik_values.py; IngressRoute and Middleware in test_apps.py.
 CRD_KINDS = {("helm.cattle.io/v1", "HelmChartConfig"), ("traefik.io/v1alpha1", "IngressRoute"),
              ("traefik.io/v1alpha1", "Middleware")}
 STACKS = ["prod", "qa"]
-
-
-@pytest.fixture(scope="module")
-def prod():
-    return evaluate_cached("prod")
-
-
-@pytest.fixture(scope="module")
-def qa():
-    return evaluate_cached("qa")
 
 
 def kubernetes_objects(plan):

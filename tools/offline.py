@@ -130,37 +130,32 @@ class Plan:
         return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
+def _each(value: Any, fn) -> Any:
+    """fn applied to each member of a dict or list; anything else as it is."""
+    if isinstance(value, dict):
+        return {k: fn(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [fn(v) for v in value]
+    return value
+
+
 def redact(value: Any) -> Any:
     """Replace every secret inside a deserialized property value with [secret]."""
-    if rpc.is_rpc_secret(value):
-        return SECRET
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
+    return SECRET if rpc.is_rpc_secret(value) else _each(value, redact)
 
 
 def whole_numbers(value: Any) -> Any:
     """Protobuf carries every number as a float; show 30 rather than 30.0."""
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, dict):
-        return {k: whole_numbers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [whole_numbers(v) for v in value]
-    return value
+    return _each(value, whole_numbers)
 
 
 def unwrap(value: Any) -> Any:
     """The plain value with secret markers removed (placeholders only exist offline)."""
     if rpc.is_rpc_secret(value):
         return unwrap(rpc.unwrap_rpc_secret(value))
-    if isinstance(value, dict):
-        return {k: unwrap(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [unwrap(v) for v in value]
-    return value
+    return _each(value, unwrap)
 
 
 class EstateMocks(mocks.Mocks):

@@ -31,7 +31,7 @@ diagram: $(VENV)/.installed
 restore:
 	BACKUP_BUCKET="$${BACKUP_BUCKET:-$$(pulumi stack output backupBucket --stack prod)}" \
 		bash infra/host/restore-database.sh --stage "$(STAGE)" --at "$(AT)" --target "$(TARGET)" \
-		$(if $(DATABASE),--database "$(DATABASE)") $(if $(FORCE),--force)
+		$(if $(DATABASE),--database "$(DATABASE)") $(if $(filter 1 yes true,$(FORCE)),--force)
 
 clean:
 	rm -rf $(VENV) build

@@ -44,9 +44,10 @@ def prod_estate(settings: Settings) -> StageBase:
                    bootstrap.postgres)
     k3s = kubernetes_provider("k3s", bootstrap.kubeconfig)
     cluster = Cluster("cluster", acme_email=settings.cluster.acme_email, aws_region=REGION,
+                      node_ip=settings.network.k3s_private_ip,
                       hosted_zone_id=records.zones.ids["katforge.com"], access_key_id=dns_challenge.access_key_id,
                       secret_access_key=dns_challenge.secret_access_key, provider=k3s)
-    pipeline = Pipeline("pipeline", settings.pipeline)
+    pipeline = Pipeline("pipeline", settings.pipeline, settings.backups.bucket)
     return StageBase(
         records=records, database=database, provider=k3s,
         smtp_username=email.smtp_username, smtp_password=email.smtp_password,

@@ -83,6 +83,8 @@ PULL_SECRET = "ghcr"
 DATABASE_SECRET = "database"
 SMTP_SECRET = "smtp"
 
+MANUAL_SNAPSHOT_POD = "pgdump"  # the pod name in the spec's manual backup command
+
 # Image fields the ship pipeline sets with `kubectl set image`; `pulumi up` must leave them alone.
 IMAGE_FIELDS = ("spec.template.spec.containers[0].image", "spec.template.spec.initContainers[0].image")
 
@@ -212,9 +214,14 @@ def network_policies(apps: Sequence[App], *, namespace: str, postgres_host: str)
                         "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}],
         }),
     ]
+    to_postgres = {"to": [{"ipBlock": {"cidr": f"{postgres_host}/32"}}],
+                   "ports": [{"protocol": "TCP", "port": POSTGRES_PORT}]}
+    # The spec's ad-hoc snapshot (`kubectl run ... pgdump -- pg_dump -h <host>`) labels its pod run=pgdump.
+    policies.append(_network_policy("manual-snapshot", namespace, {
+        "podSelector": {"matchLabels": {"run": MANUAL_SNAPSHOT_POD}}, "policyTypes": ["Egress"],
+        "egress": [to_postgres]}))
     for app in apps:
-        egress = [{"to": [{"ipBlock": {"cidr": f"{postgres_host}/32"}}],
-                   "ports": [{"protocol": "TCP", "port": POSTGRES_PORT}]}]
+        egress = [to_postgres]
         if app.smtp:
             egress.append(_to_internet(SMTP_PORT))
         if app.https_egress:
@@ -238,8 +245,8 @@ def ci_role(*, namespace: str) -> dict:
         "rules": [
             # set image: get + patch; rollout status: get/list/watch; rollout undo: get + patch.
             {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "watch", "patch"]},
-            # rollout undo finds the previous revision among the Deployment's ReplicaSets.
-            {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get", "list", "watch"]},
+            # rollout undo lists the Deployment's ReplicaSets to find the previous revision.
+            {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list"]},
         ],
     }
 

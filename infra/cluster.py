@@ -63,7 +63,7 @@ def ci_kubeconfig(*, server: str, ca_data: str, token: str) -> str:
 class Cluster(pulumi.ComponentResource):
     """Traefik's configuration and CI's deploy account."""
 
-    def __init__(self, name: str, *, acme_email: str, aws_region: str, hosted_zone_id: pulumi.Input[str],
+    def __init__(self, name: str, *, acme_email: str, aws_region: str, node_ip: str, hosted_zone_id: pulumi.Input[str],
                  access_key_id: pulumi.Input[str], secret_access_key: pulumi.Input[str],
                  provider: k8s.Provider, opts: Optional[pulumi.ResourceOptions] = None):
         super().__init__("katforge:cluster:Cluster", name, None, opts)
@@ -80,7 +80,7 @@ class Cluster(pulumi.ComponentResource):
             opts=opts_())
         chart_config = helm_chart_config(pulumi.Output.from_input(hosted_zone_id).apply(
             lambda zone: traefik_values.values_yaml(acme_email=acme_email, aws_region=aws_region,
-                                                    hosted_zone_id=zone)))
+                                                    hosted_zone_id=zone, node_ip=node_ip)))
         k8s.apiextensions.CustomResource(
             f"{name}-traefik-config", api_version=chart_config["apiVersion"], kind=chart_config["kind"],
             metadata=chart_config["metadata"], spec=chart_config["spec"], opts=opts_(credentials))

@@ -45,12 +45,19 @@ class CiRole:
     subject: str  # the token's `sub` claim this role accepts
     policies: tuple[str, ...]
     description: str
+    denials: str | None = None  # an inline policy that carves out of the managed ones
 
 
-def ci_roles(repository: str) -> tuple[CiRole, ...]:
+def preview_denials(backup_bucket: str) -> str:
+    """ReadOnlyAccess reads every S3 object; pull requests must not download production data."""
+    return document({"Sid": "NoDatabaseDumps", "Effect": "Deny", "Action": ["s3:GetObject", "s3:GetObjectVersion"],
+                     "Resource": f"arn:aws:s3:::{backup_bucket}/*"})
+
+
+def ci_roles(repository: str, backup_bucket: str) -> tuple[CiRole, ...]:
     return (
         CiRole("katforge-github-preview", f"repo:{repository}:pull_request", PREVIEW_POLICIES,
-               f"pulumi preview for pull requests of {repository}: read-only"),
+               f"pulumi preview for pull requests of {repository}: read-only", preview_denials(backup_bucket)),
         CiRole("katforge-github-deploy", f"repo:{repository}:ref:refs/heads/main", DEPLOY_POLICIES,
                f"pulumi up for pushes to main of {repository}"),
     )
@@ -67,14 +74,15 @@ def trust_policy(provider_arn: str, subject: str) -> str:
 
 
 class Pipeline(pulumi.ComponentResource):
-    def __init__(self, name: str, settings: PipelineSettings, opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, settings: PipelineSettings, backup_bucket: str,
+                 opts: pulumi.ResourceOptions | None = None):
         super().__init__("katforge:pipeline:Pipeline", name, None, opts)
         # No thumbprint: for GitHub, IAM validates the issuer against its own trusted CAs, and this
         # provider version no longer requires the list.
         provider = aws.iam.OpenIdConnectProvider("github-actions", url=f"https://{ISSUER}",
                                                  client_id_lists=[AUDIENCE],
                                                  opts=pulumi.ResourceOptions(parent=self))
-        preview, deploy = (self._role(spec, provider.arn) for spec in ci_roles(settings.github_repository))
+        preview, deploy = (self._role(spec, provider.arn) for spec in ci_roles(settings.github_repository, backup_bucket))
         self.preview_role_arn = preview.arn
         self.deploy_role_arn = deploy.arn
         self.register_outputs({"preview_role_arn": self.preview_role_arn, "deploy_role_arn": self.deploy_role_arn,
@@ -91,4 +99,7 @@ class Pipeline(pulumi.ComponentResource):
         for policy in spec.policies:
             aws.iam.RolePolicyAttachment(f"{spec.name}-{policy.rsplit('/', 1)[1]}", role=role.name,
                                          policy_arn=policy, opts=pulumi.ResourceOptions(parent=role))
+        if spec.denials:
+            aws.iam.RolePolicy(f"{spec.name}-denials", role=role.name, policy=spec.denials,
+                               opts=pulumi.ResourceOptions(parent=role))
         return role

@@ -49,7 +49,7 @@ def _secret_env(name: str) -> dict:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": CREDENTIALS_SECRET, "key": name}}}
 
 
-def values(*, acme_email: str, aws_region: str, hosted_zone_id: str) -> dict:
+def values(*, acme_email: str, aws_region: str, hosted_zone_id: str, node_ip: str) -> dict:
     """The chart values: ACME resolvers, HTTP->HTTPS, persistence, client-IP-preserving Service."""
     acme = {"email": acme_email, "storage": ACME_STORAGE}
     return {
@@ -70,8 +70,10 @@ def values(*, acme_email: str, aws_region: str, hosted_zone_id: str) -> dict:
                                                              "permanent": True}}}},
             "websecure": {"http": {"tls": {"enabled": True, "certResolver": DNS_RESOLVER}}},
         },
-        # Local: the node does not SNAT incoming traffic, so ipAllowList sees the real client.
-        "service": {"spec": {"externalTrafficPolicy": "Local"}},
+        # AWS delivers the Elastic IP's traffic to the node's private address. Listing it as an external
+        # IP lets kube-proxy take that traffic straight to Traefik before ServiceLB's svclb pod, which
+        # masquerades; with Local the node does not SNAT either, so ipAllowList sees the real client.
+        "service": {"spec": {"externalTrafficPolicy": "Local"}, "externalIPs": [node_ip]},
         "resources": RESOURCES,
     }
 

@@ -9,7 +9,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from infra import apps, traefik_values
-from tools.offline import unwrap
+from tools.offline import ROOT, unwrap
 
 IMAGES = {  # the issue's table
     "api": "ghcr.io/katforge/api.katforge.com",
@@ -272,3 +272,21 @@ def test_each_app_takes_traffic_only_from_traefik_and_reaches_only_what_it_needs
             block = rule["to"][0]["ipBlock"]
             if block["cidr"] == "0.0.0.0/0":
                 assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(block["except"])
+
+
+SPEC = ROOT.parent / "shared" / "spec" / "deployment.md"
+
+
+@pytest.mark.parametrize("stack, namespace", [("prod", "default"), ("qa", "qa")])
+def test_the_specs_manual_snapshot_pod_may_reach_only_postgresql(stack, namespace, request):
+    """The spec's ad-hoc backup (`kubectl run ... pgdump -- pg_dump -h 172.31.14.98`) stays valid
+    under default-deny: a pod named pgdump (kubectl labels it run=pgdump) reaches PostgreSQL, nothing else."""
+    if SPEC.exists():
+        assert "kubectl run --rm -i --restart=Never" in SPEC.read_text() and "pgdump --" in SPEC.read_text()
+    allowed = [spec for spec in policies(request.getfixturevalue(stack), namespace).values()
+               if spec["podSelector"].get("matchLabels") == {"run": "pgdump"}]
+    assert len(allowed) == 1
+    assert "ingress" not in allowed[0] and allowed[0]["policyTypes"] == ["Egress"]
+    [rule] = allowed[0]["egress"]
+    assert rule["to"] == [{"ipBlock": {"cidr": "172.31.14.98/32"}}]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 5432}]

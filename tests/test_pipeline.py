@@ -64,6 +64,17 @@ def test_the_preview_role_only_reads_and_the_deploy_role_is_another_role():
     assert "arn:aws:iam::aws:policy/AdministratorAccess" not in deploy_policies
 
 
+def test_the_preview_role_may_not_download_database_dumps():
+    plan = evaluate_cached("prod")
+    denials = {r.name: json.loads(r.inputs["policy"]) for r in plan.of_type("aws:iam/rolePolicy:RolePolicy")}
+    [statement] = denials["katforge-github-preview-denials"]["Statement"]
+    assert statement["Effect"] == "Deny"
+    assert "s3:GetObject" in statement["Action"]
+    bucket = plan.outputs["backupBucket"]
+    assert statement["Resource"] == f"arn:aws:s3:::{bucket}/*"
+    assert not any(name.startswith("katforge-github-deploy") for name in denials)
+
+
 def test_both_role_arns_are_stack_outputs():
     outputs = evaluate_cached("prod").outputs
     assert outputs["previewRoleArn"].endswith(":katforge-github-preview")

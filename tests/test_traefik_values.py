@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # CI clones the repo fresh with shared/ beside it, as here: locate it from the repo root.
 CHART_DIR = ROOT.parent / "shared" / "vendor" / "traefik-helm-chart"
 
-ARGS = {"acme_email": "ops@katforge.com", "aws_region": "us-east-2", "hosted_zone_id": "Z0292557263L1FJT7JXXS"}
+ARGS = {"acme_email": "ops@katforge.com", "aws_region": "us-east-2", "hosted_zone_id": "Z0292557263L1FJT7JXXS",
+        "node_ip": "172.31.14.98"}
 
 
 def require_chart() -> None:
@@ -132,3 +133,10 @@ def test_memory_limit_matches_the_budgeted_figure(values):
 ])
 def test_dns_challenge_only_for_names_in_the_pinned_zone(host, resolver):
     assert traefik_values.cert_resolver(host) == resolver
+
+
+def test_the_service_takes_the_nodes_private_address_itself(values):
+    """kube-proxy, not ServiceLB's masquerading svclb pod, must handle traffic to 172.31.14.98, where
+    AWS delivers the Elastic IP's packets: otherwise the qa allow list sees only pod addresses."""
+    assert values["service"]["externalIPs"] == [ARGS["node_ip"]]
+    assert values["service"]["spec"]["externalTrafficPolicy"] == "Local"

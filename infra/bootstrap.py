@@ -24,7 +24,7 @@ import pulumi_kubernetes as k8s
 import yaml
 
 from infra.hosts import Host
-from infra.settings import BootstrapSettings, NetworkSettings, SettingsError, Stage, WireguardPeer
+from infra.settings import BootstrapSettings, NetworkSettings, Stage, WireguardPeer
 
 HOST_FILES = Path(__file__).resolve().parent / "host"
 REMOTE_DIR = "/usr/local/lib/katforge"
@@ -33,10 +33,6 @@ K3S_API_HOST = "k3s.katforge.com"
 K3S_API_SERVER = f"https://{K3S_API_HOST}:6443"
 K3S_KUBECONFIG = "/etc/rancher/k3s/k3s.yaml"
 
-# The Traefik Helm chart each pinned k3s release bundles (k3s ships it as traefik-<chart>01+up<chart>;
-# v1.34.6+k3s1 carries traefik-39.0.501+up39.0.5). The cluster's Traefik values are checked against
-# that chart's schema, so a release is pinned only once its row is here.
-K3S_TRAEFIK_CHART = {"v1.34.6+k3s1": "39.0.5"}
 
 # The k3s host's memory (t3.medium, 4096 MiB) outside the pods; infra/capacity.py adds the pods.
 SYSTEM_MEMORY_MIB = 384  # kernel, systemd, journald, sshd, snapd and the SSM agent, unattended-upgrades
@@ -46,17 +42,6 @@ POSTGRES_MEMORY_MIB = 768  # the worst case of host/postgresql-katforge.conf, it
 # Besides the VPC, who may log in to PostgreSQL with a password: pods (k3s's 10.42.0.0/16 and
 # 10.43.0.0/16) and container networks (172.16.0.0/12), as the spec lists them.
 POSTGRES_POD_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12")
-
-
-def traefik_chart_version(k3s_version: str) -> str:
-    """The Traefik chart bundled with a k3s release; unknown releases stop the program."""
-    try:
-        return K3S_TRAEFIK_CHART[k3s_version]
-    except KeyError:
-        raise SettingsError(
-            f"katforge:k3sVersion = {k3s_version!r} is invalid: expected a release whose bundled Traefik chart "
-            f"is recorded in K3S_TRAEFIK_CHART (infra/bootstrap.py): {', '.join(K3S_TRAEFIK_CHART)}."
-        ) from None
 
 
 def ssh_connection(host: pulumi.Input[str], private_key: pulumi.Input[str]) -> command.remote.ConnectionArgs:
@@ -137,7 +122,9 @@ def run_script(parent: pulumi.Resource, name: str, target: Target, stage: str, s
         f"{name}-script", connection=target.connection,
         create=f"sudo install -D -m 0755 /dev/stdin {path}", delete=f"sudo rm -f {path}",
         stdin=text, triggers=[target.identity], add_previous_output_in_env=False,
-        opts=pulumi.ResourceOptions(parent=parent, depends_on=list(after)))
+        # On a replaced host both copies reach the same address: delete the old one first, so its
+        # `rm` cannot remove the script the new one just installed.
+        opts=pulumi.ResourceOptions(parent=parent, depends_on=list(after), delete_before_replace=True))
     line = pulumi.Output.from_input(dict(environment or {})).apply(lambda values: run_line(path, values))
     return command.remote.Command(
         name, connection=target.connection, create=line, stdin=stdin,
@@ -152,7 +139,6 @@ class HostBootstrap(pulumi.ComponentResource):
     def __init__(self, name: str, bootstrap: BootstrapSettings, network: NetworkSettings, stage: str,
                  k3s_host: Host, vpn_host: Host, opts: Optional[pulumi.ResourceOptions] = None):
         super().__init__("katforge:bootstrap:HostBootstrap", name, None, opts)
-        traefik_chart_version(bootstrap.k3s_version)
         k3s = self.k3s_target = host_target(k3s_host.public_ip, k3s_host.instance.id, bootstrap.ssh_private_key)
         self.k3s_connection = k3s.connection
         vpn = host_target(vpn_host.public_ip, vpn_host.instance.id, bootstrap.ssh_private_key)

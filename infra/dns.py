@@ -10,7 +10,11 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-ZONES = ("katforge.com", "stumper.gg")
+from infra.settings import SettingsError
+
+# The hosted zones; katforge.com's ID is the one the spec names, so a lookup that finds another zone
+# of that name (a stray duplicate) stops the program instead of writing records nobody serves.
+ZONES = {"katforge.com": "Z0292557263L1FJT7JXXS", "stumper.gg": None}
 TTL = 300
 
 # Record targets that are addresses known only at run time.
@@ -54,6 +58,10 @@ class Zones:
     def __init__(self, parent: pulumi.Resource):
         found = {zone: aws.route53.get_zone(name=zone, private_zone=False, opts=pulumi.InvokeOptions(parent=parent))
                  for zone in ZONES}
+        for zone, expected in ZONES.items():
+            if expected and found[zone].zone_id != expected:
+                raise SettingsError(f"the public hosted zone {zone} is {found[zone].zone_id}, not {expected} as the "
+                                    "spec says: check for a duplicate zone before any record is written.")
         self.ids = {zone: result.zone_id for zone, result in found.items()}
         self.arns = {zone: result.arn for zone, result in found.items()}
 

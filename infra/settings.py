@@ -30,6 +30,11 @@ class Stage:
     db_role: str
 
 
+# The Traefik Helm chart each pinned k3s release bundles (k3s ships it as traefik-<chart>01+up<chart>;
+# v1.34.6+k3s1 carries traefik-39.0.501+up39.0.5). The cluster's Traefik values are checked against
+# that chart's schema, so a release can be pinned only once its row is here.
+K3S_TRAEFIK_CHART = {"v1.34.6+k3s1": "39.0.5"}
+
 # One row per stage: where its apps run and which database they own.
 STAGES = {
     "prod": Stage(name="prod", namespace="default", database="katforge", db_role="katforge"),
@@ -136,11 +141,18 @@ class _Reader:
         return SettingsError(f"{PROJECT}:{key} = {value!r} is invalid: expected {expected}.")
 
     def _missing(self, key: str, secret: bool) -> SettingsError:
-        flag = "--secret " if secret else ""
-        return SettingsError(
-            f"{PROJECT}:{key} is not set for stack '{self.stack}'. Set it with: "
-            f"pulumi config set {flag}{PROJECT}:{key} <value> --stack {self.stack}"
-        )
+        # A secret is typed at the prompt (or piped in), never put on the command line.
+        how = f"--secret {PROJECT}:{key} --stack {self.stack}" if secret else f"{PROJECT}:{key} <value> --stack {self.stack}"
+        return SettingsError(f"{PROJECT}:{key} is not set for stack '{self.stack}'. Set it with: pulumi config set {how}")
+
+    def required(self, key: str, check: Callable[[str], bool], expected: str) -> str:
+        """A key that has no useful default: empty means not set."""
+        value = self.string(key)
+        if value == "":
+            raise self._missing(key, secret=False)
+        if not check(value):
+            raise self.fail(key, value, expected)
+        return value
 
     def string(self, key: str, check: Optional[Callable[[str], bool]] = None, expected: str = "") -> str:
         value = self.config.get(key)
@@ -186,7 +198,6 @@ _EMAIL = re.compile(r"^[A-Za-z0-9._%+-]+@(.+)$")
 _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*[0-9][a-z0-9-]*\.(nano|micro|small|medium|large|metal|[0-9]*xlarge)$")
 _SSH_PUBLIC_KEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+=* ?.*$")
 _WIREGUARD_KEY = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
-_K3S_VERSION = re.compile(r"^v1\.34\.[0-9]+\+k3s[0-9]+$")
 _TIME = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 _GITHUB_REPO = re.compile(r"^[A-Za-z0-9-]+/[A-Za-z0-9._-]+$")
 _AWS_ID = {"instance": re.compile(r"^i-[0-9a-f]{8,17}$"), "eip": re.compile(r"^eipalloc-[0-9a-f]{8,17}$")}
@@ -235,6 +246,8 @@ def _network(read: _Reader) -> NetworkSettings:
 
 
 def _host(read: _Reader, prefix: str) -> HostSpec:
+    """One host's settings. Its instance and Elastic IP are adopted together: importing the instance
+    while allocating a new address would move the live address off it, and every DNS name with it."""
     def is_ip(value: str) -> bool:
         try:
             ipaddress.IPv4Address(value)
@@ -242,7 +255,7 @@ def _host(read: _Reader, prefix: str) -> HostSpec:
             return False
         return True
 
-    return HostSpec(
+    spec = HostSpec(
         instance_type=read.string(f"{prefix}InstanceType", lambda v: bool(_INSTANCE_TYPE.match(v)),
                                   "an EC2 instance type such as t3.medium"),
         expected_public_ip=read.string(f"{prefix}PublicIp", is_ip, "an IPv4 address such as 3.19.192.157"),
@@ -251,6 +264,11 @@ def _host(read: _Reader, prefix: str) -> HostSpec:
         eip_allocation_id=read.string(f"{prefix}EipAllocationId", _optional_id("eip"),
                                       "empty, or an allocation ID such as eipalloc-0123456789abcdef0"),
     )
+    if bool(spec.instance_id) != bool(spec.eip_allocation_id):
+        missing = f"{prefix}EipAllocationId" if spec.instance_id else f"{prefix}InstanceId"
+        raise SettingsError(f"{PROJECT}:{missing} is not set, but the {prefix} host is half adopted: set both "
+                            f"{PROJECT}:{prefix}InstanceId and {PROJECT}:{prefix}EipAllocationId, or neither.")
+    return spec
 
 
 def _hosts(read: _Reader) -> HostSettings:
@@ -258,7 +276,7 @@ def _hosts(read: _Reader) -> HostSettings:
         k3s=_host(read, "k3s"),
         vpn=_host(read, "vpn"),
         root_volume_gb=read.integer("rootVolumeGb", 8, 1024),
-        ssh_public_key=read.string("sshPublicKey", lambda v: bool(_SSH_PUBLIC_KEY.match(v)),
+        ssh_public_key=read.required("sshPublicKey", lambda v: bool(_SSH_PUBLIC_KEY.match(v)),
                                    "an OpenSSH public key line such as 'ssh-ed25519 AAAA... ops@katforge.com'"),
     )
 
@@ -323,8 +341,9 @@ def load() -> Settings:
         network=network,
         db_password=read.secret("dbPassword"),
         bootstrap=BootstrapSettings(
-            k3s_version=read.string("k3sVersion", lambda v: bool(_K3S_VERSION.match(v)),
-                                    "a k3s v1.34 release such as v1.34.1+k3s1"),
+            k3s_version=read.string("k3sVersion", lambda v: v in K3S_TRAEFIK_CHART,
+                                    "a k3s release whose bundled Traefik chart is recorded in K3S_TRAEFIK_CHART "
+                                    f"(infra/settings.py): {', '.join(K3S_TRAEFIK_CHART)}"),
             wireguard_peers=_wireguard_peers(read, network.vpn_client_cidr),
             ssh_private_key=read.secret("sshPrivateKey"),
         ),

@@ -65,7 +65,7 @@ def test_k3s_host_cannot_be_replaced_or_terminated_by_accident(prod):
     host = instance(prod, "k3s")
     assert host.inputs["disableApiTermination"] is True
     assert host.options["protect"] is True
-    assert {"ami", "userData"} <= set(host.options["ignore_changes"])
+    assert {"ami", "userData", "keyName"} <= set(host.options["ignore_changes"])
 
 
 def test_key_pair_comes_from_config(prod):
@@ -110,7 +110,7 @@ def test_nothing_is_imported_unless_configured(prod):
 def test_adopting_an_elastic_ip_with_another_address_stops_the_deployment():
     with pytest.raises(SettingsError, match="holds 3.19.192.157, but katforge:k3sPublicIp expects 3.19.192.1"):
         evaluate("prod", {"katforge:k3sEipAllocationId": "eipalloc-0123456789abcdef0",
-                          "katforge:k3sPublicIp": "3.19.192.1"})
+                          "katforge:k3sInstanceId": "i-0abc12345def67890", "katforge:k3sPublicIp": "3.19.192.1"})
 
 
 # --- security groups ---------------------------------------------------------------------------
@@ -181,6 +181,13 @@ def test_zones_are_looked_up_never_created(prod, qa):
     zone_of = {r.inputs["name"]: r.inputs["zoneId"] for r in records(prod)}
     assert zone_of["katforge.com"] == "Z0292557263L1FJT7JXXS"
     assert zone_of["stumper.gg"] != zone_of["katforge.com"]
+
+
+def test_a_katforge_zone_with_another_id_stops_the_program(monkeypatch):
+    from tools import offline
+    monkeypatch.setitem(offline.CLOUD["zones"], "katforge.com", "ZDUPLICATE0ZONE")
+    with pytest.raises(SettingsError, match="katforge.com is ZDUPLICATE0ZONE, not Z0292557263L1FJT7JXXS"):
+        evaluate("qa")
 
 
 def test_qa_declares_only_its_own_records_and_reads_prod(qa):

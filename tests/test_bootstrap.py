@@ -10,7 +10,7 @@ import yaml
 
 import infra.bootstrap as bootstrap
 import tools.offline as offline
-from infra.settings import SettingsError
+from infra.settings import K3S_TRAEFIK_CHART, SettingsError
 from tools.offline import ROOT, effective_config, evaluate, evaluate_cached, unwrap
 
 COMMAND = "command:remote:Command"
@@ -71,7 +71,7 @@ def test_k3s_release_is_pinned_and_bundles_traefik_chart_39_or_newer(prod):
     pinned = offline.project_config_schema()["k3sVersion"]["default"]
     assert command_line(prod.named("bootstrap-k3s", COMMAND))["K3S_VERSION"] == pinned
     assert pinned.startswith("v1.34.")
-    chart = bootstrap.traefik_chart_version(pinned)
+    chart = K3S_TRAEFIK_CHART[pinned]
     assert int(chart.split(".")[0]) >= 39
     assert (VENDOR / f"values.schema.v{chart}.json").exists()
 
@@ -141,7 +141,7 @@ def test_every_run_is_triggered_by_a_hash_that_is_stable_across_evaluations(prod
 
 
 def test_a_new_release_or_an_edited_script_reruns_only_its_own_steps(prod, monkeypatch, tmp_path):
-    monkeypatch.setitem(bootstrap.K3S_TRAEFIK_CHART, "v1.34.7+k3s1", "39.0.5")
+    monkeypatch.setitem(K3S_TRAEFIK_CHART, "v1.34.7+k3s1", "39.0.5")
     host_files = tmp_path / "host"
     shutil.copytree(bootstrap.HOST_FILES, host_files)
     with (host_files / "pg-configure.sh").open("a") as script:

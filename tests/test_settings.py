@@ -1,4 +1,6 @@
 """Bad configuration stops the program before any resource, with one message naming key, value and form."""
+import re
+
 import pulumi
 import pytest
 import yaml
@@ -29,7 +31,8 @@ def error_of(stack: str = "prod", **config) -> str:
     ("dmarcPolicy", "block", "none, quarantine, reject"),
     ("k3sEipAllocationId", "3.19.192.157", "allocation ID"),
     ("k3sInstanceId", "k3s", "instance ID"),
-    ("k3sVersion", "v1.33.4+k3s1", "v1.34"),
+    ("k3sVersion", "v1.33.4+k3s1", "K3S_TRAEFIK_CHART"),
+    ("k3sVersion", "v1.34.99+k3s1", "v1.34.6+k3s1"),
     ("rootVolumeGb", 4, "whole number from 8"),
     ("sshPublicKey", "AAAAC3Nza", "OpenSSH public key"),
     ("wireguardPeers", ["laptop,notakey,10.99.0.2/32"], "WireGuard public key"),
@@ -49,12 +52,31 @@ def test_bad_value_names_key_value_and_form(key, value, expected):
                                         ("qa", "dbPassword")])
 def test_missing_secret_says_the_exact_command(stack, key):
     message = error_of(stack, **{key: None})
-    assert f"pulumi config set --secret katforge:{key} <value> --stack {stack}" in message
+    assert message.endswith(f"pulumi config set --secret katforge:{key} --stack {stack}")  # prompts: no value in history
 
 
-def test_missing_plain_key_says_the_command_without_secret():
-    message = error_of(sshPublicKey=None)
+@pytest.mark.parametrize("unset", [None, ""])
+def test_missing_plain_key_says_the_command_without_secret(unset):
+    message = error_of(sshPublicKey=unset)
     assert "pulumi config set katforge:sshPublicKey <value> --stack prod" in message
+
+
+def test_every_recorded_k3s_release_is_a_v1_34_patch():
+    from infra.settings import K3S_TRAEFIK_CHART
+    assert K3S_TRAEFIK_CHART and all(re.fullmatch(r"v1\.34\.\d+\+k3s\d+", v) for v in K3S_TRAEFIK_CHART)
+
+
+@pytest.mark.parametrize("role", ["k3s", "vpn"])
+@pytest.mark.parametrize("given", ["InstanceId", "EipAllocationId"])
+def test_a_host_is_adopted_with_its_elastic_ip_or_not_at_all(role, given):
+    value = "i-0abc12345def67890" if given == "InstanceId" else "eipalloc-0123456789abcdef0"
+    message = error_of(**{f"{role}{given}": value})
+    missing = "EipAllocationId" if given == "InstanceId" else "InstanceId"
+    assert f"katforge:{role}{missing} is not set" in message and "or neither" in message
+
+
+def test_qa_needs_no_ssh_public_key():
+    assert evaluate("qa", {"katforge:sshPublicKey": ""}).stack == "qa"
 
 
 def test_unknown_stage_is_refused():

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from infra import traefik_values
-from infra.bootstrap import K3S_TRAEFIK_CHART
+from infra.settings import K3S_TRAEFIK_CHART
 
 ROOT = Path(__file__).resolve().parent.parent
 # CI clones the repo fresh with shared/ beside it, as here: locate it from the repo root.

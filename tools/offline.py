@@ -34,8 +34,8 @@ CLOUD = {
     "ami": "ami-0ubuntu2404noble0",
 }
 
-# Values only an operator can set (keys with no default in Pulumi.yaml). Secrets get a labelled
-# placeholder; the plan shows them as [secret] anyway.
+# Values only an operator can set, which the committed stack files leave unset. Secrets get a
+# labelled placeholder (the plan shows them as [secret] anyway).
 OPERATOR_PLACEHOLDERS = {
     "sshPublicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOfflinePlanPlaceholderKey0000000000000000 offline-plan",
 }
@@ -62,12 +62,12 @@ def effective_config(stack: str, overrides: Optional[dict[str, Any]] = None) -> 
     secret_keys: list[str] = []
     for key, declaration in schema.items():
         full = f"{PROJECT}:{key}"
-        if "default" in declaration:
+        if key in OPERATOR_PLACEHOLDERS:
+            config[full] = OPERATOR_PLACEHOLDERS[key]
+        elif "default" in declaration:
             config[full] = _as_config_string(declaration["default"])
         elif declaration.get("secret"):
             config[full] = f"offline-placeholder-{key}"
-        elif key in OPERATOR_PLACEHOLDERS:
-            config[full] = OPERATOR_PLACEHOLDERS[key]
         if declaration.get("secret"):
             secret_keys.append(full)
     for key, value in {**stack_config(stack), **(overrides or {})}.items():

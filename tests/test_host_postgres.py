@@ -7,7 +7,11 @@ import os
 import pwd
 import re
 import secrets
+import shutil
 import subprocess
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -33,8 +37,8 @@ class Host:
         restart = f"runuser -u {SERVER_USER} -- {pg.bin_dir}/pg_ctl -D {pg.conf_dir} restart -w -m fast -l {pg.root}/server.log"
         self.env = pg.env(PG_LISTEN_ADDRESSES="127.0.0.1", PG_RESTART_COMMAND=restart)
 
-    def configure(self, cidrs, settings: str | None = None) -> subprocess.CompletedProcess:
-        env = dict(self.env, PG_CLIENT_CIDRS=" ".join(cidrs))
+    def configure(self, cidrs, settings: str | None = None, **env: str) -> subprocess.CompletedProcess:
+        env = dict(self.env, PG_CLIENT_CIDRS=" ".join(cidrs), **env)
         return subprocess.run(["bash", str(CONFIGURE)], input=settings if settings is not None else SETTINGS.read_text(),
                               env=env, capture_output=True, text=True)
 
@@ -42,17 +46,18 @@ class Host:
         env = dict(self.env, PG_ROLE=stage.db_role, PG_DATABASE=stage.database)
         return subprocess.run(["bash", str(DATABASE)], input=password + "\n", env=env, capture_output=True, text=True)
 
-    def sql(self, query: str) -> str:
+    def sql(self, query: str, database: str = "postgres") -> str:
         # pg_hba now admits the superuser only as the postgres OS user (peer).
         result = subprocess.run(["runuser", "-u", "postgres", "--", str(self.pg.bin_dir / "psql"), "-XAtq",
-                                 "-v", "ON_ERROR_STOP=1", "-c", query],
+                                 "-v", "ON_ERROR_STOP=1", "-d", database, "-c", query],
                                 env=self.env, capture_output=True, text=True, check=True)
         return result.stdout.strip()
 
-    def login(self, role: str, password: str, database: str) -> subprocess.CompletedProcess:
+    def login(self, role: str, password: str, database: str,
+              query: str = "SELECT current_user") -> subprocess.CompletedProcess:
         """A client over TCP, as a pod would connect; the password travels in the environment."""
         env = dict(self.env, PGPASSWORD=password)
-        return subprocess.run([str(self.pg.bin_dir / "psql"), "-XAt", "-c", "SELECT current_user",
+        return subprocess.run([str(self.pg.bin_dir / "psql"), "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", query,
                                f"host=127.0.0.1 port={self.pg.port} user={role} dbname={database}"],
                               env=env, capture_output=True, text=True)
 
@@ -204,6 +209,87 @@ def test_a_broken_configuration_is_refused_and_the_old_one_keeps_serving(serving
     assert hba_rules(serving) == rules_before
     stage = STAGES["prod"]
     assert serving.login(stage.db_role, passwords["prod"], stage.database).returncode == 0
+
+
+# What the apps left behind while they connected as postgres: every kind of object they create, and
+# an extension, whose members stay its own.
+LEGACY_SCHEMA = """
+CREATE EXTENSION vector;
+CREATE TABLE players (id serial PRIMARY KEY, name text NOT NULL);
+CREATE TABLE scores (id bigint GENERATED ALWAYS AS IDENTITY, player int REFERENCES players);
+CREATE VIEW player_names AS SELECT name FROM players;
+CREATE MATERIALIZED VIEW player_count AS SELECT count(*) FROM players;
+CREATE SEQUENCE invoice_numbers;
+CREATE TYPE mood AS ENUM ('happy', 'sad');
+CREATE DOMAIN points AS int CHECK (VALUE >= 0);
+CREATE FUNCTION shout(text) RETURNS text LANGUAGE sql AS 'SELECT upper($1)';
+"""
+
+
+def public_objects(host, database: str) -> list[tuple[str, ...]]:
+    """(name, owner, extension member?, catalog row version) of each object in schema public, array types
+    aside (they follow their element type); the row version (xmin) moves on any change."""
+    rows = host.sql("SELECT format('%s %s %s %s', name, pg_get_userbyid(owner),"
+                    "  EXISTS (SELECT FROM pg_depend WHERE objid = object AND deptype = 'e'), row) FROM ("
+                    " SELECT relname, relowner, oid, xmin FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+                    " UNION ALL SELECT proname, proowner, oid, xmin FROM pg_proc WHERE pronamespace = 'public'::regnamespace"
+                    " UNION ALL SELECT typname, typowner, oid, xmin FROM pg_type t WHERE typnamespace = 'public'::regnamespace"
+                    "  AND NOT EXISTS (SELECT FROM pg_type e WHERE e.typarray = t.oid)"
+                    ") AS objects (name, owner, object, row) ORDER BY 1", database)
+    return [tuple(line.split()) for line in rows.splitlines()]
+
+
+def test_a_database_the_apps_used_as_postgres_is_handed_over_to_the_stage_role(serving):
+    stage = SimpleNamespace(db_role="legacy_app", database="legacy_app")
+    password = f"pw-{secrets.token_urlsafe(12)}"
+    serving.sql(f'CREATE DATABASE "{stage.database}"')
+    try:
+        serving.sql(LEGACY_SCHEMA, stage.database)
+        adopted = serving.database(stage, password)
+        assert adopted.returncode == 0, adopted.stderr
+        owners = {(member, owner) for _, owner, member, _ in public_objects(serving, stage.database)}
+        assert owners == {("f", stage.db_role), ("t", "postgres")}
+        used = serving.login(stage.db_role, password, stage.database,
+                             "INSERT INTO players (name) VALUES ('ada') RETURNING id; INSERT INTO scores (player) VALUES (1);"
+                             " SELECT shout(name) FROM player_names; REFRESH MATERIALIZED VIEW player_count;"
+                             " SELECT nextval('invoice_numbers')")
+        assert used.returncode == 0, used.stderr
+        assert used.stdout.split() == ["1", "ADA", "1"]
+
+        before = public_objects(serving, stage.database)
+        again = serving.database(stage, password)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout == ""
+        assert public_objects(serving, stage.database) == before
+    finally:
+        serving.sql(f'DROP DATABASE IF EXISTS "{stage.database}" WITH (FORCE)')
+        serving.sql(f'DROP ROLE IF EXISTS "{stage.db_role}"')
+
+
+@pytest.fixture
+def psql_failing_on_hba_rules(pg):
+    """PG_BIN_DIR for PostgreSQL's programs, except that psql fails when asked about pg_hba_file_rules."""
+    bin_dir = Path(tempfile.mkdtemp(prefix="katforge-bin-"))
+    bin_dir.chmod(0o755)  # the scripts run the programs as the postgres and server OS users
+    (bin_dir / "postgres").write_text(f'#!/usr/bin/env bash\nexec {pg.bin_dir}/postgres "$@"\n')
+    (bin_dir / "psql").write_text('#!/usr/bin/env bash\n'
+                                  '[[ $* == *pg_hba_file_rules* ]] && { echo "psql: connection lost" >&2; exit 2; }\n'
+                                  f'exec {pg.bin_dir}/psql "$@"\n')
+    for program in bin_dir.iterdir():
+        program.chmod(0o755)
+    yield str(bin_dir)
+    shutil.rmtree(bin_dir)
+
+
+@pytest.mark.parametrize("failure", ["server-unreachable", "hba-rules-query-fails"])
+def test_a_configuration_that_could_not_be_checked_is_not_applied(serving, psql_failing_on_hba_rules, failure):
+    env = {"server-unreachable": {"PGPORT": "1"},  # no server there: SHOW hba_file fails
+           "hba-rules-query-fails": {"PG_BIN_DIR": psql_failing_on_hba_rules}}[failure]
+    before = snapshot(serving)
+    result = serving.configure([*postgres_client_cidrs(VPC), LOOPBACK, "192.168.0.0/16"],
+                               SETTINGS.read_text() + "work_mem = 8MB\n", **env)
+    assert result.returncode != 0
+    assert snapshot(serving) == before  # same files on disk, no reload, no restart
 
 
 def test_a_password_that_is_not_printable_ascii_is_refused(serving):

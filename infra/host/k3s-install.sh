@@ -11,6 +11,8 @@
 #                    /var/lib/rancher/k3s/server/cred/encryption-config.json
 #
 # Runs as root. Does nothing when the running version and the configuration file already match.
+# Secrets encryption is turned on at the first install only: a server that already runs without it
+# is left alone, and the step fails with the manual procedure k3s documents.
 set -euo pipefail
 
 log() { printf 'k3s-install: %s\n' "$*" >&2; }
@@ -31,8 +33,17 @@ if [[ $installed == "$K3S_VERSION" ]] && cmp -s "$candidate" "$config_file"; the
   exit 0
 fi
 
-encrypted_before=no
-[[ -e $encryption_config ]] && encrypted_before=yes
+if [[ -n $installed && ! -e $encryption_config ]]; then
+  log "k3s $installed on this host runs without secrets encryption, which k3s does not turn on by"
+  log "configuration alone on an existing server. Nothing was changed. Back up /var/lib/rancher/k3s/server,"
+  log "then, as root (https://docs.k3s.io/cli/secrets-encrypt, \"Disabling/Enabling Secrets Encryption\"):"
+  log "  k3s secrets-encrypt enable"
+  log "  systemctl restart k3s"
+  log "  k3s secrets-encrypt reencrypt --force --skip"
+  log "  k3s secrets-encrypt status    # Encryption Status: Enabled"
+  log "and run this step again."
+  exit 1
+fi
 
 # The configuration holds no secret, but k3s's own files stay private to root.
 install -D -m 0600 "$candidate" "$config_file"
@@ -45,10 +56,4 @@ for _ in {1..60}; do
   sleep 5
 done
 k3s kubectl get --raw=/readyz >/dev/null
-
-# A server that ran without encryption keeps its old Secrets in the clear until they are written again.
-if [[ $encrypted_before == no && -e $encryption_config ]]; then
-  k3s kubectl get secrets --all-namespaces -o json | k3s kubectl replace -f - >/dev/null
-  log "existing Secrets rewritten, now encrypted at rest"
-fi
 log "k3s $(k3s --version | awk 'NR == 1 { print $3 }') ready"

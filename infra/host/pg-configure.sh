@@ -32,7 +32,9 @@ sql() { runuser -u postgres -- "$bin_dir/psql" -X -A -t -q -v ON_ERROR_STOP=1 -d
 main_conf=$conf_dir/postgresql.conf
 # The server's owner: it must be able to read every file written here.
 owner=$(stat -c %U "$main_conf")
-declare -A target=([katforge.conf]="$conf_dir/conf.d/katforge.conf" [pg_hba.conf]="$(sql 'SHOW hba_file')")
+# Assigned on its own: errexit sees a failed command substitution only in a plain assignment.
+hba_file=$(sql 'SHOW hba_file')
+declare -A target=([katforge.conf]="$conf_dir/conf.d/katforge.conf" [pg_hba.conf]="$hba_file")
 
 # Candidates and backups live beside the targets, so that swapping is an atomic rename.
 work=$(mktemp -d "$conf_dir/.katforge.XXXXXX")
@@ -89,7 +91,8 @@ swap_out() {
   done
 }
 
-# Prints PostgreSQL's complaints about the files now on disk; fails if there are any.
+# Prints PostgreSQL's complaints about the files now on disk; fails if there are any, or if it could
+# not ask. It runs in an if's condition, where errexit is off: each step's status is tested here.
 check() {
   local errors
   # The server's own startup parser, on postgresql.conf and everything it includes.
@@ -97,9 +100,8 @@ check() {
     printf '%s\n' "$errors"
     return 1
   fi
-  errors=$(sql "SELECT format('%s line %s: %s', file_name, line_number, error)
-                FROM pg_hba_file_rules WHERE error IS NOT NULL")
-  if [[ -n $errors ]]; then
+  if ! errors=$(sql "SELECT format('%s line %s: %s', file_name, line_number, error)
+                     FROM pg_hba_file_rules WHERE error IS NOT NULL" 2>&1) || [[ -n $errors ]]; then
     printf '%s\n' "$errors"
     return 1
   fi

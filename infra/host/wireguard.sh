@@ -11,7 +11,8 @@
 # WG_SYSCTL_CONF  turns IPv4 forwarding on; default /etc/sysctl.d/60-katforge-wireguard.conf
 #
 # Runs as root. The private key is generated here, once, and never leaves the host: the interface
-# configuration only points at it. Does nothing when the configuration is unchanged and running.
+# configuration only points at it. Does nothing when the configuration is unchanged and running; a
+# change of peers only is applied to the running interface, so connected clients keep their tunnel.
 set -euo pipefail
 
 log() { printf 'wireguard: %s\n' "$*" >&2; }
@@ -55,14 +56,16 @@ trap 'rm -f "$candidate"' EXIT
   # iptables reads WG_ADDRESS as the clients' network. NAT makes their traffic the VPN host's own,
   # so the VPC needs no route back to the tunnel and security groups see the VPN host as the source.
   # Clients go to the destinations and nowhere else.
+  # wg-quick runs the hooks under errexit: a deletion that fails (a rule already gone) would stop
+  # `down` half-way and leave the interface up, so deletions may fail.
   for action in A D; do
-    [[ $action == A ]] && hook=PostUp || hook=PreDown
+    if [[ $action == A ]]; then hook=PostUp tolerate=""; else hook=PreDown tolerate=" || true"; fi
     for destination in "${destinations[@]}"; do
-      echo "$hook = iptables -t nat -$action POSTROUTING -s $WG_ADDRESS -d $destination -j MASQUERADE"
-      echo "$hook = iptables -$action FORWARD -i %i -d $destination -j ACCEPT"
+      echo "$hook = iptables -t nat -$action POSTROUTING -s $WG_ADDRESS -d $destination -j MASQUERADE$tolerate"
+      echo "$hook = iptables -$action FORWARD -i %i -d $destination -j ACCEPT$tolerate"
     done
-    echo "$hook = iptables -$action FORWARD -i %i -j DROP"
-    echo "$hook = iptables -$action FORWARD -o %i -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    echo "$hook = iptables -$action FORWARD -i %i -j DROP$tolerate"
+    echo "$hook = iptables -$action FORWARD -o %i -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT$tolerate"
   done
   while IFS=, read -r name public_key address; do
     [[ -z $name ]] && continue
@@ -74,15 +77,29 @@ trap 'rm -f "$candidate"' EXIT
   done
 } >"$candidate"
 
+# The [Interface] settings, which wg-quick up and down act on; comments and blank lines aside.
+interface_settings() { awk '/^\[Peer\]/ { exit } NF && !/^#/' "$1"; }
+peers() { grep -c '^\[Peer\]' "$1" || true; }
+
 conf=$dir/$interface.conf
-if ! cmp -s "$candidate" "$conf"; then
+if cmp -s "$candidate" "$conf"; then
+  if ! systemctl is-active --quiet "$unit"; then
+    systemctl enable --now --quiet "$unit"
+    log "$unit started"
+  fi
+elif systemctl is-active --quiet "$unit" &&
+  cmp -s <(interface_settings "$candidate") <(interface_settings "$conf"); then
   install -m 0600 "$candidate" "$conf"
-  systemctl enable --quiet "$unit"
-  systemctl restart "$unit"
-  log "$unit restarted with $(grep -c '^\[Peer\]' "$conf") peer(s)"
-elif ! systemctl is-active --quiet "$unit"; then
+  # Checked before use: syncconf reads an empty configuration as "no peers" and drops every client.
+  stripped=$(wg-quick strip "$conf")
+  wg syncconf "$interface" <(printf '%s\n' "$stripped")
+  log "$interface now has $(peers "$conf") peer(s), applied without a restart"
+else
+  # wg-quick down undoes what the file on disk says: stop with the file that brought the interface up.
+  systemctl stop "$unit"
+  install -m 0600 "$candidate" "$conf"
   systemctl enable --now --quiet "$unit"
-  log "$unit started"
+  log "$unit started with $(peers "$conf") peer(s)"
 fi
 
 # Without a trailing newline: the output is the key, exactly.

@@ -178,3 +178,17 @@ def test_every_workflow_matches_githubs_workflow_schema():
     result = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows",
                              *map(str, sorted(WORKFLOWS.glob("*.yml")))], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_jobs_that_may_run_at_once_never_share_a_wireguard_peer():
+    """Two runners with one WireGuard key steal each other's tunnel, mid-`pulumi up` if unlucky."""
+    peers = {}
+    for name, job_id, job in all_jobs():
+        if job.get("uses") == "./.github/workflows/pulumi.yml":
+            peers[(name, job_id)] = job["secrets"]["WIREGUARD_CONFIG"]
+    preview = peers.pop(("preview.yml", "preview"))
+    assert "WIREGUARD_CONFIG_PREVIEW_PROD" in preview and "WIREGUARD_CONFIG_PREVIEW_QA" in preview
+    # deploy's prod and qa run one after the other, inside the deploy's own concurrency group
+    assert set(peers.values()) == {"${{ secrets.WIREGUARD_CONFIG_DEPLOY }}"}
+    assert load("preview.yml")["jobs"]["preview"]["concurrency"] == {
+        "group": "preview-vpn-${{ matrix.stack }}", "cancel-in-progress": False}

@@ -23,8 +23,10 @@ class Email(pulumi.ComponentResource):
         super().__init__("katforge:email:Email", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         domain = email.domain
+        # Protected: a new identity must be verified again, and mail stops until it is.
         identity = aws.ses.DomainIdentity(
-            domain, domain=domain, opts=pulumi.ResourceOptions(parent=self, import_=email.identity_id or None))
+            domain, domain=domain,
+            opts=pulumi.ResourceOptions(parent=self, protect=True, import_=email.identity_id or None))
         zones.record(f"_amazonses.{domain}", "TXT", [identity.verification_token], self)
 
         dkim = aws.ses.DomainDkim(domain, domain=identity.domain, opts=child)

@@ -204,6 +204,7 @@ def record_values(plan, name, type_):
 def test_ses_identity_with_three_dkim_cnames(prod):
     identity = prod.of_type("aws:ses/domainIdentity:DomainIdentity")[0]
     assert identity.inputs["domain"] == "katforge.com"
+    assert identity.options["protect"] is True
     dkim = [r for r in records(prod) if r.inputs["name"].endswith("._domainkey.katforge.com")]
     assert len(dkim) == 3
     for record in dkim:

@@ -66,13 +66,13 @@ APPS: tuple[App, ...] = (
     App("web", "ghcr.io/katforge/katforge.com",
         routes={"prod": (Route("katforge.com"), Route("www.katforge.com", redirect_to="katforge.com")),
                 "qa": (Route("qa.katforge.com"),)},
-        resources=Resources(cpu_request="50m", cpu_limit="500m", memory_request_mib=128, memory_limit_mib=256)),
+        resources=Resources(cpu_request="50m", cpu_limit="500m", memory_request_mib=128, memory_limit_mib=192)),
     App("lextris", "ghcr.io/katforge/lextris.com",
         routes={"prod": (Route("katforge.com", path="/play/lextris/", strip_prefix=True),)},
         resources=Resources(cpu_request="25m", cpu_limit="250m", memory_request_mib=64, memory_limit_mib=128)),
     App("stumper", "ghcr.io/katforge/stumper.gg",
         routes={"prod": (Route("stumper.gg"),)},
-        resources=Resources(cpu_request="50m", cpu_limit="500m", memory_request_mib=128, memory_limit_mib=256)),
+        resources=Resources(cpu_request="50m", cpu_limit="500m", memory_request_mib=128, memory_limit_mib=192)),
 )
 
 # Stages whose routes admit only the VPN and the VPC: a second lock behind their private-IP DNS names.

@@ -63,6 +63,8 @@ def estate_report() -> Report:
         # runs before it, never beside it.
         pods += [Item(f"{stage.namespace}/{app.name}", app.resources.memory_limit_mib)
                  for app in apps.apps_in(stage.name)]
+    # A rolling update starts the new pod before the old one stops: budget one, the largest.
+    pods.append(Item("rollout surge (largest app pod)", max(app.resources.memory_limit_mib for app in apps.APPS)))
     return report(pods)
 
 

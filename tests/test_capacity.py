@@ -38,6 +38,13 @@ def test_pod_figures_are_the_declared_memory_limits():
     assert items["kube-system/traefik"] == mib(traefik_values.RESOURCES["limits"]["memory"])
 
 
+def test_one_rollout_surge_of_the_largest_app_is_budgeted():
+    items = {item.name: item.mib for item in capacity.estate_report().items}
+    largest = max(items[f"{ns}/{app.name}"] for ns, stage in (("default", "prod"), ("qa", "qa"))
+                  for app in apps.apps_in(stage))
+    assert items["rollout surge (largest app pod)"] == largest
+
+
 def test_the_declared_estate_fits_the_host():
     budget = capacity.estate_report()
     assert budget.total_mib == sum(item.mib for item in budget.items) <= 4096

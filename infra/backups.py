@@ -16,7 +16,7 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_command as command
 
-from infra.bootstrap import Target
+from infra.bootstrap import Target, install_file
 from infra.policies import document
 from infra.settings import REGION, BackupSettings, Stage
 
@@ -174,14 +174,9 @@ class BackupSchedule(pulumi.ComponentResource):
             f"{name}-aws-cli", connection=target.connection,
             create="snap list aws-cli >/dev/null 2>&1 || sudo snap install aws-cli --classic",
             triggers=[target.identity], add_previous_output_in_env=False, opts=after_bootstrap)
-        installed = [
-            command.remote.Command(
-                f"{name}-{file.name}", connection=target.connection,
-                create=f"sudo install -D -m {file.mode} /dev/stdin {file.path}", stdin=file.content,
-                delete=f"sudo rm -f {file.path}", triggers=[target.identity], add_previous_output_in_env=False,
-                opts=after_bootstrap)
-            for file in files
-        ]
+        installed = [install_file(self, f"{name}-{file.name}", target, file.path, file.content, mode=file.mode,
+                                  after=[postgres_ready])
+                     for file in files]
         timer = f"{UNIT}.timer"
         command.remote.Command(
             f"{name}-enable", connection=target.connection,

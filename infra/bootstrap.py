@@ -111,6 +111,19 @@ def host_target(public_ip: pulumi.Input[str], instance_id: pulumi.Input[str],
     return Target(ssh_connection(public_ip, private_key), instance_id)
 
 
+def install_file(parent: pulumi.Resource, name: str, target: Target, path: str, content: pulumi.Input[str], *,
+                 mode: str = "0755", after: Sequence[pulumi.Resource] = ()) -> command.remote.Command:
+    """Put `content` at `path` on the target as root (a copy over SFTP would land as ubuntu).
+    A changed content rewrites the file; a new instance gets it again."""
+    return command.remote.Command(
+        name, connection=target.connection,
+        create=f"sudo install -D -m {mode} /dev/stdin {path}", delete=f"sudo rm -f {path}",
+        stdin=content, triggers=[target.identity], add_previous_output_in_env=False,
+        # On a replaced host both copies reach the same address: delete the old one first, so its
+        # `rm` cannot remove the file the new one just installed.
+        opts=pulumi.ResourceOptions(parent=parent, depends_on=list(after), delete_before_replace=True))
+
+
 def run_script(parent: pulumi.Resource, name: str, target: Target, stage: str, script: str, *,
                environment: Optional[Mapping[str, pulumi.Input[str]]] = None,
                stdin: Optional[pulumi.Input[str]] = None,
@@ -118,13 +131,7 @@ def run_script(parent: pulumi.Resource, name: str, target: Target, stage: str, s
     """Install infra/host/<script> on the target and run it there; returns the run."""
     text = (HOST_FILES / script).read_text()
     path = f"{REMOTE_DIR}/{stage}/{script}"
-    installed = command.remote.Command(
-        f"{name}-script", connection=target.connection,
-        create=f"sudo install -D -m 0755 /dev/stdin {path}", delete=f"sudo rm -f {path}",
-        stdin=text, triggers=[target.identity], add_previous_output_in_env=False,
-        # On a replaced host both copies reach the same address: delete the old one first, so its
-        # `rm` cannot remove the script the new one just installed.
-        opts=pulumi.ResourceOptions(parent=parent, depends_on=list(after), delete_before_replace=True))
+    installed = install_file(parent, f"{name}-script", target, path, text, after=after)
     line = pulumi.Output.from_input(dict(environment or {})).apply(lambda values: run_line(path, values))
     return command.remote.Command(
         name, connection=target.connection, create=line, stdin=stdin,

@@ -213,3 +213,12 @@ def test_wireguard_gets_its_peers_and_nats_into_the_vpc_and_the_k3s_address():
     assert command_line(wireguard) == {"WG_ADDRESS": "10.99.0.1/24", "WG_NAT_CIDRS": f"172.31.0.0/16 {PUBLIC_IP}/32"}
     assert wireguard.raw_inputs["stdin"] == peer + "\n"
     assert unwrap(wireguard.raw_inputs["connection"])["host"] == VPN_IP
+
+
+def test_a_replaced_hosts_old_file_installs_go_before_the_new_ones_land(prod):
+    """Old and new host answer at the same Elastic IP: an old install's `rm` run after the new install
+    would delete the file again. Every file install on a host (bootstrap and backups) deletes first."""
+    installs = [r for r in prod.of_type(COMMAND) if r.inputs["create"].startswith("sudo install -D")]
+    assert len(installs) >= 10
+    assert all(r.options["delete_before_replace"] for r in installs), [
+        r.name for r in installs if not r.options["delete_before_replace"]]

@@ -21,9 +21,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
+from infra.settings import STAGES
+from tools.offline import ROOT, evaluate
+
 DOCS = ROOT / "docs"
-STACKS = ("prod", "qa")
+STACKS = tuple(STAGES)
 INSTALL_HINT = ("Graphviz's `dot` is not installed. Install it from the OS packages, then run `make diagram` again:\n"
                 "  Debian/Ubuntu: sudo apt-get install graphviz\n"
                 "  Fedora:        sudo dnf install graphviz\n"
@@ -424,7 +426,6 @@ def committed_digest(svg: str) -> Optional[str]:
 
 
 def current_plans() -> list[dict]:
-    from tools.offline import evaluate  # Pulumi is only needed when evaluating
     return [json.loads(evaluate(stack).to_json()) for stack in STACKS]
 
 

@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from infra import capacity
+from infra.settings import STAGES
 from tools.offline import ROOT, Plan, evaluate
 
 BUILD = ROOT / "build"
@@ -102,7 +103,7 @@ def write_json(plan: Plan, directory: Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stack", default="prod", choices=["prod", "qa"])
+    parser.add_argument("--stack", default="prod", choices=list(STAGES))
     parser.add_argument("--json-only", action="store_true", help="write the JSON plan without the summary")
     args = parser.parse_args(argv)
     plan = evaluate(args.stack)

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-ROOT = Path(__file__).resolve().parent.parent
-STACKS = ("prod", "qa")
+from infra.settings import STAGES
+from tools.offline import ROOT
+
+STACKS = tuple(STAGES)
 MARKER = "<!-- katforge-plan-diff -->"  # lets the preview workflow find and edit its own PR comment
 ABSENT = object()  # a property that one side does not have
 COMPARED = ("parent", "inputs", "options")  # the URN already names the type and the name

@@ -3,16 +3,21 @@
 The binaries come from `pgserver` (PyPI), which bundles PostgreSQL 16; Debian's packages are the
 fallback. Like Ubuntu, the configuration lives apart from the data (`/etc/postgresql/16/main` with a
 `conf.d/` include directory), so the host scripts can be pointed at it through environment variables.
-PostgreSQL refuses to run as root, so under root the server runs as an unprivileged user.
+PostgreSQL refuses to run as root, so under root the server runs as an unprivileged user, and the host
+scripts run psql as the postgres OS user: both must reach the binaries. When the clone sits in a directory
+other users cannot enter (anything under /root, any `mktemp -d`), pgserver's install tree is copied once
+per process to a world-readable temporary directory, and that copy serves everything.
 """
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +29,42 @@ SUPERUSER = "postgres"
 def find_bin_dir() -> Path | None:
     try:
         from pgserver._commands import POSTGRES_BIN_PATH
-        return Path(POSTGRES_BIN_PATH)
     except ImportError:
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
         return Path(found[-1]).parent if found else None
+    bin_dir = Path(POSTGRES_BIN_PATH)
+    if os.geteuid() == 0 and not reachable_by_others(bin_dir / "pg_ctl"):
+        return _world_readable_copy(bin_dir)
+    return bin_dir
+
+
+def reachable_by_others(program: Path) -> bool:
+    """Whether a user who owns none of the path (and is in none of its groups) may run `program`:
+    every directory above it searchable by others, the program executable by others."""
+    program = program.resolve()
+    return all(d.stat().st_mode & 0o001 for d in program.parents) and program.stat().st_mode & 0o005 == 0o005
+
+
+_copies: dict[Path, Path] = {}
+
+
+def _world_readable_copy(bin_dir: Path) -> Path:
+    """pgserver's pginstall tree copied under a new 0755 temporary directory, once per process, with the
+    shared libraries its programs find through RPATH $ORIGIN/../../../pgserver.libs; removed at exit."""
+    if bin_dir not in _copies:
+        install = bin_dir.parent  # .../site-packages/pgserver/pginstall
+        root = Path(tempfile.mkdtemp(prefix="katforge-pginstall-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        root.chmod(0o755)
+        shutil.copytree(install, root / "pgserver" / install.name, ignore=shutil.ignore_patterns("include"))
+        libs = install.parent.parent / "pgserver.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, root / libs.name)
+        for path in [root, *root.rglob("*")]:
+            if not path.is_symlink():
+                path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
+        _copies[bin_dir] = root / "pgserver" / install.name / bin_dir.name
+    return _copies[bin_dir]
 
 
 def free_port() -> int:

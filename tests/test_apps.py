@@ -9,7 +9,8 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from infra import apps, traefik_values
-from tools.offline import ROOT, unwrap
+from tests.shared import SPEC
+from tools.offline import unwrap
 
 IMAGES = {  # the table
     "api": "ghcr.io/katforge/api.katforge.com",
@@ -272,9 +273,6 @@ def test_each_app_takes_traffic_only_from_traefik_and_reaches_only_what_it_needs
             block = rule["to"][0]["ipBlock"]
             if block["cidr"] == "0.0.0.0/0":
                 assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(block["except"])
-
-
-SPEC = ROOT.parent / "shared" / "spec" / "deployment.md"
 
 
 @pytest.mark.parametrize("stack, namespace", [("prod", "default"), ("qa", "qa")])

@@ -6,9 +6,8 @@ import re
 import pytest
 
 from infra.settings import SettingsError
-from tools.offline import ROOT, evaluate, evaluate_cached
-
-SPEC = ROOT.parent / "shared" / "spec" / "deployment.md"
+from tests.shared import SPEC, require
+from tools.offline import evaluate, evaluate_cached
 
 
 def instance(plan, name):
@@ -154,10 +153,9 @@ def test_admin_and_api_cidrs_widen_only_their_ports():
 # --- DNS ---------------------------------------------------------------------------------------
 
 def spec_routing_table():
-    if not SPEC.exists():
-        pytest.skip(f"the spec is not at {SPEC}")
+    text = require(SPEC, "to compare the DNS records with the spec's routing table").read_text()
     rows = re.findall(r"^\|?\s*([a-z0-9.]+\.(?:com|gg))\s*\|\s*(A|CNAME)\s*\|\s*([^|]+?)\s*\|\s*([^|]+?)\s*\|",
-                      SPEC.read_text(), flags=re.M)
+                      text, flags=re.M)
     return {(name, type_): (target, "qa" if stage.startswith("qa") else "prod") for name, type_, target, stage in rows}
 
 

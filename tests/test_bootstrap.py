@@ -11,10 +11,10 @@ import yaml
 import infra.bootstrap as bootstrap
 import tools.offline as offline
 from infra.settings import K3S_TRAEFIK_CHART, SettingsError
-from tools.offline import ROOT, effective_config, evaluate, evaluate_cached, unwrap
+from tests.shared import CHARTS, require
+from tools.offline import effective_config, evaluate, evaluate_cached, unwrap
 
 COMMAND = "command:remote:Command"
-VENDOR = ROOT.parent / "shared" / "vendor" / "traefik-helm-chart"
 PUBLIC_IP, PRIVATE_IP, VPN_IP = "3.19.192.157", "172.31.14.98", "3.15.140.218"
 
 K3S_YAML = offline.HOST_OUTPUT["bootstrap-kubeconfig"]
@@ -73,7 +73,12 @@ def test_k3s_release_is_pinned_and_bundles_traefik_chart_39_or_newer(prod):
     assert pinned.startswith("v1.34.")
     chart = K3S_TRAEFIK_CHART[pinned]
     assert int(chart.split(".")[0]) >= 39
-    assert (VENDOR / f"values.schema.v{chart}.json").exists()
+
+
+def test_the_pinned_releases_traefik_chart_is_vendored():
+    pinned = offline.project_config_schema()["k3sVersion"]["default"]
+    charts = require(CHARTS, "to check the Traefik values against the chart the pinned k3s bundles")
+    assert (charts / f"values.schema.v{K3S_TRAEFIK_CHART[pinned]}.json").exists()
 
 
 def test_an_unrecorded_k3s_release_stops_the_program():

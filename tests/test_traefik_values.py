@@ -11,20 +11,10 @@ import yaml
 
 from infra import traefik_values
 from infra.settings import K3S_TRAEFIK_CHART
-
-ROOT = Path(__file__).resolve().parent.parent
-# .ci/run clones the repo fresh with shared/ beside it, as here; GitHub Actions has no shared/, so
-# these checks skip there with the reason below.
-CHART_DIR = ROOT.parent / "shared" / "vendor" / "traefik-helm-chart"
+from tests.shared import CHARTS, require
 
 ARGS = {"acme_email": "ops@katforge.com", "aws_region": "us-east-2", "hosted_zone_id": "Z0292557263L1FJT7JXXS",
         "node_ip": "172.31.14.98"}
-
-
-def require_chart() -> None:
-    if not CHART_DIR.is_dir():
-        pytest.skip(f"{CHART_DIR} is absent: the vendored Traefik chart (../shared beside the repo) is needed "
-                    "to check the values against the chart's values.schema.json")
 
 
 def helm_merge(defaults: dict, overrides: dict) -> dict:
@@ -62,12 +52,12 @@ def values() -> dict:
 @pytest.fixture(scope="module", params=sorted(set(K3S_TRAEFIK_CHART.values())))
 def chart(request) -> tuple[dict, dict]:
     """(default values, schema) of the chart a pinnable k3s release bundles."""
-    require_chart()
+    charts = require(CHARTS, "to check the values against the chart's values.schema.json")
     version = request.param
-    assert (CHART_DIR / f"values.schema.v{version}.json").is_file(), \
-        f"Traefik chart {version} (bundled by a k3s in K3S_TRAEFIK_CHART) is not vendored in {CHART_DIR}"
-    defaults = yaml.safe_load((CHART_DIR / f"values.v{version}.yaml").read_text())
-    schema = json.loads((CHART_DIR / f"values.schema.v{version}.json").read_text())
+    assert (charts / f"values.schema.v{version}.json").is_file(), \
+        f"Traefik chart {version} (bundled by a k3s in K3S_TRAEFIK_CHART) is not vendored in {charts}"
+    defaults = yaml.safe_load((charts / f"values.v{version}.yaml").read_text())
+    schema = json.loads((charts / f"values.schema.v{version}.json").read_text())
     return defaults, schema
 
 

@@ -4,12 +4,22 @@ This stands in for the Pulumi engine and AWS: config comes from Pulumi.yaml defa
 Pulumi.<stack>.yaml exactly as the CLI would apply them (plus placeholders for keys that only an
 operator can set); lookups are answered from `CLOUD`, the account as the spec describes it. The
 program runs in update mode, so checks inside `apply` run too. Used by `make plan` and the tests.
+
+What only a deployment can know (a new instance's ID, an ARN, a new Elastic IP's address, what a host
+prints) the mocks answer with stand-ins, so the program can run; each is registered, and the JSON plan
+shows it as `(known after deploy)` and lists where it went. Lookups of things that exist and imported
+resources' IDs are known. Secrets reach the JSON only as a keyed hash, so a rotation shows as a change.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
+import re
 import runpy
+import threading
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +35,11 @@ ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "katforge"
 SECRET = "[secret]"
 ACCOUNT_ID = "123456789012"
+KNOWN_AFTER_DEPLOY = "(known after deploy)"
+# Fixed, so the same secret hashes alike in every process and both revisions of a plan diff. It is
+# public: the hash tells that a secret changed, it does not hide a guessable value (the offline plan
+# only ever sees ciphertext or placeholders anyway).
+SECRET_DIGEST_KEY = b"katforge offline plan: secret digest v1"
 
 # What the AWS account answers to lookups, as the spec describes it.
 CLOUD = {
@@ -92,10 +107,6 @@ class PlannedResource:
     def inputs(self) -> dict:
         return redact(self.raw_inputs)
 
-    def to_json(self) -> dict:
-        return {"urn": self.urn, "type": self.type, "name": self.name, "parent": self.parent,
-                "custom": self.custom, "inputs": self.inputs, "options": self.options}
-
 
 @dataclass
 class Plan:
@@ -104,6 +115,7 @@ class Plan:
     raw_outputs: dict = field(default_factory=dict)
     secret_outputs: frozenset = frozenset()
     lookups: list = field(default_factory=list)  # (token, args) of every data-source call
+    placeholders: dict = field(default_factory=dict)  # stand-in value -> ((URN, property), ...) it stands for
 
     @property
     def outputs(self) -> dict:
@@ -125,9 +137,61 @@ class Plan:
         return [args for tok, args in self.lookups if tok == token]
 
     def to_json(self) -> str:
-        document = {"stack": self.stack, "resources": [r.to_json() for r in self.resources],
-                    "outputs": self.outputs}
-        return json.dumps(document, indent=2, sort_keys=True) + "\n"
+        return json.dumps(self.document(), indent=2, sort_keys=True) + "\n"
+
+    def document(self) -> dict:
+        """The plan for machines: stand-ins read `(known after deploy)` and are listed under
+        knownAfterDeploy with where each went; secrets are `[secret <hash>]`."""
+        shown = Shown(self.placeholders)
+        resources = [{"urn": r.urn, "type": r.type, "name": r.name, "parent": r.parent, "custom": r.custom,
+                      "inputs": shown.value(r.raw_inputs, r.urn, "inputs"), "options": r.options}
+                     for r in self.resources]
+        outputs = {name: shown.value(rpc.wrap_rpc_secret(value) if name in self.secret_outputs else value,
+                                     "outputs", name)
+                   for name, value in self.raw_outputs.items()}
+        return {"stack": self.stack, "resources": resources, "outputs": outputs, "knownAfterDeploy": shown.listing()}
+
+
+def secret_digest(plain: Any) -> str:
+    """`[secret <hash>]`: a keyed hash of the value, truncated; equal values hash alike."""
+    text = json.dumps(plain, sort_keys=True, separators=(",", ":"))
+    return f"[secret {hmac.new(SECRET_DIGEST_KEY, text.encode(), hashlib.sha256).hexdigest()[:8]}]"
+
+
+class Shown:
+    """Renders property values for the JSON plan and remembers which stand-ins went where."""
+
+    def __init__(self, placeholders: dict[str, tuple[tuple[str, str], ...]]):
+        self.placeholders = placeholders
+        # Longest first, and whole tokens only: `k3s-id` must not match inside `k3s-identity`.
+        alternatives = "|".join(re.escape(p) for p in sorted(placeholders, key=lambda p: (-len(p), p)))
+        self.pattern = re.compile(rf"(?<![\w.-])(?:{alternatives})(?![\w-])") if placeholders else None
+        self.uses: dict[tuple[tuple[str, str], ...], set[tuple[str, str]]] = {}
+
+    def value(self, value: Any, where: str, path: str) -> Any:
+        if rpc.is_rpc_secret(value):
+            # Hashed with stand-ins already replaced, so only what is known can make it differ.
+            plain = self.value(unwrap(value), where, path)
+            return KNOWN_AFTER_DEPLOY if plain == KNOWN_AFTER_DEPLOY else secret_digest(plain)
+        if isinstance(value, dict):
+            return {k: self.value(v, where, f"{path}.{k}" if re.fullmatch(r"[A-Za-z_]\w*", k)
+                                  else f"{path}[{json.dumps(k)}]") for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.value(v, where, f"{path}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, str) and self.pattern is not None:
+            return self.pattern.sub(lambda m: self._use(m.group(0), where, path), value)
+        return value
+
+    def _use(self, stand_in: str, where: str, path: str) -> str:
+        self.uses.setdefault(self.placeholders[stand_in], set()).add((where, path))
+        return KNOWN_AFTER_DEPLOY
+
+    def listing(self) -> list[dict]:
+        """Each value known only after deploy that the plan uses: the property it stands for (several
+        when the mocks gave two resources the same stand-in, e.g. `k3s-id`), and where it went."""
+        return [{"standsFor": [{"urn": urn, "property": prop} for urn, prop in origins],
+                 "usedIn": [{"urn": w, "path": p} for w, p in sorted(uses)]}
+                for origins, uses in sorted(self.uses.items())]
 
 
 def _each(value: Any, fn) -> Any:
@@ -159,24 +223,48 @@ def unwrap(value: Any) -> Any:
 
 
 class EstateMocks(mocks.Mocks):
-    """Answers resource registrations and lookups as AWS and the Kubernetes API would."""
+    """Answers resource registrations and lookups as AWS and the Kubernetes API would.
 
-    def __init__(self, prod_outputs: Optional[dict] = None, prod_secret_outputs: frozenset = frozenset()):
-        self.prod_outputs = prod_outputs or {}
-        self.prod_secret_outputs = prod_secret_outputs
+    Every value it has to invent is registered in `placeholders` (stand-in -> the URN and property it
+    stands for), so the plan can say which values only a deployment will know."""
+
+    def __init__(self, prod: Optional["Plan"] = None):
+        self.prod_outputs = prod.raw_outputs if prod else {}
+        self.prod_secret_outputs = prod.secret_outputs if prod else frozenset()
+        # prod's stand-ins reach this stack through the StackReference.
+        self.placeholders: dict[str, tuple[tuple[str, str], ...]] = dict(prod.placeholders) if prod else {}
+        # The URN being registered, per thread: the SDK registers resources from a thread pool.
+        self.registering = threading.local()
+
+    def stand_in(self, value: Any, prop: str) -> Any:
+        """Register each non-empty string in `value` as a stand-in for the resource's `prop`."""
+        if isinstance(value, str) and value:
+            origin = (self.registering.urn, prop)
+            self.placeholders[value] = tuple(sorted({*self.placeholders.get(value, ()), origin}))
+        elif isinstance(value, (list, dict)):
+            for item in value.values() if isinstance(value, dict) else value:
+                self.stand_in(item, prop)
+        return value
 
     def new_resource(self, args: mocks.MockResourceArgs):
         inputs = unwrap(args.inputs)
         if args.typ == "pulumi:pulumi:StackReference":
             return args.name, {"name": args.name, "outputs": self.prod_outputs,
                                "secretOutputNames": sorted(self.prod_secret_outputs)}
-        resource_id = args.resource_id or f"{args.name}-id"
+        if not args.custom:  # a component: no provider, nothing computed
+            return f"{args.name}-id", dict(inputs)
+        # An import keeps the live ID; a new resource's ID exists only once it is created.
+        resource_id = args.resource_id or self.stand_in(f"{args.name}-id", "id")
         state = dict(inputs)
         computed = COMPUTED.get(args.typ)
         if computed is not None:
-            state.update(computed(args.name, inputs))
-        service = args.typ.split(":")[1].split("/")[0]
-        state.setdefault("arn", f"arn:aws:{service}:us-east-2:{ACCOUNT_ID}:{args.name}")
+            state.update({prop: self.stand_in(value, prop) for prop, value in computed(args.name, inputs).items()})
+        adopted = ADOPTED.get(args.typ)
+        if adopted is not None and args.resource_id:
+            state.update(adopted(args.name, args.resource_id))
+        if "arn" not in state:
+            service = args.typ.split(":")[1].split("/")[0]
+            state["arn"] = self.stand_in(f"arn:aws:{service}:us-east-2:{ACCOUNT_ID}:{args.name}", "arn")
         return resource_id, state
 
     def call(self, args: mocks.MockCallArgs):
@@ -237,7 +325,12 @@ users:
 _WIREGUARD_PUBLIC_KEY = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
 HOST_OUTPUT = {"bootstrap-kubeconfig": _K3S_YAML, "bootstrap-wireguard": _WIREGUARD_PUBLIC_KEY}
 
-# Properties that the cloud computes when a resource is created, by type token.
+def documentation_address(prefix: str, name: str) -> str:
+    """A stand-in address from a documentation range (RFC 5737), stable per name."""
+    return f"{prefix}.{zlib.crc32(name.encode()) % 254 + 1}"
+
+
+# Properties that the cloud computes when a resource is created, by type token: stand-ins, every one.
 COMPUTED = {
     "command:remote:Command": lambda name, inputs: {"stdout": HOST_OUTPUT.get(name, ""), "stderr": ""},
     # The token controller fills a ServiceAccount token Secret; the provider waits for it.
@@ -245,16 +338,21 @@ COMPUTED = {
         "token": base64.b64encode(b"offline-token").decode(), "ca.crt": base64.b64encode(b"offline-ca").decode(),
         "namespace": base64.b64encode(inputs["metadata"]["namespace"].encode()).decode(),
     }} if inputs.get("type") == "kubernetes.io/service-account-token" else {},
-    "aws:ec2/eip:Eip": lambda name, inputs: {"publicIp": CLOUD["elastic_ips"].get(name, "198.51.100.7"),
+    # A new Elastic IP's address is AWS's choice.
+    "aws:ec2/eip:Eip": lambda name, inputs: {"publicIp": documentation_address("198.51.100", name),
                                              "allocationId": f"eipalloc-{name}"},
-    "aws:ec2/instance:Instance": lambda name, inputs: {"publicIp": "198.51.100.8",
+    "aws:ec2/instance:Instance": lambda name, inputs: {"publicIp": documentation_address("192.0.2", name),
                                                        "primaryNetworkInterfaceId": f"eni-{name}"},
-    "aws:ec2/securityGroup:SecurityGroup": lambda name, inputs: {"id": f"sg-{name}"},
-    "aws:iam/accessKey:AccessKey": lambda name, inputs: {"id": f"AKIA{name.upper()[:12]}",
-                                                         "secret": f"offline-secret-{name}",
+    "aws:iam/accessKey:AccessKey": lambda name, inputs: {"secret": f"offline-secret-{name}",
                                                          "sesSmtpPasswordV4": f"offline-smtp-{name}"},
     "aws:ses/domainIdentity:DomainIdentity": lambda name, inputs: {"verificationToken": "offline-verification-token"},
     "aws:ses/domainDkim:DomainDkim": lambda name, inputs: {"dkimTokens": ["dkimone", "dkimtwo", "dkimthree"]},
+}
+
+# What AWS reports for an imported resource, by type token (name, import ID): known before deploy.
+ADOPTED = {
+    "aws:ec2/eip:Eip": lambda name, allocation_id: {"publicIp": CLOUD["elastic_ips"][name],
+                                                    "allocationId": allocation_id},
 }
 
 
@@ -271,6 +369,7 @@ class RecordingMonitor(mocks.MockMonitor):
         return super().Invoke(request)
 
     def RegisterResource(self, request):
+        self.mocks.registering.urn = self.make_urn(request.parent, request.type, request.name)
         response = super().RegisterResource(request)
         if request.type != "pulumi:pulumi:Stack":
             self.planned.append(PlannedResource(
@@ -284,8 +383,12 @@ class RecordingMonitor(mocks.MockMonitor):
                 options={
                     "protect": bool(request.protect),
                     "ignore_changes": sorted(request.ignoreChanges),
+                    "replace_on_changes": sorted(request.replaceOnChanges),
                     "import_id": request.importId,
                     "depends_on": sorted(request.dependencies),
+                    # Which input came from which resources: what a replacement makes unknown.
+                    "property_dependencies": {prop: sorted(deps.urns) for prop, deps
+                                              in sorted(request.propertyDependencies.items()) if deps.urns},
                     "additional_secret_outputs": sorted(request.additionalSecretOutputs),
                     "delete_before_replace": bool(request.deleteBeforeReplace),
                     "provider": request.provider.split("::")[-2] if request.provider else "",
@@ -323,17 +426,14 @@ def _run(stack: str, config: dict[str, str], secret_keys: list[str], mock: Estat
     outputs, secrets = _sync_await(_resolve_outputs(root.outputs))
     resources = sorted(monitor.planned, key=lambda r: r.urn)
     return Plan(stack=stack, resources=resources, raw_outputs=outputs, secret_outputs=secrets,
-                lookups=monitor.lookups)
+                lookups=monitor.lookups, placeholders=dict(mock.placeholders))
 
 
 def evaluate(stack: str, config: Optional[dict[str, Any]] = None, prod_config: Optional[dict[str, Any]] = None) -> Plan:
     """Evaluate one stack. qa's StackReference answers with prod's own evaluated outputs."""
     stage_config, secret_keys = effective_config(stack, config)
-    prod = None
-    if stack != "prod":
-        prod = evaluate("prod", prod_config)
-    mock = EstateMocks(prod.raw_outputs if prod else None, prod.secret_outputs if prod else frozenset())
-    return _run(stack, stage_config, secret_keys, mock)
+    prod = evaluate("prod", prod_config) if stack != "prod" else None
+    return _run(stack, stage_config, secret_keys, EstateMocks(prod))
 
 
 @lru_cache(maxsize=None)

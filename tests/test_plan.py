@@ -24,17 +24,32 @@ def test_same_inputs_give_byte_identical_json(stack):
 
 
 def test_summary_shows_components_dns_rules_and_hosts():
-    text = plan_cli.summary(evaluate_cached("prod"))
+    plan = evaluate_cached("prod")
+    text = plan_cli.summary(plan)
+    # Nothing is imported in the committed config: the Elastic IP is a new one, its address a stand-in.
+    address = plan.raw_outputs["k3sPublicIp"]
     components = text.split("Resources by component")[1].split("\n\n")[0]
     assert "  Hosts hosts\n    Host k3s\n      Eip k3s  [protected]\n      Instance k3s  [protected]" in components
     dns = text.split("DNS records")[1].split("\n\n")[0]
-    assert any(line.split()[:3] == ["katforge.com", "A", "3.19.192.157"] for line in dns.splitlines())
+    assert any(line.split()[:3] == ["katforge.com", "A", address] for line in dns.splitlines())
     rules = text.split("Security group ingress")[1].split("\n\n")[0]
     assert any(line.split()[:3] == ["k3s", "tcp/5432", "172.31.0.0/16"] for line in rules.splitlines())
     budget = text.split("Memory budget of the k3s host (4096 MiB):")[1].split("\n\n")[0]
     assert "PostgreSQL 16" in budget and "default/api" in budget and "qa/api" in budget and "headroom" in budget
     hosts = text.split("\nHosts\n")[1].split("\n\n")[0]
-    assert any(line.split()[:4] == ["k3s", "t3.medium", "172.31.14.98", "3.19.192.157"] for line in hosts.splitlines())
+    assert any(line.split()[:4] == ["k3s", "t3.medium", "172.31.14.98", address] for line in hosts.splitlines())
+
+
+def test_summary_says_which_values_are_stand_ins_and_never_shows_a_secret_one():
+    plan = evaluate_cached("prod")
+    section = plan_cli.summary(plan).split("Known only after deploy")[1].split("\n\n")[0]
+    rows = {line.split("  ")[0]: line.split() for line in section.splitlines()[3:]}
+    assert rows["k3s publicIp (Eip)"][-2:] == [plan.raw_outputs["k3sPublicIp"], "23"]
+    assert rows["k3s id (Eip, Instance, 2 more)"][-2] == "k3s-id"
+    assert rows["dns-challenge secret (AccessKey)"][-2] == "[secret]"
+    assert "offline-secret" not in section and "offline-smtp" not in section
+    # What lookups answered is known: the VPC, the zones, the AMI are no stand-ins.
+    assert "vpc-" not in section and "Z0292557263L1FJT7JXXS" not in section and "ami-" not in section
 
 
 def test_summary_and_json_never_show_secrets():

@@ -83,7 +83,30 @@ def capacity_section(plan: Plan) -> list[str]:
     return capacity.lines(capacity.estate_report())
 
 
-SECTIONS = [components_section, dns_section, security_section, hosts_section, capacity_section]
+def known_after_deploy_section(plan: Plan) -> list[str]:
+    """The stand-ins this summary shows for values only a deployment can know (the JSON shows them
+    as "(known after deploy)"), and how many places each reached."""
+    secret = {(r.urn, prop) for r in plan.resources for prop in r.options["additional_secret_outputs"]}
+    stand_ins = defaultdict(list)
+    for value, origins in plan.placeholders.items():
+        if not secret & set(origins):  # a secret's stand-in is no more shown than a secret
+            stand_ins[origins].append(value.splitlines()[0] + (" …" if "\n" in value else ""))
+    rows = []
+    for entry in plan.document()["knownAfterDeploy"]:
+        origins = tuple((o["urn"], o["property"]) for o in entry["standsFor"])
+        # The mocks give same-named resources the same stand-in: "k3s id (Eip, Instance, ...)".
+        names = dict.fromkeys(f"{urn.split('::')[-1]} {prop}" for urn, prop in origins)
+        types = list(dict.fromkeys(short_type(urn.split("::")[-2]) for urn, _ in origins))
+        types = types if len(types) <= 3 else [*types[:2], f"{len(types) - 2} more"]
+        what = f"{' or '.join(names)} ({', '.join(types)})"
+        rows.append([what, ", ".join(sorted(stand_ins[origins]))[:60] or "[secret]",
+                     str(len({use["urn"] for use in entry["usedIn"]}))])
+    title = "Known only after deploy (stand-ins above; (known after deploy) in the JSON)"
+    return [title, *table(["value of", "stand-in", "used by"], sorted(rows))] if rows else []
+
+
+SECTIONS = [components_section, dns_section, security_section, hosts_section, capacity_section,
+            known_after_deploy_section]
 
 
 def summary(plan: Plan) -> str:

@@ -1,24 +1,40 @@
-"""The offline plan diff: the comparison on hand-made plans, and two real revisions in a scratch repo."""
+"""The offline plan diff: operations from hand-made plans, the force-new table against the providers' own
+schemas, the k3sPrivateIp replacement end to end, and two real revisions in a scratch repo."""
+import importlib
+import json
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pulumi_aws
+import pulumi_command
+import pulumi_kubernetes
 import pytest
+from pulumi import _types
 
+from tools import force_new
+from tools.offline import evaluate, evaluate_cached
 from tools.plan_diff import ABSENT, MARKER, Change, PlanDiffError, compare, diff_plans, render
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORD = "aws:route53/record:Record"
+INSTANCE = "aws:ec2/instance:Instance"
 
 
-def resource(name, inputs, type_=RECORD, protect=False, parent=None):
+def resource(name, inputs, type_=RECORD, protect=False, parent=None, **options):
     return {"urn": f"urn:pulumi:prod::katforge::{type_}::{name}", "type": type_, "name": name, "parent": parent,
-            "custom": True, "inputs": inputs, "options": {"protect": protect, "depends_on": []}}
+            "custom": True, "inputs": inputs, "options": {"protect": protect, "depends_on": [], **options}}
 
 
 def plan(*resources, outputs=None):
-    return {"stack": "prod", "resources": list(resources), "outputs": outputs or {}}
+    return {"stack": "prod", "resources": list(resources), "outputs": outputs or {}, "knownAfterDeploy": []}
+
+
+def only_step(old, new):
+    (step,) = diff_plans(old, new).steps
+    return step
 
 
 def test_identical_plans_differ_in_nothing():
@@ -28,38 +44,151 @@ def test_identical_plans_differ_in_nothing():
     assert "### prod: no changes" in render([diff], "main")
 
 
-def test_resources_are_added_removed_and_changed_by_urn_with_each_changed_property():
+def test_each_resource_is_created_updated_or_deleted_by_urn_with_each_changed_property():
     old = plan(resource("gone", {"ttl": 300}),
                resource("kept", {"ttl": 300, "tags": {"Name": "old", "Team": "ops"}}))
     new = plan(resource("kept", {"ttl": 300, "tags": {"Name": "new", "Team": "ops"}}, protect=True),
                resource("fresh", {"ttl": 60}))
     diff = diff_plans(old, new)
-    assert [r["name"] for r in diff.added] == ["fresh"]
-    assert [r["name"] for r in diff.removed] == ["gone"]
-    ((changed, found),) = diff.changed
-    assert changed["name"] == "kept"
-    assert found == [Change("inputs.tags.Name", "old", "new"), Change("options.protect", False, True)]
+    assert [(s.op, s.resource["name"]) for s in diff.steps] == [("update", "kept"), ("create", "fresh"),
+                                                                 ("delete", "gone")]
+    assert diff.step("kept").changes == [Change("inputs.tags.Name", "old", "new"), Change("options.protect", False, True)]
+    assert "1 to update, 1 to create, 1 to delete" in render([diff], "main")
 
 
 def test_a_list_of_values_is_one_property_and_a_list_of_objects_is_compared_item_by_item():
     old = plan(resource("r", {"records": ["a", "b"], "rules": [{"port": 80}, {"port": 443}]}))
     new = plan(resource("r", {"records": ["a", "c"], "rules": [{"port": 80}, {"port": 8443}, {"port": 22}]}))
-    ((_, found),) = diff_plans(old, new).changed
-    assert found == [Change("inputs.records", ["a", "b"], ["a", "c"]),
-                     Change("inputs.rules[1].port", 443, 8443),
-                     Change("inputs.rules[2].port", ABSENT, 22)]
+    assert only_step(old, new).changes == [Change("inputs.records", ["a", "b"], ["a", "c"]),
+                                           Change("inputs.rules[1].port", 443, 8443),
+                                           Change("inputs.rules[2].port", ABSENT, 22)]
 
 
-def test_secrets_stay_secret_and_output_keys_with_dots_stay_readable():
-    old = plan(resource("key", {"user": "u", "secret": "[secret]"}), outputs={"dns": {"a.katforge.com": "1.1.1.1"}})
-    new = plan(resource("key", {"user": "v", "secret": "[secret]"}),
-               outputs={"dns": {"a.katforge.com": "2.2.2.2"}, "password": "[secret]"})
+def test_a_force_new_property_replaces_and_says_which_others_update():
+    old = plan(resource("www", {"name": "www.katforge.com", "zoneId": "Z1", "ttl": 300}))
+    assert only_step(old, plan(resource("www", {"name": "www.katforge.com", "zoneId": "Z1", "ttl": 60}))).op == "update"
+    step = only_step(old, plan(resource("www", {"name": "www2.katforge.com", "zoneId": "Z1", "ttl": 60})))
+    assert (step.op, step.forced_by) == ("replace", ["name"])
+    assert "**www** (`aws:route53/record:Record`), replaced because `name`" in render([diff_plans(old, plan(
+        step.resource))], "main")
+
+
+def test_a_nested_force_new_field_replaces_and_a_nested_updatable_one_does_not():
+    def instance(**root):
+        return plan(resource("k3s", {"instanceType": "t3.medium",
+                                     "rootBlockDevice": {"encrypted": False, "volumeSize": 30, **root}}, INSTANCE))
+    step = only_step(instance(), instance(encrypted=True))
+    assert (step.op, step.forced_by) == ("replace", ["rootBlockDevice.encrypted"])
+    assert only_step(instance(), instance(volumeSize=40)).op == "update"
+
+
+def test_replacing_a_protected_resource_comes_first_with_its_warning():
+    old = plan(resource("a-record", {"name": "a.katforge.com", "ttl": 300}),
+               resource("k3s", {"privateIp": "172.31.14.98"}, INSTANCE, protect=True),
+               resource("old-host", {}, INSTANCE, protect=True))
+    new = plan(resource("a-record", {"name": "a.katforge.com", "ttl": 60}),
+               resource("k3s", {"privateIp": "172.31.14.99"}, INSTANCE, protect=True))
     diff = diff_plans(old, new)
-    ((_, found),) = diff.changed
-    assert found == [Change("inputs.user", "u", "v")]  # an unchanged secret is no change
+    assert [(s.op, s.resource["name"]) for s in diff.steps] == [("replace", "k3s"), ("delete", "old-host"),
+                                                                ("update", "a-record")]
+    assert "stops with an error instead of replacing it" in diff.steps[0].warnings[0]
+    assert "stops with an error instead of deleting it" in diff.steps[1].warnings[0]
+    text = render([diff], "main")
+    assert text.index("#### ⚠️ Needs attention") < text.index("**k3s**") < text.index("**old-host**") \
+        < text.index("#### Update") < text.index("**a-record**")
+
+
+def test_a_change_that_stops_the_host_is_listed_first_unless_ignored():
+    old = plan(resource("k3s", {"instanceType": "t3.medium", "userData": "#!/bin/sh\n"}, INSTANCE))
+    resized = only_step(old, plan(resource("k3s", {"instanceType": "t3.large", "userData": "#!/bin/sh\n"}, INSTANCE)))
+    assert resized.op == "update" and resized.warnings == ["stops and starts the instance to change `instanceType`"]
+    new_user_data = {"instanceType": "t3.medium", "userData": "#!/bin/sh\necho\n"}
+    assert only_step(old, plan(resource("k3s", new_user_data, INSTANCE))).warnings  # stop, start, new user data
+    # In ignore_changes, the field is no change at all.
+    assert diff_plans(old, plan(resource("k3s", new_user_data, INSTANCE, ignore_changes=["userData"]))).empty
+    # With userDataReplaceOnChange, a new user data is a new host.
+    replaced = only_step(plan(resource("k3s", {**old["resources"][0]["inputs"], "userDataReplaceOnChange": True},
+                                       INSTANCE)),
+                         plan(resource("k3s", {**new_user_data, "userDataReplaceOnChange": True}, INSTANCE)))
+    assert (replaced.op, replaced.forced_by) == ("replace", ["userData"])
+
+
+def test_switching_a_security_group_rule_from_a_cidr_to_a_group_replaces_it():
+    rule = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
+    old = plan(resource("ssh", {"securityGroupId": "sg-1", "cidrIpv4": "10.0.0.0/8", "fromPort": 22}, rule))
+    step = only_step(old, plan(resource("ssh", {"securityGroupId": "sg-1", "referencedSecurityGroupId": "sg-2",
+                                                "fromPort": 22}, rule)))
+    assert (step.op, step.forced_by) == ("replace", ["cidrIpv4 → referencedSecurityGroupId"])
+    assert only_step(old, plan(resource("ssh", {"securityGroupId": "sg-1", "cidrIpv4": "10.1.0.0/16",
+                                                "fromPort": 22}, rule))).op == "update"
+
+
+def test_secrets_compare_by_hash_and_show_only_that_they_changed():
+    old = plan(resource("key", {"user": "u", "secret": "[secret 0a1b2c3d]"}),
+               outputs={"dns": {"a.katforge.com": "1.1.1.1"}, "token": "[secret 0a1b2c3d]"})
+    new = plan(resource("key", {"user": "v", "secret": "[secret 0a1b2c3d]"}),
+               outputs={"dns": {"a.katforge.com": "2.2.2.2"}, "token": "[secret 9f8e7d6c]", "password": "[secret 11]"})
+    diff = diff_plans(old, new)
+    assert only_step(old, new).changes == [Change("inputs.user", "u", "v")]  # an unchanged secret is no change
     text = render([diff], "main")
     assert '`dns["a.katforge.com"]`: `"1.1.1.1"` → `"2.2.2.2"`' in text
-    assert '`password`: (none) → `"[secret]"`' in text
+    assert "`token`: secret changed" in text and "`password`: (none) → [secret]" in text
+    assert "9f8e7d6c" not in text and "0a1b2c3d" not in text
+    # A base written before hashes holds a bare [secret]: that cannot be compared, so it is no change.
+    assert diff_plans(plan(outputs={"token": "[secret]"}), plan(outputs={"token": "[secret 9f8e7d6c]"})).empty
+
+
+def test_kubernetes_secret_data_replaces_the_secret_unless_the_provider_makes_it_mutable():
+    secret = "kubernetes:core/v1:Secret"
+    def secrets(value, provider_inputs):
+        return plan(resource("k3s", provider_inputs, "pulumi:providers:kubernetes"),
+                    resource("smtp", {"type": "Opaque", "stringData": value}, secret, provider="k3s"))
+    step = only_step(secrets("[secret 00000001]", {}), secrets("[secret 00000002]", {}))
+    assert (step.op, step.forced_by) == ("replace", ["stringData"])
+    mutable = {"enableSecretMutable": True}
+    assert only_step(secrets("[secret 00000001]", mutable), secrets("[secret 00000002]", mutable)).op == "update"
+
+
+def test_what_depends_on_a_replaced_resource_changes_with_it():
+    command = "command:remote:Command"
+    instance_urn = resource("k3s", {}, INSTANCE)["urn"]
+    def estate(ip):
+        return plan(resource("k3s", {"privateIp": ip}, INSTANCE),
+                    resource("eip", {"instance": "(known after deploy)"}, "aws:ec2/eip:Eip",
+                             property_dependencies={"instance": [instance_urn]}),
+                    resource("install", {"triggers": ["(known after deploy)"]}, command,
+                             property_dependencies={"triggers": [instance_urn]}, replace_on_changes=["triggers[*]"]))
+    diff = diff_plans(estate("172.31.14.98"), estate("172.31.14.99"))
+    eip, install = diff.step("eip"), diff.step("install")
+    assert eip.op == "update" and eip.changes[0].because == "**k3s** is replaced"
+    assert install.op == "replace" and install.forced_by == ["`triggers` comes from **k3s**, which is replaced"]
+    # Unchanged, nothing moves.
+    assert diff_plans(estate("172.31.14.98"), estate("172.31.14.98")).empty
+
+
+def test_a_replaced_kubernetes_provider_replaces_every_object_it_manages():
+    provider = "pulumi:providers:kubernetes"
+    def cluster(kubeconfig, **provider_inputs):
+        return plan(resource("k3s", {"kubeconfig": kubeconfig, **provider_inputs}, provider),
+                    resource("web", {"metadata": {"name": "web"}}, "kubernetes:core/v1:Namespace", provider="k3s"))
+    diff = diff_plans(cluster("[secret 00000001]"), cluster("[secret 00000002]"))
+    assert diff.step("k3s").forced_by == ["kubeconfig"]
+    assert diff.step("web").forced_by == ["its provider **k3s** is replaced"]
+    # With a clusterIdentifier, a new kubeconfig is an update of the provider only.
+    pinned = diff_plans(cluster("[secret 00000001]", clusterIdentifier="katforge"),
+                        cluster("[secret 00000002]", clusterIdentifier="katforge"))
+    assert [(s.op, s.resource["name"]) for s in pinned.steps] == [("update", "k3s")]
+
+
+def test_a_base_written_before_stand_ins_were_marked_does_not_turn_them_into_changes():
+    rule = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
+    legacy = {"resources": [resource("ssh", {"securityGroupId": "k3s-id", "description": "ssh from 3.1.1.1/32"},
+                                     rule)], "outputs": {"ip": "3.1.1.1"}, "stack": "prod"}
+    marked = plan(resource("ssh", {"securityGroupId": "(known after deploy)",
+                                   "description": "ssh from (known after deploy)/32"}, rule),
+                  outputs={"ip": "(known after deploy)"})
+    assert diff_plans(legacy, marked).empty
+    assert diff_plans({**legacy, "knownAfterDeploy": []}, marked).step("ssh").op == "replace"
 
 
 def test_multi_line_values_show_as_a_unified_diff():
@@ -73,7 +202,91 @@ def test_multi_line_values_show_as_a_unified_diff():
 def test_the_comment_starts_with_the_marker_the_workflow_edits_it_by():
     text = render([diff_plans(plan(), plan(resource("a", {})))], "origin/main")
     assert text.startswith(MARKER + "\n")
-    assert "**prod**: 1 added" in text and "`origin/main`" in text
+    assert "**prod**: 1 to create" in text and "`origin/main`" in text
+
+
+# --- the force-new table ---------------------------------------------------------------------------
+
+def custom_types(*plans):
+    return {r.type for p in plans for r in p.resources if r.custom}
+
+
+def test_the_table_has_one_row_per_resource_type_the_program_declares_each_with_its_source():
+    declared = custom_types(evaluate_cached("prod"), evaluate_cached("qa"))
+    assert set(force_new.TABLE) == declared
+    assert len(force_new.RULES) == len(force_new.TABLE)
+    for rule in force_new.RULES:
+        assert re.search(r"@[0-9a-f]{12}|\d+\.\d+\.\d+", rule.source), f"{rule.type}: cite the version read"
+
+
+def sdk_args(type_):
+    """The installed SDK's input class for a resource type token (None: a CustomResource, whose spec
+    is free-form)."""
+    package, module, kind = type_.split(":")
+    if package == "pulumi":
+        return pulumi_kubernetes.ProviderArgs
+    if package == "kubernetes":
+        group, version = module.split("/")
+        namespace = {"core": "core", "apps": "apps", "networking.k8s.io": "networking",
+                     "rbac.authorization.k8s.io": "rbac"}.get(group)
+        if namespace is None:
+            return None
+        cls = getattr(getattr(getattr(pulumi_kubernetes, namespace), version), kind)
+    else:
+        cls = getattr(getattr({"aws": pulumi_aws, "command": pulumi_command}[package], module.split("/")[0]), kind)
+    resource_module = sys.modules[cls.__module__]  # InitArgs where a nested type took the name Args
+    return getattr(resource_module, f"{kind}InitArgs", None) or getattr(resource_module, f"{kind}Args")
+
+
+def resolve(args, tokens):
+    """Walk a property path through the SDK's nested input classes."""
+    for token in tokens:
+        if token == "*":
+            continue
+        names = {pulumi: py for py, pulumi in _types.input_type_py_to_pulumi_names(args).items()}
+        assert token in names, f"{args.__name__} has no input {token!r}"
+        hint = repr(getattr(args, names[token]).fget.__annotations__.get("return", ""))
+        nested = re.search(r"ForwardRef\('(\w+Args)'\)", hint)
+        if nested is None:
+            return
+        args = getattr(importlib.import_module(args.__module__.rsplit(".", 1)[0] + "._inputs"), nested.group(1))
+
+
+def test_every_path_in_the_table_is_an_input_of_that_resource_in_the_pinned_sdks():
+    for rule in force_new.RULES:
+        args = sdk_args(rule.type)
+        paths = [*rule.force_new, *(p for p, _ in rule.force_new_when), *rule.one_of, *rule.stops_host]
+        for path in paths:
+            tokens = force_new.parse(path)
+            if args is None:  # custom resources: only the Kubernetes object fields
+                assert tokens[0] in ("apiVersion", "kind", "metadata"), (rule.type, path)
+            else:
+                resolve(args, tokens)
+
+
+def test_the_command_row_agrees_with_what_the_sdk_registers():
+    commands = [r for r in evaluate_cached("prod").resources if r.type == "command:remote:Command"]
+    registered = {tuple(r.options["replace_on_changes"]) for r in commands}
+    assert registered == {("triggers[*]",)}
+    assert force_new.TABLE["command:remote:Command"].force_new == ("triggers",)
+
+
+# --- the change that must never reach `pulumi up` unnoticed ------------------------------------------
+
+def test_a_new_k3s_private_ip_replaces_the_protected_host_and_says_so_first():
+    base = json.loads(evaluate_cached("prod").to_json())
+    changed = json.loads(evaluate("prod", config={"katforge:k3sPrivateIp": "172.31.14.99"}).to_json())
+    diff = diff_plans(base, changed)
+    first = diff.steps[0]
+    assert (first.op, first.resource["type"], first.resource["name"]) == ("replace", INSTANCE, "k3s")
+    assert first.forced_by == ["privateIp"] and "protected" in first.warnings[0]
+    assert Change("inputs.privateIp", "172.31.14.98", "172.31.14.99") in first.changes
+    # Every script the new host needs runs again: their triggers name the instance.
+    assert diff.step("bootstrap-k3s-baseline").op == "replace"
+    text = render([diff], "main")
+    attention = text[text.index("#### ⚠️ Needs attention"):text.index("#### Replace")]
+    assert attention.splitlines()[1].startswith("- ⚠️ **replace** **k3s** (`aws:ec2/instance:Instance`): protected")
+    assert "`privateIp`: `\"172.31.14.98\"` → `\"172.31.14.99\"`" in attention
 
 
 # --- real revisions -------------------------------------------------------------------------------
@@ -106,10 +319,9 @@ def repo(tmp_path_factory):
 
 def test_one_changed_dns_record_is_exactly_one_change(repo):
     (diff,) = compare(repo, "HEAD~1", ["prod"])
-    assert diff.added == [] and diff.removed == []
-    ((record, found),) = diff.changed
-    assert (record["type"], record["inputs"]["name"]) == (RECORD, "www.katforge.com")
-    assert found == [Change("inputs.records", ["katforge.com"], ["stumper.gg"])]
+    (step,) = diff.steps
+    assert (step.op, step.resource["type"], step.resource["inputs"]["name"]) == ("update", RECORD, "www.katforge.com")
+    assert step.changes == [Change("inputs.records", ["katforge.com"], ["stumper.gg"])]
     # The stack output that lists the records shows the same edit, and nothing else changed.
     assert diff.outputs == [Change('dnsRecords["www.katforge.com"]', ["katforge.com"], ["stumper.gg"])]
     listed = subprocess.run(["git", "worktree", "list"], cwd=repo, capture_output=True, text=True).stdout
@@ -144,6 +356,6 @@ def test_a_cut_never_splits_a_resource_from_its_changes():
     old = plan(*(resource(n, {"a": 1, "b": 1, "c": 1}) for n in names))
     new = plan(*(resource(n, {"a": 2, "b": 2, "c": 2}) for n in names))
     cut = render([diff_plans(old, new)], "main", limit=3_000)
-    body = cut[cut.index("#### Changed"):cut.index("… cut to fit")].strip().splitlines()[1:]
+    body = cut[cut.index("#### Update"):cut.index("… cut to fit")].strip().splitlines()[1:]
     assert body and len(body) % 4 == 0  # each resource line, then its three changes
     assert [line.startswith("- **") for line in body] == [True, False, False, False] * (len(body) // 4)

@@ -166,6 +166,17 @@ def test_what_depends_on_a_replaced_resource_changes_with_it():
     assert diff_plans(estate("172.31.14.98"), estate("172.31.14.98")).empty
 
 
+def test_among_the_warnings_a_replacement_comes_before_what_it_forces():
+    instance_urn = resource("k3s", {}, INSTANCE)["urn"]
+    def estate(ip):  # the dependent's URN sorts first
+        return plan(resource("k3s", {"privateIp": ip}, INSTANCE, protect=True),
+                    resource("address", {"address": "(known after deploy)"}, "aws:ec2/eip:Eip", protect=True,
+                             property_dependencies={"address": [instance_urn]}))
+    diff = diff_plans(estate("172.31.14.98"), estate("172.31.14.99"))
+    assert [(s.resource["name"], s.knock_on, bool(s.warnings)) for s in diff.steps] == [("k3s", False, True),
+                                                                                       ("address", True, True)]
+
+
 def test_a_replaced_kubernetes_provider_replaces_every_object_it_manages():
     provider = "pulumi:providers:kubernetes"
     def cluster(kubeconfig, **provider_inputs):
@@ -282,7 +293,7 @@ def test_a_new_k3s_private_ip_replaces_the_protected_host_and_says_so_first():
     assert first.forced_by == ["privateIp"] and "protected" in first.warnings[0]
     assert Change("inputs.privateIp", "172.31.14.98", "172.31.14.99") in first.changes
     # Every script the new host needs runs again: their triggers name the instance.
-    assert diff.step("bootstrap-k3s-baseline").op == "replace"
+    assert diff.step("bootstrap-k3s-baseline").op == "replace" and diff.step("bootstrap-k3s-baseline").knock_on
     text = render([diff], "main")
     attention = text[text.index("#### ⚠️ Needs attention"):text.index("#### Replace")]
     assert attention.splitlines()[1].startswith("- ⚠️ **replace** **k3s** (`aws:ec2/instance:Instance`): protected")

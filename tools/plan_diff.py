@@ -56,6 +56,7 @@ class Step:
     changes: list[Change] = field(default_factory=list)
     forced_by: list[str] = field(default_factory=list)  # what makes it a replacement
     warnings: list[str] = field(default_factory=list)
+    knock_on: bool = False  # it changes (or is replaced) because a resource it depends on is replaced
 
 
 @dataclass
@@ -140,7 +141,7 @@ def _cascade(steps: dict[str, Step], after: dict[str, dict], providers: dict[str
             via_provider = provider_urns.get(options.get("provider")) == replaced
             if not properties and not via_provider:
                 continue
-            step = steps.setdefault(urn, Step("update", resource))
+            step = steps.setdefault(urn, Step("update", resource, knock_on=True))
             known = {c.path for c in step.changes}
             step.changes += [Change(f"inputs.{p}", resource["inputs"].get(p, ABSENT), KNOWN_AFTER_DEPLOY,
                                     because=f"**{name}** is replaced") for p in properties if f"inputs.{p}" not in known]
@@ -151,7 +152,7 @@ def _cascade(steps: dict[str, Step], after: dict[str, dict], providers: dict[str
             if via_provider:
                 forced.append(f"its provider **{name}** is replaced")
             if forced:
-                step.op, step.forced_by, step.warnings = "replace", step.forced_by + forced, []
+                step.op, step.forced_by, step.warnings, step.knock_on = "replace", step.forced_by + forced, [], True
                 queue.append(urn)
 
 
@@ -187,7 +188,9 @@ def diff_plans(old: dict, new: dict) -> StackDiff:
     for step in steps.values():
         if step.op in PROTECTED and step.resource["options"].get("protect"):
             step.warnings.insert(0, PROTECTED[step.op])
-    order = sorted(steps.values(), key=lambda s: (not s.warnings, OPERATIONS.index(s.op), s.resource["urn"]))
+    # Warnings first, and among them the causes before what follows from them.
+    order = sorted(steps.values(), key=lambda s: (not s.warnings, s.knock_on, OPERATIONS.index(s.op),
+                                                  s.resource["urn"]))
     return StackDiff(stack=new["stack"], steps=order, outputs=changes(old["outputs"], new["outputs"]))
 
 

@@ -52,7 +52,8 @@ def test_each_resource_is_created_updated_or_deleted_by_urn_with_each_changed_pr
     diff = diff_plans(old, new)
     assert [(s.op, s.resource["name"]) for s in diff.steps] == [("update", "kept"), ("create", "fresh"),
                                                                  ("delete", "gone")]
-    assert diff.step("kept").changes == [Change("inputs.tags.Name", "old", "new"), Change("options.protect", False, True)]
+    assert diff.step("kept").changes == [Change("inputs.tags.Name", "old", "new"),
+                                         Change("options.protect", False, True)]
     assert "1 to update, 1 to create, 1 to delete" in render([diff], "main")
 
 

@@ -325,6 +325,7 @@ users:
 _WIREGUARD_PUBLIC_KEY = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
 HOST_OUTPUT = {"bootstrap-kubeconfig": _K3S_YAML, "bootstrap-wireguard": _WIREGUARD_PUBLIC_KEY}
 
+
 def documentation_address(prefix: str, name: str) -> str:
     """A stand-in address from a documentation range (RFC 5737), stable per name."""
     return f"{prefix}.{zlib.crc32(name.encode()) % 254 + 1}"

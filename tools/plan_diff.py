@@ -144,7 +144,8 @@ def _cascade(steps: dict[str, Step], after: dict[str, dict], providers: dict[str
             step = steps.setdefault(urn, Step("update", resource, knock_on=True))
             known = {c.path for c in step.changes}
             step.changes += [Change(f"inputs.{p}", resource["inputs"].get(p, ABSENT), KNOWN_AFTER_DEPLOY,
-                                    because=f"**{name}** is replaced") for p in properties if f"inputs.{p}" not in known]
+                                    because=f"**{name}** is replaced")
+                             for p in properties if f"inputs.{p}" not in known]
             forced = replaced_if_unknown(resource["type"], properties, resource["inputs"],
                                          provider=providers.get(options.get("provider")),
                                          replace_on_changes=options.get("replace_on_changes", ()))

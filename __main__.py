@@ -5,7 +5,7 @@ from typing import NamedTuple
 import pulumi
 
 from infra import capacity, dns
-from infra.apps import StageWorkloads
+from infra.apps import StageWorkloads, routed_hosts
 from infra.backups import BackupSchedule, BackupStorage
 from infra.bootstrap import HostBootstrap, StageDatabase, host_target, kubernetes_provider
 from infra.cluster import Cluster
@@ -36,7 +36,7 @@ def prod_estate(settings: Settings) -> StageBase:
                   instance_profile=backups.instance_profile_name)
     records = Dns("dns", settings.stage, {dns.K3S_PUBLIC: hosts.k3s.public_ip, dns.VPN_PUBLIC: hosts.vpn.public_ip})
     email = Email("email", settings.email, records.zones)
-    dns_challenge = DnsChallengeUser("dns-challenge", records.zones.arns)
+    dns_challenge = DnsChallengeUser("dns-challenge", records.zones.arns, routed_hosts())
     bootstrap = HostBootstrap("bootstrap", settings.bootstrap, settings.network, settings.stage, hosts.k3s, hosts.vpn)
     database = StageDatabase("database", settings.stage_facts, settings.db_password, bootstrap.k3s_target,
                              bootstrap.postgres)
@@ -44,8 +44,7 @@ def prod_estate(settings: Settings) -> StageBase:
                    bootstrap.postgres)
     k3s = kubernetes_provider("k3s", bootstrap.kubeconfig)
     cluster = Cluster("cluster", acme_email=settings.cluster.acme_email, aws_region=REGION,
-                      node_ip=settings.network.k3s_private_ip,
-                      hosted_zone_id=records.zones.ids["katforge.com"], access_key_id=dns_challenge.access_key_id,
+                      node_ip=settings.network.k3s_private_ip, access_key_id=dns_challenge.access_key_id,
                       secret_access_key=dns_challenge.secret_access_key, provider=k3s)
     pipeline = Pipeline("pipeline", settings.pipeline, settings.backups.bucket)
     return StageBase(

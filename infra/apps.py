@@ -96,6 +96,11 @@ def apps_in(stage: str, apps: Sequence[App] = APPS) -> list[App]:
     return [app for app in apps if app.routes.get(stage)]
 
 
+def routed_hosts(apps: Sequence[App] = APPS) -> list[str]:
+    """Every name any stage routes: the names Traefik gets certificates for."""
+    return sorted({route.host for app in apps for routes in app.routes.values() for route in routes})
+
+
 def selector(app: App) -> dict:
     return {"app.kubernetes.io/name": app.name}
 
@@ -314,7 +319,7 @@ def ingress_route(app: App, route: Route, *, namespace: str, vpn_only: bool) -> 
         "kind": "IngressRoute",
         "metadata": {"name": route_name(app, route), "namespace": namespace},
         "spec": {"entryPoints": ["websecure"], "routes": [rule],
-                 "tls": {"certResolver": traefik_values.cert_resolver(route.host)}},
+                 "tls": {"certResolver": traefik_values.DNS_RESOLVER}},
     }
 
 

@@ -40,10 +40,17 @@ def namespace_metadata(name: str, levels: Mapping[str, str]) -> dict:
     return {"name": name, "labels": labels}
 
 
+# What k3s's helm-controller does when the Traefik upgrade fails: "abort" leaves the release as it is
+# and marks the HelmChart failed, for an operator to read. The default, "reinstall", uninstalls
+# Traefik and installs it again: every site is down meanwhile, and the same values fail the same way.
+# (k3s-io/helm-controller, pkg/apis/helm.cattle.io/v1/types.go, HelmChartConfigSpec.FailurePolicy.)
+FAILURE_POLICY = "abort"
+
+
 def helm_chart_config(values_yaml: str) -> dict:
     return {"apiVersion": "helm.cattle.io/v1", "kind": "HelmChartConfig",
             "metadata": {"name": traefik_values.RELEASE, "namespace": traefik_values.NAMESPACE},
-            "spec": {"valuesContent": values_yaml}}
+            "spec": {"valuesContent": values_yaml, "failurePolicy": FAILURE_POLICY}}
 
 
 def ci_kubeconfig(*, server: str, ca_data: str, token: str) -> str:
@@ -63,13 +70,13 @@ def ci_kubeconfig(*, server: str, ca_data: str, token: str) -> str:
 class Cluster(pulumi.ComponentResource):
     """Traefik's configuration and CI's deploy account."""
 
-    def __init__(self, name: str, *, acme_email: str, aws_region: str, node_ip: str, hosted_zone_id: pulumi.Input[str],
+    def __init__(self, name: str, *, acme_email: str, aws_region: str, node_ip: str,
                  access_key_id: pulumi.Input[str], secret_access_key: pulumi.Input[str],
                  provider: k8s.Provider, opts: Optional[pulumi.ResourceOptions] = None):
         super().__init__("katforge:cluster:Cluster", name, None, opts)
 
-        def opts_(*depends_on: pulumi.Resource) -> pulumi.ResourceOptions:
-            return pulumi.ResourceOptions(parent=self, provider=provider, depends_on=list(depends_on))
+        def opts_(*depends_on: pulumi.Resource, **extra) -> pulumi.ResourceOptions:
+            return pulumi.ResourceOptions(parent=self, provider=provider, depends_on=list(depends_on), **extra)
 
         credentials = k8s.core.v1.Secret(
             f"{name}-traefik-route53",
@@ -78,12 +85,16 @@ class Cluster(pulumi.ComponentResource):
             string_data={traefik_values.ACCESS_KEY_ID: pulumi.Output.secret(access_key_id),
                          traefik_values.SECRET_ACCESS_KEY: pulumi.Output.secret(secret_access_key)},
             opts=opts_())
-        chart_config = helm_chart_config(pulumi.Output.from_input(hosted_zone_id).apply(
-            lambda zone: traefik_values.values_yaml(acme_email=acme_email, aws_region=aws_region,
-                                                    hosted_zone_id=zone, node_ip=node_ip)))
+        # The key ID is secret in the stack; its hash is no credential, and the values stay readable in
+        # a preview.
+        key_hash = pulumi.Output.unsecret(pulumi.Output.from_input(access_key_id).apply(traefik_values.credentials_hash))
+        chart_config = helm_chart_config(key_hash.apply(
+            lambda digest: traefik_values.values_yaml(acme_email=acme_email, aws_region=aws_region, node_ip=node_ip,
+                                                      credentials_hash=digest)))
+        # Protected: without it k3s's Traefik falls back to no certificates and no HTTPS redirect.
         k8s.apiextensions.CustomResource(
             f"{name}-traefik-config", api_version=chart_config["apiVersion"], kind=chart_config["kind"],
-            metadata=chart_config["metadata"], spec=chart_config["spec"], opts=opts_(credentials))
+            metadata=chart_config["metadata"], spec=chart_config["spec"], opts=opts_(credentials, protect=True))
 
         namespace = k8s.core.v1.Namespace(f"{name}-ci-namespace",
                                           metadata=namespace_metadata(CI_NAMESPACE, CI_POD_SECURITY), opts=opts_())

@@ -8,11 +8,13 @@ from infra.policies import dns_challenge_policy
 
 
 class DnsChallengeUser(pulumi.ComponentResource):
-    def __init__(self, name: str, zone_arns: dict[str, str], opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, zone_arns: dict[str, str], hosts: list[str],
+                 opts: pulumi.ResourceOptions | None = None):
+        """`hosts`: every name Traefik gets a certificate for; only their challenge records are writable."""
         super().__init__("katforge:iam:DnsChallengeUser", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         user = aws.iam.User(name, name="traefik-dns-challenge", opts=child)
-        aws.iam.UserPolicy(name, user=user.name, policy=dns_challenge_policy(list(zone_arns.values())), opts=child)
+        aws.iam.UserPolicy(name, user=user.name, policy=dns_challenge_policy(list(zone_arns.values()), hosts), opts=child)
         key = aws.iam.AccessKey(name, user=user.name,
                                 opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["secret"]))
         self.access_key_id = pulumi.Output.secret(key.id)

@@ -6,18 +6,18 @@ values.schema.json in tests. The layout is the chart's 39+ one (TLS under
 """
 from __future__ import annotations
 
+import hashlib
+
 import yaml
 
 NAMESPACE = "kube-system"
 RELEASE = "traefik"  # the HelmChart k3s installs; a HelmChartConfig of the same name merges into it
 
-# Let's Encrypt through the Route53 DNS challenge: works for names that resolve only inside the
-# VPN (qa.*), since nothing has to reach Traefik from the internet.
+# Let's Encrypt through the Route53 DNS challenge, for every name: it works for names that resolve
+# only inside the VPN (qa.*), since nothing has to reach Traefik from the internet. AWS_HOSTED_ZONE_ID
+# stays unset, so lego finds each name's zone itself (ListHostedZonesByName) and stumper.gg's
+# challenge lands in the stumper.gg zone.
 DNS_RESOLVER = "letsencrypt"
-# AWS_HOSTED_ZONE_ID pins the DNS challenge to the katforge.com zone, so names in other zones
-# (stumper.gg) get their certificate through TLS-ALPN-01 on 443 instead; they are public anyway.
-TLS_ALPN_RESOLVER = "letsencrypt-tls"
-DNS_ZONE = "katforge.com"
 
 # The Secret in kube-system holding the DNS-challenge IAM key; Traefik reads it through env
 # valueFrom, so the key never appears in valuesContent.
@@ -32,6 +32,10 @@ ACME_STORAGE = "/data/acme.json"
 # Traefik's pods carry this label; the apps' NetworkPolicies admit ingress from them.
 POD_LABELS = {"app.kubernetes.io/name": "traefik"}
 
+# Rotating the DNS-challenge key changes the Secret, which Traefik reads only at start: a hash of the
+# key ID in the pod template restarts it. The ID is not the credential, and the hash reveals neither.
+CREDENTIALS_HASH_ANNOTATION = "katforge.com/dns-challenge-key-id-sha256"
+
 MEMORY_LIMIT_MIB = 256  # counted in the host's memory budget (infra/capacity.py)
 RESOURCES = {
     "requests": {"cpu": "100m", "memory": "96Mi"},
@@ -39,32 +43,32 @@ RESOURCES = {
 }
 
 
-def cert_resolver(host: str) -> str:
-    """The resolver that can issue a certificate for `host`."""
-    inside_zone = host == DNS_ZONE or host.endswith("." + DNS_ZONE)
-    return DNS_RESOLVER if inside_zone else TLS_ALPN_RESOLVER
-
-
 def _secret_env(name: str) -> dict:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": CREDENTIALS_SECRET, "key": name}}}
 
 
-def values(*, acme_email: str, aws_region: str, hosted_zone_id: str, node_ip: str) -> dict:
-    """The chart values: ACME resolvers, HTTP->HTTPS, persistence, client-IP-preserving Service."""
-    acme = {"email": acme_email, "storage": ACME_STORAGE}
+def credentials_hash(access_key_id: str) -> str:
+    return hashlib.sha256(access_key_id.encode()).hexdigest()
+
+
+def values(*, acme_email: str, aws_region: str, node_ip: str, credentials_hash: str) -> dict:
+    """The chart values: the ACME resolver, HTTP->HTTPS, persistence, client-IP-preserving Service."""
     return {
         "env": [
             {"name": "AWS_REGION", "value": aws_region},
-            {"name": "AWS_HOSTED_ZONE_ID", "value": hosted_zone_id},
             _secret_env(ACCESS_KEY_ID),
             _secret_env(SECRET_ACCESS_KEY),
         ],
-        "certificatesResolvers": {
-            DNS_RESOLVER: {"acme": {**acme, "dnsChallenge": {"provider": "route53"}}},
-            # `true`, not `{}`: the chart turns values into flags and drops empty maps.
-            TLS_ALPN_RESOLVER: {"acme": {**acme, "tlsChallenge": True}},
-        },
+        "certificatesResolvers": {DNS_RESOLVER: {"acme": {
+            "email": acme_email, "storage": ACME_STORAGE, "dnsChallenge": {"provider": "route53"}}}},
         "persistence": {"enabled": True},
+        # One pod at a time: two would share acme.json (and race on renewals), and a surge pod does not
+        # fit the host's memory budget. The chart renders rollingUpdate only for RollingUpdate; null
+        # also drops its defaults from the values, as the API refuses rollingUpdate with Recreate.
+        "updateStrategy": {"type": "Recreate", "rollingUpdate": None},
+        "deployment": {"podAnnotations": {CREDENTIALS_HASH_ANNOTATION: credentials_hash}},
+        # The README's client-address check reads these: each request with its real source address.
+        "logs": {"access": {"enabled": True}},
         "ports": {
             "web": {"http": {"redirections": {"entryPoint": {"to": "websecure", "scheme": "https",
                                                              "permanent": True}}}},

@@ -201,14 +201,18 @@ def test_www_answers_a_permanent_redirect_to_the_apex(prod):
     assert re.sub(rule["regex"], replacement, "https://www.katforge.com/news?id=3") == "https://katforge.com/news?id=3"
 
 
-def test_every_route_is_https_with_a_resolver_that_can_issue_its_name(prod, qa):
+def test_every_route_is_https_with_the_dns_challenge_resolver(prod, qa):
     for plan in (prod, qa):
         for route in by_name(plan, INGRESS_ROUTE).values():
             assert route["spec"]["entryPoints"] == ["websecure"]
         for host, (_, _, tls) in routes(plan).items():
-            in_zone = host.split("/")[0].endswith("katforge.com")  # the zone AWS_HOSTED_ZONE_ID pins
-            expected = traefik_values.DNS_RESOLVER if in_zone else traefik_values.TLS_ALPN_RESOLVER
-            assert tls == {"certResolver": expected}, host
+            assert tls == {"certResolver": traefik_values.DNS_RESOLVER}, host
+
+
+def test_routed_hosts_are_every_name_of_every_stage(prod, qa):
+    hosts = {re.search(r"Host\(`([^`]+)`\)", route["spec"]["routes"][0]["match"]).group(1)
+             for plan in (prod, qa) for route in by_name(plan, INGRESS_ROUTE).values()}
+    assert apps.routed_hosts() == sorted(hosts)
 
 
 def test_qa_routes_admit_only_vpn_and_vpc(qa, prod):

@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from infra.policies import normalized_record_name
 from infra.settings import SettingsError
 from tests.shared import SPEC, require
 from tools.offline import evaluate, evaluate_cached
@@ -256,13 +257,23 @@ def test_dns_challenge_user_has_least_privilege(prod):
     zone_arns = sorted(f"arn:aws:route53:::hostedzone/{z}" for z in prod.outputs["zoneIds"].values())
     change = statements.pop("route53:ChangeResourceRecordSets")
     assert change["Resource"] == zone_arns
-    assert change["Condition"]["ForAllValues:StringEquals"] == {"route53:ChangeResourceRecordSetsRecordTypes": ["TXT"]}
-    assert change["Condition"]["ForAllValues:StringLike"] == {
-        "route53:ChangeResourceRecordSetsNormalizedRecordNames": ["_acme-challenge.*"]}
+    # Exactly the challenge record of each routed name (stumper.gg's in its own zone), nothing else.
+    assert change["Condition"] == {"ForAllValues:StringEquals": {
+        "route53:ChangeResourceRecordSetsRecordTypes": ["TXT"],
+        "route53:ChangeResourceRecordSetsNormalizedRecordNames": [
+            "_acme-challenge.api.katforge.com", "_acme-challenge.katforge.com", "_acme-challenge.qa.api.katforge.com",
+            "_acme-challenge.qa.katforge.com", "_acme-challenge.stumper.gg", "_acme-challenge.www.katforge.com"]}}
     assert statements.pop("route53:ListResourceRecordSets")["Resource"] == zone_arns
     assert statements.pop("route53:GetChange")["Resource"] == "arn:aws:route53:::change/*"
     assert statements.pop("route53:ListHostedZonesByName")["Resource"] == "*"
     assert statements == {}
+
+
+def test_challenge_names_are_written_as_route53_compares_them():
+    """Lower case, no trailing dot, other characters as octal escapes: a name written otherwise in the
+    condition never matches, and lego's writes would be refused."""
+    assert normalized_record_name("_acme-challenge.Stumper.GG.") == "_acme-challenge.stumper.gg"
+    assert normalized_record_name("*.katforge.com") == "\\052.katforge.com"
 
 
 def test_iam_users_get_no_managed_policies(prod):

@@ -13,15 +13,18 @@ from infra import traefik_values
 from infra.settings import K3S_TRAEFIK_CHART
 from tests.shared import CHARTS, require
 
-ARGS = {"acme_email": "ops@katforge.com", "aws_region": "us-east-2", "hosted_zone_id": "Z0292557263L1FJT7JXXS",
-        "node_ip": "172.31.14.98"}
+ARGS = {"acme_email": "ops@katforge.com", "aws_region": "us-east-2", "node_ip": "172.31.14.98",
+        "credentials_hash": traefik_values.credentials_hash("AKIAEXAMPLE")}
 
 
 def helm_merge(defaults: dict, overrides: dict) -> dict:
-    """Helm's coalescing of user values over chart defaults: maps merge, everything else replaces."""
+    """Helm's coalescing of user values over chart defaults: maps merge, null deletes, everything else
+    replaces."""
     merged = dict(defaults)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = helm_merge(merged[key], value)
         else:
             merged[key] = value
@@ -88,16 +91,15 @@ def test_route53_dns_challenge_with_the_acme_email():
     assert f"{dns}.storage=/data/acme.json" in flags
 
 
-def test_tls_alpn_resolver_survives_the_chart_rendering():
-    # An empty map would render to no flag at all, leaving a resolver with no challenge.
-    flags = chart_flags("certificatesresolvers", traefik_values.values(**ARGS)["certificatesResolvers"])
-    assert f"--certificatesresolvers.{traefik_values.TLS_ALPN_RESOLVER}.acme.tlsChallenge=true" in flags
+def test_one_resolver_the_dns_challenge_for_every_name(values):
+    """stumper.gg too: no zone is pinned, so lego looks up each name's own zone."""
+    assert list(values["certificatesResolvers"]) == [traefik_values.DNS_RESOLVER]
+    assert "AWS_HOSTED_ZONE_ID" not in {e["name"] for e in values["env"]}
 
 
 def test_aws_settings_in_env_and_credentials_only_by_reference(values):
     env = {e["name"]: e for e in values["env"]}
     assert env["AWS_REGION"]["value"] == "us-east-2"
-    assert env["AWS_HOSTED_ZONE_ID"]["value"] == "Z0292557263L1FJT7JXXS"
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert "value" not in env[key]
         assert env[key]["valueFrom"]["secretKeyRef"] == {"name": traefik_values.CREDENTIALS_SECRET, "key": key}
@@ -116,14 +118,23 @@ def test_memory_limit_matches_the_budgeted_figure(values):
     assert values["resources"]["limits"]["memory"] == f"{traefik_values.MEMORY_LIMIT_MIB}Mi"
 
 
-@pytest.mark.parametrize("host, resolver", [
-    ("katforge.com", traefik_values.DNS_RESOLVER),
-    ("qa.api.katforge.com", traefik_values.DNS_RESOLVER),
-    ("stumper.gg", traefik_values.TLS_ALPN_RESOLVER),
-    ("notkatforge.com", traefik_values.TLS_ALPN_RESOLVER),
-])
-def test_dns_challenge_only_for_names_in_the_pinned_zone(host, resolver):
-    assert traefik_values.cert_resolver(host) == resolver
+def test_access_log_on(values):
+    assert values["logs"]["access"]["enabled"] is True
+
+
+def test_one_pod_at_a_time(values, chart):
+    """Recreate, with the chart's rollingUpdate defaults dropped: the API refuses them beside Recreate."""
+    defaults, _ = chart
+    merged = helm_merge(defaults, values)["updateStrategy"]
+    assert merged == {"type": "Recreate"}
+
+
+def test_a_new_dns_challenge_key_restarts_traefik():
+    annotations = [traefik_values.values(**{**ARGS, "credentials_hash": traefik_values.credentials_hash(key)})
+                   ["deployment"]["podAnnotations"] for key in ("AKIAOLD", "AKIANEW")]
+    assert annotations[0] != annotations[1]
+    assert set(annotations[0]) == {traefik_values.CREDENTIALS_HASH_ANNOTATION}
+    assert "AKIAOLD" not in str(annotations[0])
 
 
 def test_the_service_takes_the_nodes_private_address_itself(values):

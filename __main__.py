@@ -25,6 +25,7 @@ class StageBase(NamedTuple):
     provider: pulumi.ProviderResource
     smtp_username: pulumi.Output
     smtp_password: pulumi.Output
+    vpn_private_ip: pulumi.Output  # what VPN clients come from: the VPN host masquerades them
     exports: dict
 
 
@@ -50,9 +51,11 @@ def prod_estate(settings: Settings) -> StageBase:
     return StageBase(
         records=records, database=database, provider=k3s,
         smtp_username=email.smtp_username, smtp_password=email.smtp_password,
+        vpn_private_ip=hosts.vpn.instance.private_ip,
         exports={
             "k3sPublicIp": hosts.k3s.public_ip, "k3sPrivateIp": settings.network.k3s_private_ip,
             "k3sInstanceId": hosts.k3s.instance.id, "vpnPublicIp": hosts.vpn.public_ip,
+            "vpnPrivateIp": hosts.vpn.instance.private_ip,
             "vpnPublicKey": bootstrap.vpn_public_key, "zoneIds": records.zones.ids,
             "kubeconfig": bootstrap.kubeconfig, "ciKubeconfig": cluster.ci_kubeconfig,
             "sesSmtpUsername": email.smtp_username, "sesSmtpPassword": email.smtp_password,
@@ -74,7 +77,8 @@ def qa_estate(settings: Settings) -> StageBase:
     return StageBase(
         records=records, database=database, provider=kubernetes_provider("k3s", prod.require_output("kubeconfig")),
         smtp_username=prod.require_output("sesSmtpUsername"), smtp_password=prod.require_output("sesSmtpPassword"),
-        exports={},
+        # Absent until prod's first `pulumi up` with this export; the VPN-only routes then admit nobody.
+        vpn_private_ip=prod.get_output("vpnPrivateIp"), exports={},
     )
 
 
@@ -83,7 +87,7 @@ capacity.check(capacity.estate_report())  # an over-committed host stops the pre
 base = prod_estate(settings) if settings.is_prod else qa_estate(settings)
 StageWorkloads("apps", stage=settings.stage_facts, network=settings.network, settings=settings.cluster,
                db_password=settings.db_password, smtp_username=base.smtp_username,
-               smtp_password=base.smtp_password, provider=base.provider,
+               smtp_password=base.smtp_password, provider=base.provider, vpn_private_ip=base.vpn_private_ip,
                opts=pulumi.ResourceOptions(depends_on=[base.database]))
 
 for name, value in base.exports.items():

@@ -8,6 +8,7 @@ for `qa`.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ class Route:
     path: str = "/"
     strip_prefix: bool = False  # the app expects to be served at `/`
     redirect_to: Optional[str] = None  # answer 301 to this host instead of serving
+    add_slash: bool = False  # answer 301 to `path` + "/" (derived by `routes_in`, not written in the table)
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,8 @@ APPS: tuple[App, ...] = (
         resources=Resources(cpu_request="50m", cpu_limit="500m", memory_request_mib=128, memory_limit_mib=192)),
 )
 
-# Stages whose routes admit only the VPN and the VPC: a second lock behind their private-IP DNS names.
+# Stages whose routes admit only the VPN: a second lock behind their private-IP DNS names.
 VPN_ONLY_STAGES = frozenset({"qa"})
-
 # The Secrets every app namespace holds; the names are referenced from the pods.
 PULL_SECRET = "ghcr"
 DATABASE_SECRET = "database"
@@ -94,6 +95,17 @@ PRIVATE_RANGES = ("10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/1
 
 def apps_in(stage: str, apps: Sequence[App] = APPS) -> list[App]:
     return [app for app in apps if app.routes.get(stage)]
+
+
+def routes_in(app: App, stage: str) -> list[Route]:
+    """The app's routes in a stage, and for each path route ("/play/lextris/") the route of its
+    slashless form, which redirects there instead of falling through to the host's `/` route."""
+    routes = []
+    for route in app.routes.get(stage, ()):
+        routes.append(route)
+        if route.path != "/" and route.path.endswith("/") and not route.redirect_to:
+            routes.append(Route(route.host, path=route.path.rstrip("/"), add_slash=True))
+    return routes
 
 
 def routed_hosts(apps: Sequence[App] = APPS) -> list[str]:
@@ -278,7 +290,7 @@ def _slug(text: str) -> str:
 
 
 def route_name(app: App, route: Route) -> str:
-    return _slug(f"{app.name} {route.host} {route.path}")
+    return _slug(f"{app.name} {route.host} {route.path}") + ("-add-slash" if route.add_slash else "")
 
 
 def _middleware(name: str, namespace: str, spec: dict) -> dict:
@@ -287,8 +299,14 @@ def _middleware(name: str, namespace: str, spec: dict) -> dict:
 
 
 def route_middlewares(app: App, route: Route, *, namespace: str) -> list[dict]:
-    """The middlewares a route needs of its own (redirect, prefix strip)."""
+    """The middlewares a route needs of its own (redirects, prefix strip)."""
     name = route_name(app, route)
+    if route.add_slash:  # Traefik matches the regex against the whole URL, query included
+        return [_middleware(name, namespace, {"redirectRegex": {
+            "regex": f"^(https?://[^/?]+{re.escape(route.path)})(\\?.*)?$",
+            "replacement": "${1}/${2}",
+            "permanent": True,
+        }})]
     if route.redirect_to:
         return [_middleware(name, namespace, {"redirectRegex": {
             "regex": f"^https?://{re.escape(route.host)}/(.*)",
@@ -300,14 +318,30 @@ def route_middlewares(app: App, route: Route, *, namespace: str) -> list[dict]:
     return []
 
 
-def vpn_only_middleware(network: NetworkSettings, *, namespace: str) -> dict:
-    return _middleware(VPN_ONLY_MIDDLEWARE, namespace, {"ipAllowList": {
-        "sourceRange": [network.vpn_client_cidr, network.vpc_cidr]}})
+# A source address no packet carries (RFC 1122, 3.2.1.3: a host never sends from the limited broadcast
+# address): the allow list when the VPN host's address is not known, which admits nobody.
+ADMIT_NOBODY = "255.255.255.255/32"
+
+
+def vpn_only_middleware(vpn_private_ip: Optional[str], *, namespace: str) -> dict:
+    """Only the VPN host: it masquerades its clients (infra/host/wireguard.sh), so what reaches Traefik
+    from them has the VPN host's private address as its source, never a client's tunnel address."""
+    source = f"{ipaddress.IPv4Address(vpn_private_ip)}/32" if vpn_private_ip else ADMIT_NOBODY
+    return _middleware(VPN_ONLY_MIDDLEWARE, namespace, {"ipAllowList": {"sourceRange": [source]}})
+
+
+def _warn_if_unknown(vpn_private_ip: Optional[str]) -> Optional[str]:
+    if not vpn_private_ip:
+        pulumi.log.warn("the prod stack exports no vpnPrivateIp yet: the VPN-only routes admit nobody until "
+                        "`pulumi up` of prod has run and this stack runs again")
+    return vpn_private_ip
 
 
 def ingress_route(app: App, route: Route, *, namespace: str, vpn_only: bool) -> dict:
     match = f"Host(`{route.host}`)"
-    if route.path != "/":
+    if route.add_slash:
+        match += f" && Path(`{route.path}`)"
+    elif route.path != "/":
         match += f" && PathPrefix(`{route.path}`)"
     middlewares = [VPN_ONLY_MIDDLEWARE] if vpn_only else []
     middlewares += [m["metadata"]["name"] for m in route_middlewares(app, route, namespace=namespace)]
@@ -331,8 +365,9 @@ class StageWorkloads(pulumi.ComponentResource):
 
     def __init__(self, name: str, *, stage: Stage, network: NetworkSettings, settings: ClusterSettings,
                  db_password: pulumi.Input[str], smtp_username: pulumi.Input[str], smtp_password: pulumi.Input[str],
-                 provider: k8s.Provider, apps: Sequence[App] = APPS,
+                 provider: k8s.Provider, vpn_private_ip: pulumi.Input[Optional[str]], apps: Sequence[App] = APPS,
                  opts: Optional[pulumi.ResourceOptions] = None):
+        """`vpn_private_ip`: the VPN host's address in the VPC, the only source a VPN-only stage admits."""
         super().__init__("katforge:cluster:StageWorkloads", name, None, opts)
         ns = stage.namespace
         apps = apps_in(stage.name, apps)
@@ -379,7 +414,8 @@ class StageWorkloads(pulumi.ComponentResource):
         vpn_only = stage.name in VPN_ONLY_STAGES
         route_deps: list[pulumi.Resource] = [namespace]
         if vpn_only:
-            allow_list = vpn_only_middleware(network, namespace=ns)
+            allow_list = _middleware(VPN_ONLY_MIDDLEWARE, ns, pulumi.Output.from_input(vpn_private_ip).apply(
+                lambda ip: vpn_only_middleware(_warn_if_unknown(ip), namespace=ns)["spec"]))
             route_deps.append(self._custom(f"{name}-mw-{VPN_ONLY_MIDDLEWARE}", allow_list, opts_(namespace)))
 
         for app in apps:
@@ -389,7 +425,7 @@ class StageWorkloads(pulumi.ComponentResource):
             svc = service(app, namespace=ns)
             k8s.core.v1.Service(f"{name}-{app.name}-service", metadata=svc["metadata"], spec=svc["spec"],
                                 opts=opts_(namespace))
-            for route in app.routes[stage.name]:
+            for route in routes_in(app, stage.name):
                 own = [self._custom(f"{name}-mw-{m['metadata']['name']}", m, opts_(namespace))
                        for m in route_middlewares(app, route, namespace=ns)]
                 self._custom(f"{name}-route-{route_name(app, route)}",

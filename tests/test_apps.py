@@ -8,9 +8,10 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
+import tools.offline as offline
 from infra import apps, traefik_values
 from tests.shared import SPEC
-from tools.offline import unwrap
+from tools.offline import evaluate, project_config_schema, unwrap
 
 IMAGES = {  # the issue's table
     "api": "ghcr.io/katforge/api.katforge.com",
@@ -42,16 +43,19 @@ def by_name(plan, token) -> dict:
 
 
 def routes(plan) -> dict:
-    """host + path prefix -> (service, middleware specs, tls) of every IngressRoute rule."""
+    """host + path -> (service, middleware specs, tls) of every IngressRoute rule; an exact Path is
+    keyed with a trailing "=" ("katforge.com/play/lextris=")."""
     middlewares = by_name(plan, MIDDLEWARE)
     found = {}
     for route in by_name(plan, INGRESS_ROUTE).values():
         for rule in route["spec"]["routes"]:
             host = re.search(r"Host\(`([^`]+)`\)", rule["match"]).group(1)
             prefix = re.search(r"PathPrefix\(`([^`]+)`\)", rule["match"])
+            exact = re.search(r"\bPath\(`([^`]+)`\)", rule["match"])
+            path = f"{exact.group(1)}=" if exact else prefix.group(1) if prefix else ""
             [service] = rule["services"]
             specs = [middlewares[m["name"]]["spec"] for m in rule.get("middlewares", [])]
-            found[host + (prefix.group(1) if prefix else "")] = (service, specs, route["spec"]["tls"])
+            found[host + path] = (service, specs, route["spec"]["tls"])
     return found
 
 
@@ -106,7 +110,7 @@ def test_each_app_runs_its_image_at_the_configured_tag_with_migrations_first(sta
         spec = pod(deployment)
         [migrate] = spec["initContainers"]
         [main] = spec["containers"]
-        assert main["image"] == migrate["image"] == f"{IMAGES[name]}:latest"  # Pulumi.yaml default imageTag
+        assert main["image"] == migrate["image"] == f"{IMAGES[name]}:{project_config_schema()['imageTag']['default']}"
         assert " ".join(migrate["command"]) == MIGRATE
         assert migrate["env"] == main["env"], "migrations need the same database as the app"
 
@@ -181,7 +185,7 @@ def test_qa_gets_smtp_credentials_from_prod(qa):
 def test_prod_routing_matches_the_spec(prod):
     found = routes(prod)
     assert set(found) == {"katforge.com", "www.katforge.com", "api.katforge.com", "stumper.gg",
-                          "katforge.com/play/lextris/"}
+                          "katforge.com/play/lextris/", "katforge.com/play/lextris="}
     assert found["katforge.com"][0]["name"] == "web"
     assert found["api.katforge.com"][0]["name"] == "api"
     assert found["stumper.gg"][0]["name"] == "stumper"
@@ -201,6 +205,31 @@ def test_www_answers_a_permanent_redirect_to_the_apex(prod):
     assert re.sub(rule["regex"], replacement, "https://www.katforge.com/news?id=3") == "https://katforge.com/news?id=3"
 
 
+def test_lextris_without_its_slash_redirects_to_it(prod):
+    """`/play/lextris` would otherwise fall through to web's `/` route and answer 404."""
+    service, [redirect], _ = routes(prod)["katforge.com/play/lextris="]
+    rule = redirect["redirectRegex"]
+    assert rule["permanent"] is True
+    replacement = rule["replacement"].replace("${1}", r"\1").replace("${2}", r"\2")  # Go's syntax, Python's
+    for url, target in [("https://katforge.com/play/lextris", "https://katforge.com/play/lextris/"),
+                        ("https://katforge.com/play/lextris?level=3", "https://katforge.com/play/lextris/?level=3")]:
+        assert re.sub(rule["regex"], replacement, url) == target
+    assert not re.match(rule["regex"], "https://katforge.com/play/lextrisx")
+    # Traefik tries the longest rule first (its default priority is the rule's length): web's
+    # `Host(katforge.com)` must lose to the redirect.
+    rules = {r["spec"]["routes"][0]["match"] for r in by_name(prod, INGRESS_ROUTE).values()}
+    redirect_rule = next(m for m in rules if "Path(`/play/lextris`)" in m)
+    assert len(redirect_rule) > len("Host(`katforge.com`)") and "Host(`katforge.com`)" in rules
+
+
+def test_every_path_route_gets_the_redirect_of_its_slashless_form():
+    app = apps.App("docs", "ghcr.io/katforge/docs", resources=apps.APPS[0].resources, routes={"prod": (
+        apps.Route("katforge.com", path="/docs/"), apps.Route("katforge.com", path="/raw"),
+        apps.Route("www.katforge.com", path="/old/", redirect_to="katforge.com"))})
+    derived = [(r.host, r.path) for r in apps.routes_in(app, "prod") if r.add_slash]
+    assert derived == [("katforge.com", "/docs")]
+
+
 def test_every_route_is_https_with_the_dns_challenge_resolver(prod, qa):
     for plan in (prod, qa):
         for route in by_name(plan, INGRESS_ROUTE).values():
@@ -215,14 +244,49 @@ def test_routed_hosts_are_every_name_of_every_stage(prod, qa):
     assert apps.routed_hosts() == sorted(hosts)
 
 
-def test_qa_routes_admit_only_vpn_and_vpc(qa, prod):
+def test_qa_routes_admit_only_the_vpn_host(qa, prod):
+    """VPN clients reach Traefik masqueraded to the VPN host's private address (wireguard.sh), so that
+    /32 is the whole allow list; with no address known (the offline mock gives a new instance none)
+    the list admits nobody."""
     found = routes(qa)
     assert set(found) == {"qa.katforge.com", "qa.api.katforge.com"}
-    for host, (_, middlewares, tls) in found.items():
-        assert {"ipAllowList": {"sourceRange": ["10.99.0.0/24", "172.31.0.0/16"]}} in middlewares, host
-        assert tls["certResolver"] == traefik_values.DNS_RESOLVER, "qa is VPN-only: only DNS-01 can issue"
+    address = prod.raw_outputs.get("vpnPrivateIp")
+    expected = {"ipAllowList": {"sourceRange": [f"{address}/32" if address else apps.ADMIT_NOBODY]}}
+    for host, (_, middlewares, _) in found.items():
+        assert middlewares[0] == expected, host
     for host, (_, middlewares, _) in routes(prod).items():
         assert not any("ipAllowList" in m for m in middlewares), host
+
+
+VPN_PRIVATE_IP = "172.31.1.10"
+
+
+@pytest.fixture(scope="module")
+def vpn_address_from_prod():
+    """prod and qa as deployed: AWS gives the VPN instance its private address, which the offline mock
+    leaves out (tools/offline.py COMPUTED), so it is added here."""
+    instance = offline.COMPUTED["aws:ec2/instance:Instance"]
+
+    def computed(name, inputs):
+        return {**instance(name, inputs), **({} if "privateIp" in inputs else {"privateIp": VPN_PRIVATE_IP})}
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(offline.COMPUTED, "aws:ec2/instance:Instance", computed)
+        return evaluate("prod"), evaluate("qa")
+
+
+def test_prod_exports_the_vpn_hosts_address_and_qa_admits_exactly_it(vpn_address_from_prod):
+    prod, qa = vpn_address_from_prod
+    assert prod.raw_outputs["vpnPrivateIp"] == VPN_PRIVATE_IP
+    [allow_list] = [m for m in by_name(qa, MIDDLEWARE).values() if "ipAllowList" in m["spec"]]
+    assert allow_list["spec"]["ipAllowList"]["sourceRange"] == [f"{VPN_PRIVATE_IP}/32"]
+
+
+def test_the_allow_list_takes_one_address_not_a_range():
+    assert apps.vpn_only_middleware("172.31.1.10", namespace="qa")["spec"]["ipAllowList"] == {
+        "sourceRange": ["172.31.1.10/32"]}
+    with pytest.raises(ValueError):
+        apps.vpn_only_middleware("172.31.0.0/16", namespace="qa")
 
 
 def test_route_services_exist_in_the_same_namespace(prod, qa):

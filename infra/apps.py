@@ -61,10 +61,15 @@ class App:
     https_egress: bool = False  # may call HTTPS services on the internet
 
 
+# Memory limits are what the host's budget (infra/capacity.py) adds up, and the largest counts twice
+# (its rollout surge). None is measured yet: `kubectl top pod` shows what a pod uses; raise a limit its
+# pod outgrows (an OOMKilled restart) and give the memory back elsewhere, or the preview stops.
 APPS: tuple[App, ...] = (
+    # 256 MiB, not 320: 1.6 times its request, as web and stumper have 1.5; the host has no room for
+    # 320 twice (infra/capacity.py).
     App("api", "ghcr.io/katforge/api.katforge.com", readiness_path=None, smtp=True,
         routes={"prod": (Route("api.katforge.com"),), "qa": (Route("qa.api.katforge.com"),)},
-        resources=Resources(cpu_request="100m", cpu_limit="1", memory_request_mib=160, memory_limit_mib=320)),
+        resources=Resources(cpu_request="100m", cpu_limit="1", memory_request_mib=160, memory_limit_mib=256)),
     App("web", "ghcr.io/katforge/katforge.com",
         routes={"prod": (Route("katforge.com"), Route("www.katforge.com", redirect_to="katforge.com")),
                 "qa": (Route("qa.katforge.com"),)},
@@ -79,6 +84,13 @@ APPS: tuple[App, ...] = (
 
 # Stages whose routes admit only the VPN: a second lock behind their private-IP DNS names.
 VPN_ONLY_STAGES = frozenset({"qa"})
+
+# Stages whose pods get their request as their limit. qa serves the team over the VPN, a request or
+# two at a time, so its PHP workers never reach the concurrency prod's limits allow for; prod's request
+# (its usual working set) is room enough, and a release whose memory grew is OOM-killed in qa, before
+# prod. The host's memory budget (infra/capacity.py) has no room for qa at prod's limits.
+REQUEST_SIZED_STAGES = frozenset({"qa"})
+
 # The Secrets every app namespace holds; the names are referenced from the pods.
 PULL_SECRET = "ghcr"
 DATABASE_SECRET = "database"
@@ -95,6 +107,13 @@ PRIVATE_RANGES = ("10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/1
 
 def apps_in(stage: str, apps: Sequence[App] = APPS) -> list[App]:
     return [app for app in apps if app.routes.get(stage)]
+
+
+def resources_in(app: App, stage: str) -> Resources:
+    r = app.resources
+    if stage in REQUEST_SIZED_STAGES:
+        return Resources(r.cpu_request, r.cpu_limit, r.memory_request_mib, memory_limit_mib=r.memory_request_mib)
+    return r
 
 
 def routes_in(app: App, stage: str) -> list[Route]:
@@ -147,8 +166,7 @@ def container_env(app: App) -> list[dict]:
     return env
 
 
-def _container(app: App, name: str, image: str) -> dict:
-    r = app.resources
+def _container(app: App, r: Resources, name: str, image: str) -> dict:
     return {
         "name": name,
         "image": image,
@@ -161,17 +179,18 @@ def _container(app: App, name: str, image: str) -> dict:
     }
 
 
-def deployment(app: App, *, namespace: str, image_tag: str) -> dict:
+def deployment(app: App, *, stage: str, namespace: str, image_tag: str) -> dict:
     """The app's Deployment: its migrations run first, from the same image, in an init container."""
     image = f"{app.image}:{image_tag}"
+    resources = resources_in(app, stage)
     readiness = ({"httpGet": {"path": app.readiness_path, "port": "http"}} if app.readiness_path
                  else {"tcpSocket": {"port": "http"}})
-    main = _container(app, app.name, image)
+    main = _container(app, resources, app.name, image)
     main["ports"] = [{"name": "http", "containerPort": app.port, "protocol": "TCP"}]
     main["readinessProbe"] = {**readiness, "periodSeconds": 10, "failureThreshold": 3}
     main["livenessProbe"] = {"tcpSocket": {"port": "http"}, "initialDelaySeconds": 10, "periodSeconds": 20,
                              "failureThreshold": 3}
-    migrate = _container(app, "migrate", image)
+    migrate = _container(app, resources, "migrate", image)
     migrate["command"] = list(app.migrate)
     return {
         "apiVersion": "apps/v1",
@@ -419,7 +438,7 @@ class StageWorkloads(pulumi.ComponentResource):
             route_deps.append(self._custom(f"{name}-mw-{VPN_ONLY_MIDDLEWARE}", allow_list, opts_(namespace)))
 
         for app in apps:
-            manifest = deployment(app, namespace=ns, image_tag=settings.image_tag)
+            manifest = deployment(app, stage=stage.name, namespace=ns, image_tag=settings.image_tag)
             k8s.apps.v1.Deployment(f"{name}-{app.name}", metadata=manifest["metadata"], spec=manifest["spec"],
                                    opts=opts_(*secrets, ignore_changes=list(IMAGE_FIELDS)))
             svc = service(app, namespace=ns)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,27 @@ K3S_API_SERVER = f"https://{K3S_API_HOST}:6443"
 K3S_KUBECONFIG = "/etc/rancher/k3s/k3s.yaml"
 
 
-# The k3s host's memory (t3.medium, 4096 MiB) outside the pods; infra/capacity.py adds the pods.
+# The k3s host's memory outside the pods. The kubelet reserves these (render_k3s_config), so what it
+# allocates to pods is what is left; infra/capacity.py checks the pods fit in that.
 SYSTEM_MEMORY_MIB = 384  # kernel, systemd, journald, sshd, snapd and the SSM agent, unattended-upgrades
 K3S_MEMORY_MIB = 640  # the k3s server process (API server, controllers, kubelet, kine/SQLite) and containerd
-POSTGRES_MEMORY_MIB = 768  # the worst case of host/postgresql-katforge.conf, itemised there
+POSTGRES_BACKEND_MIB = 2  # what a connection's backend process takes besides its work_mem
+
+
+def postgres_worst_case_mib(conf: str) -> int:
+    """The most PostgreSQL takes under `conf` (host/postgresql-katforge.conf, which itemises it):
+    shared buffers, every connection's work_mem and backend, one manual maintenance task, and every
+    autovacuum worker's memory."""
+    units = {"kB": 1 / 1024, "MB": 1, "GB": 1024, "": 1}
+    settings = {name: int(number) * units[unit] for name, number, unit in
+                re.findall(r"^\s*(\w+)\s*=\s*(\d+)(kB|MB|GB|)\s*(?:#.*)?$", conf, flags=re.M)}
+    return int(settings["shared_buffers"]
+               + settings["max_connections"] * (settings["work_mem"] + POSTGRES_BACKEND_MIB)
+               + settings["maintenance_work_mem"]
+               + settings["autovacuum_max_workers"] * settings["autovacuum_work_mem"])
+
+
+POSTGRES_MEMORY_MIB = postgres_worst_case_mib((HOST_FILES / "postgresql-katforge.conf").read_text())
 
 # Besides the VPC, who may log in to PostgreSQL with a password: pods (k3s's 10.42.0.0/16 and
 # 10.43.0.0/16) and container networks (172.16.0.0/12), as the spec lists them.
@@ -58,14 +76,26 @@ def postgres_client_cidrs(vpc_cidr: str) -> tuple[str, ...]:
     return (*POSTGRES_POD_NETWORKS, vpc_cidr)
 
 
+def kubelet_args() -> list[str]:
+    """The memory the kubelet keeps from pods. k3s reserves none by default, so the kubelet would
+    allocate the whole host to pods and the scheduler would not know PostgreSQL is there; with these
+    the node's allocatable memory is what the budget leaves to pods, and the kubelet caps the pods'
+    cgroup at it (kubernetes.io, "Reserve Compute Resources for System Daemons"). k3s's own eviction
+    thresholds (disk only) stay as they are."""
+    return [f"system-reserved=memory={SYSTEM_MEMORY_MIB + POSTGRES_MEMORY_MIB}Mi",
+            f"kube-reserved=memory={K3S_MEMORY_MIB}Mi"]
+
+
 def render_k3s_config(*, public_ip: str, private_ip: str) -> str:
-    """/etc/rancher/k3s/config.yaml: the API's certificate names its public name and address."""
+    """/etc/rancher/k3s/config.yaml: the API's certificate names its public name and address, and the
+    kubelet reserves the host's memory outside the pods."""
     config = {
         "tls-san": [K3S_API_HOST, public_ip],
         "node-ip": private_ip,
         "node-external-ip": public_ip,
         "write-kubeconfig-mode": "0600",
         "secrets-encryption": True,
+        "kubelet-arg": kubelet_args(),
     }
     return "# Managed by katforge (infra/bootstrap.py).\n" + yaml.safe_dump(config, sort_keys=False)
 

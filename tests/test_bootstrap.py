@@ -64,6 +64,7 @@ def test_k3s_config_names_the_api_and_the_node(prod):
         "node-external-ip": PUBLIC_IP,
         "write-kubeconfig-mode": "0600",
         "secrets-encryption": True,
+        "kubelet-arg": bootstrap.kubelet_args(),  # their figures: tests/test_capacity.py
     }
 
 

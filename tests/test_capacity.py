@@ -1,13 +1,17 @@
-"""The k3s host's memory budget: what it counts, that it fits today, and that overflowing it stops
-the program."""
+"""The k3s host's memory budget: what it counts, that the kubelet is told the same figures, that it
+fits today, and that overflowing it stops the program."""
 from __future__ import annotations
 
 import re
 
 import pytest
+import yaml
 
+import infra.bootstrap as bootstrap
 from infra import apps, capacity, traefik_values
 from tools.offline import evaluate
+
+STAGE_NAMESPACES = (("default", "prod"), ("qa", "qa"))
 
 
 def mib(quantity: str) -> int:
@@ -15,21 +19,48 @@ def mib(quantity: str) -> int:
     return int(number) * (1024 if unit == "Gi" else 1)
 
 
-def test_budget_counts_the_host_and_every_pod_of_both_stages():
+def test_budget_counts_the_host_and_every_pod_that_can_run_at_once():
     budget = capacity.estate_report()
-    names = [item.name for item in budget.items]
+    names = [item.name for item in budget.pods]
     assert len(names) == len(set(names))
-    pods = {f"{ns}/{app.name}" for ns, stage in (("default", "prod"), ("qa", "qa")) for app in apps.apps_in(stage)}
+    pods = {f"{ns}/{app.name}" for ns, stage in STAGE_NAMESPACES for app in apps.apps_in(stage)}
     assert pods == {"default/api", "default/web", "default/lextris", "default/stumper", "qa/api", "qa/web"}
-    assert pods | {"kube-system/traefik", "kube-system/coredns", "k3s server", "PostgreSQL 16"} <= set(names)
-    assert budget.capacity_mib == 4096
+    assert pods | {"kube-system/traefik", "kube-system/coredns", "rollout surge (largest app pod)",
+                   "helm-install job (HelmChartConfig changes)"} <= set(names)
+    assert {item.name for item in budget.reserved} == {"system (OS and host services)", "PostgreSQL 16",
+                                                       "k3s server", "eviction threshold"}
+
+
+def test_the_host_is_its_memtotal_not_the_4_gib_ec2_sells():
+    assert capacity.estate_report().memtotal_mib == capacity.HOST_MEMTOTAL_MIB == 3843
+
+
+def test_the_kubelet_reserves_exactly_what_the_budget_keeps_from_pods():
+    """k3s's config hands the kubelet the same figures, so its allocatable memory is the budget's."""
+    config = yaml.safe_load(bootstrap.render_k3s_config(public_ip="3.19.192.157", private_ip="172.31.14.98"))
+    reserved = {arg.split("=")[0]: mib(arg.split("=memory=")[1]) for arg in config["kubelet-arg"]}
+    budget = capacity.estate_report()
+    items = {item.name: item.mib for item in budget.reserved}
+    assert reserved == {"system-reserved": items["system (OS and host services)"] + items["PostgreSQL 16"],
+                        "kube-reserved": items["k3s server"]}
+    assert not any(arg.startswith("eviction-hard") for arg in config["kubelet-arg"]), \
+        "k3s's own eviction thresholds stay; the budget counts their memory signal as none"
+    assert budget.allocatable_mib == budget.memtotal_mib - sum(reserved.values()) - items["eviction threshold"]
+
+
+def test_postgresql_is_budgeted_at_its_configured_worst_case():
+    conf = (bootstrap.HOST_FILES / "postgresql-katforge.conf").read_text()
+    items = {item.name: item.mib for item in capacity.estate_report().reserved}
+    assert items["PostgreSQL 16"] == bootstrap.postgres_worst_case_mib(conf)
+    more = conf.replace("max_connections = ", "max_connections = 1")  # 60 -> 160
+    assert bootstrap.postgres_worst_case_mib(more) == items["PostgreSQL 16"] + 100 * (4 + 2)
 
 
 def test_pod_figures_are_the_declared_memory_limits():
-    items = {item.name: item.mib for item in capacity.estate_report().items}
-    for ns, stage in (("default", "prod"), ("qa", "qa")):
+    items = {item.name: item.mib for item in capacity.estate_report().pods}
+    for ns, stage in STAGE_NAMESPACES:
         for app in apps.apps_in(stage):
-            manifest = apps.deployment(app, namespace=ns, image_tag="v1")
+            manifest = apps.deployment(app, stage=stage, namespace=ns, image_tag="v1")
             [main] = manifest["spec"]["template"]["spec"]["containers"]
             [migrate] = manifest["spec"]["template"]["spec"]["initContainers"]
             # A pod's effective limit: its containers' sum, or its largest init container if bigger.
@@ -38,24 +69,32 @@ def test_pod_figures_are_the_declared_memory_limits():
     assert items["kube-system/traefik"] == mib(traefik_values.RESOURCES["limits"]["memory"])
 
 
+def test_qa_pods_are_limited_to_prods_request():
+    for app in apps.apps_in("qa"):
+        qa = apps.resources_in(app, "qa")
+        assert qa.memory_limit_mib == qa.memory_request_mib == apps.resources_in(app, "prod").memory_request_mib
+        assert apps.resources_in(app, "prod") == app.resources
+
+
 def test_one_rollout_surge_of_the_largest_app_is_budgeted():
-    items = {item.name: item.mib for item in capacity.estate_report().items}
-    largest = max(items[f"{ns}/{app.name}"] for ns, stage in (("default", "prod"), ("qa", "qa"))
-                  for app in apps.apps_in(stage))
+    items = {item.name: item.mib for item in capacity.estate_report().pods}
+    largest = max(items[f"{ns}/{app.name}"] for ns, stage in STAGE_NAMESPACES for app in apps.apps_in(stage))
     assert items["rollout surge (largest app pod)"] == largest
 
 
 def test_the_declared_estate_fits_the_host():
     budget = capacity.estate_report()
-    assert budget.total_mib == sum(item.mib for item in budget.items) <= 4096
+    assert budget.total_mib == sum(item.mib for item in budget.pods) <= budget.allocatable_mib
     capacity.check(budget)
 
 
-def test_an_over_committed_host_fails_with_the_figures():
+def test_an_over_committed_host_fails_with_the_figures_and_what_to_change():
     budget = capacity.report([capacity.Item("default/hog", 4096)])
-    with pytest.raises(capacity.CapacityError, match=r"over its memory budget: \d+ MiB committed of 4096 MiB") as info:
+    with pytest.raises(capacity.CapacityError, match=r"over its memory budget: .* \d+ MiB the kubelet allocates") \
+            as info:
         capacity.check(budget)
     assert "default/hog" in str(info.value)
+    assert "infra/apps.py" in str(info.value) and "max_connections" in str(info.value)
 
 
 def test_exactly_full_is_still_within_budget():
@@ -65,13 +104,15 @@ def test_exactly_full_is_still_within_budget():
         capacity.check(capacity.report([capacity.Item("pod", base.headroom_mib + 1)]))
 
 
-def test_lines_show_every_item_the_total_and_the_headroom():
+def test_lines_show_every_item_the_allocatable_memory_the_total_and_the_headroom():
     budget = capacity.report([capacity.Item("default/api", 384)])
     text = capacity.lines(budget)
-    assert text[0] == "Memory budget of the k3s host (4096 MiB):"
+    assert text[0] == "Memory budget of the k3s host (3843 MiB):"
+    assert any(line.split()[-4:] == ["PostgreSQL", "16", str(bootstrap.POSTGRES_MEMORY_MIB), "MiB"] for line in text)
+    assert any(line.split() == ["allocatable", "to", "pods", str(budget.allocatable_mib), "MiB"] for line in text)
     assert any(line.split() == ["default/api", "384", "MiB"] for line in text)
-    assert text[-2].split() == ["total", str(budget.total_mib), "MiB"]
-    assert text[-1].split() == ["headroom", str(4096 - budget.total_mib), "MiB"]
+    assert text[-2].split()[-2:] == [str(budget.total_mib), "MiB"]
+    assert text[-1].split() == ["headroom", str(budget.allocatable_mib - budget.total_mib), "MiB"]
 
 
 def test_the_preview_fails_when_the_budget_is_exceeded(monkeypatch):

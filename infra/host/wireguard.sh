@@ -10,9 +10,17 @@
 # WG_DIR        default /etc/wireguard; WG_INTERFACE default wg0
 # WG_SYSCTL_CONF  turns IPv4 forwarding on; default /etc/sysctl.d/60-katforge-wireguard.conf
 #
-# Runs as root. The private key is generated here, once, and never leaves the host: the interface
-# configuration only points at it. Does nothing when the configuration is unchanged and running; a
-# change of peers only is applied to the running interface, so connected clients keep their tunnel.
+# Runs as root. The private key lives in $WG_DIR/server.key and never leaves the host; it appears on
+# no command line: the interface configuration only points at the file, and `wg syncconf` reads it from
+# a private temporary file. Does nothing when the configuration is unchanged and running; a change of
+# peers only is applied to the running interface, so connected clients keep their tunnel.
+#
+# Adopting a server set up by hand (a wg0.conf this script did not write): its inline PrivateKey
+# moves to the key file, so clients keep the server they know. The run refuses, changing nothing,
+# when the live address or port differ from the inputs, or when a peer the host serves (in the
+# file or on the running interface) is missing from the peers given: each is listed with the command
+# that adds it to the configuration. The replaced file is kept as $WG_DIR/<interface>.conf.pre-katforge
+# (mode 0600: it holds the key), and each later replacement's predecessor as <interface>.conf.bak.
 set -euo pipefail
 
 log() { printf 'wireguard: %s\n' "$*" >&2; }
@@ -23,8 +31,10 @@ read -ra destinations <<<"$WG_NAT_CIDRS"
 port=${WG_PORT:-51820}
 dir=${WG_DIR:-/etc/wireguard}
 interface=${WG_INTERFACE:-wg0}
-key=$dir/server.key
+key_file=$dir/server.key
+conf=$dir/$interface.conf
 unit=wg-quick@$interface
+header="# Managed by katforge (infra/host/wireguard.sh): changes made here are overwritten."
 
 if ! command -v wg-quick >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q update >&2
@@ -33,26 +43,163 @@ fi
 
 umask 077
 mkdir -p "$dir"
-if [[ ! -s $key ]]; then
-  wg genkey >"$key"
+work=$(mktemp -d "$dir/.katforge.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+
+# --- what the host has now ---------------------------------------------------------------------
+
+# Prints the value of `Key = value` in the [Interface] section of the file $2.
+interface_value() {
+  awk -v key="$1" '/^\[/ { section = $0 } section == "[Interface]" && $0 ~ "^[ \t]*" key "[ \t]*=" {
+    sub(/^[^=]*=[ \t]*/, ""); sub(/[ \t]+$/, ""); print; exit }' "$2"
+}
+
+# Prints "publickey allowedips name" for each [Peer] of the file $1; the name is the comment line
+# just above the section, as this script writes it.
+conf_peers() {
+  awk 'function flush() { if (key != "") print key, (ips == "" ? "-" : ips), (name == "" ? "-" : name); key = ips = "" }
+       /^[ \t]*#/ { comment = $0; sub(/^[ \t]*#[ \t]*/, "", comment); gsub(/[ \t]/, "_", comment); next }
+       /^\[/ { flush(); peer = ($0 ~ /^\[Peer\]/); name = peer ? comment : ""; comment = ""; next }
+       peer && /=/ { k = $0; sub(/[ \t]*=.*/, "", k); gsub(/[ \t]/, "", k); v = $0; sub(/^[^=]*=[ \t]*/, "", v); gsub(/[ \t]/, "", v)
+                     if (k == "PublicKey") key = v; else if (k == "AllowedIPs") ips = v }
+       END { flush() }' "$1"
+}
+
+managed=false
+live_key=""
+# The peers the host serves, in the order it lists them: its file, then the running interface.
+live_order=()
+declare -A live_ips=() live_names=()
+if [[ -e $conf ]]; then
+  if [[ $(head -n 1 "$conf") == "$header" ]]; then managed=true; fi
+  live_key=$(interface_value PrivateKey "$conf")
+  while read -r public_key ips name; do
+    live_order+=("$public_key")
+    live_ips[$public_key]=$ips
+    live_names[$public_key]=$name
+  done < <(conf_peers "$conf")
+fi
+# A file this script wrote lists the peers it was given: those may go. Every other peer the host
+# serves was added by hand and must be in the configuration before anything changes.
+declare -A ours=()
+if $managed; then
+  for public_key in "${!live_ips[@]}"; do ours[$public_key]=1; done
+fi
+running=false
+running_public=""
+if systemctl is-active --quiet "$unit" && ip link show dev "$interface" >/dev/null 2>&1; then
+  running=true
+  running_public=$(wg show "$interface" public-key)
+  # "publickey<TAB>address address...", or "(none)" for a peer without addresses.
+  while IFS=$'\t' read -r public_key ips; do
+    [[ -n $public_key && -z ${live_ips[$public_key]:-} ]] || continue
+    ips=${ips// /,}
+    live_order+=("$public_key")
+    live_ips[$public_key]=${ips/"(none)"/-}
+  done < <(wg show "$interface" allowed-ips)
+fi
+
+# --- the configuration asked for ---------------------------------------------------------------
+
+peer_lines=()
+declare -A wanted=()
+while IFS=, read -r name public_key address; do
+  [[ -z $name ]] && continue
+  if [[ -z ${public_key:-} || -z ${address:-} ]]; then
+    log "bad peer line '$name': expected name,publickey,address/32"
+    exit 2
+  fi
+  peer_lines+=("$name,$public_key,$address")
+  wanted[$public_key]=$address
+done
+
+# --- refusals: nothing has changed yet ---------------------------------------------------------
+
+problems=()
+if [[ -e $conf ]] && ! $managed; then
+  live_address=$(interface_value Address "$conf")
+  live_port=$(interface_value ListenPort "$conf")
+  if [[ -n $live_address && $live_address != "$WG_ADDRESS" ]]; then
+    problems+=("the live Address is $live_address, the inputs say $WG_ADDRESS: clients would lose their routes."
+      "  Keep the live one: pulumi config set katforge:vpnClientCidr <the network of $live_address> --stack prod")
+  fi
+  if [[ -n $live_port && $live_port != "$port" ]]; then
+    problems+=("the live ListenPort is $live_port, the inputs say $port: clients would dial the wrong port."
+      "  Keep the live one: run with WG_PORT=$live_port")
+  fi
+fi
+index=${#peer_lines[@]}
+for public_key in "${live_order[@]}"; do
+  if [[ -n ${wanted[$public_key]:-} ]]; then
+    if ! $managed && [[ ${live_ips[$public_key]} != "${wanted[$public_key]}" ]]; then
+      problems+=("peer $public_key has AllowedIPs ${live_ips[$public_key]} on this host but ${wanted[$public_key]} in the configuration: the client would lose its tunnel.")
+    fi
+  elif [[ -z ${ours[$public_key]:-} ]]; then
+    name=${live_names[$public_key]:-"-"}
+    [[ $name == "-" ]] && name=peer$index
+    problems+=("live peer $public_key (${live_ips[$public_key]}) is missing from the configuration; add it with:"
+      "  pulumi config set --path 'katforge:wireguardPeers[$index]' '$name,$public_key,${live_ips[$public_key]}' --stack prod")
+    index=$((index + 1))
+  fi
+done
+
+# The key: the key file, else the live file's inline key; a new one only for a new server.
+if [[ -s $key_file ]]; then
+  key=$(<"$key_file")
+  key_source=$key_file
+elif [[ -n $live_key ]]; then
+  key=$live_key
+  key_source="the PrivateKey in $conf"
+else
+  key=""
+fi
+key_public=""
+[[ -n $key ]] && key_public=$(wg pubkey <<<"$key")
+if $running && [[ $running_public != "(none)" ]]; then
+  if [[ -z $key ]]; then
+    problems+=("$interface runs with a private key that is neither in $key_file nor in $conf: put it in $key_file (mode 0600) and run again.")
+  elif [[ $running_public != "$key_public" ]]; then
+    problems+=("$interface runs with public key $running_public, but $key_source gives $key_public: clients know the running one. Put its private key in $key_file and run again.")
+  fi
+fi
+
+if [[ ${#problems[@]} -gt 0 ]]; then
+  log "refusing to change $interface; nothing was changed:"
+  printf '  %s\n' "${problems[@]}" >&2
+  exit 1
+fi
+
+# --- apply ---------------------------------------------------------------------------------------
+
+if [[ -z $key ]]; then
+  key=$(wg genkey)
+  key_public=$(wg pubkey <<<"$key")
   log "generated the server key"
+fi
+if [[ ! -s $key_file ]]; then
+  printf '%s\n' "$key" >"$work/server.key"
+  mv "$work/server.key" "$key_file"
+  log "the server key is now in $key_file"
 fi
 
 forwarding=${WG_SYSCTL_CONF:-/etc/sysctl.d/60-katforge-wireguard.conf}
-if [[ ! -e $forwarding ]]; then
+if [[ $(cat "$forwarding" 2>/dev/null) != "net.ipv4.ip_forward = 1" ]]; then
   echo "net.ipv4.ip_forward = 1" >"$forwarding"
+fi
+# The runtime value, not only the file: anything may have turned it off since.
+if [[ $(sysctl -n net.ipv4.ip_forward) != 1 ]]; then
   sysctl -q -p "$forwarding"
+  [[ $(sysctl -n net.ipv4.ip_forward) == 1 ]] || { log "IPv4 forwarding stays off"; exit 1; }
   log "IPv4 forwarding on"
 fi
 
-candidate=$(mktemp)
-trap 'rm -f "$candidate"' EXIT
+candidate=$work/$interface.conf
 {
-  echo "# Managed by katforge (infra/host/wireguard.sh): changes made here are overwritten."
+  echo "$header"
   echo "[Interface]"
   echo "Address = $WG_ADDRESS"
   echo "ListenPort = $port"
-  echo "PostUp = wg set %i private-key $key"
+  echo "PostUp = wg set %i private-key $key_file"
   # iptables reads WG_ADDRESS as the clients' network. NAT makes their traffic the VPN host's own,
   # so the VPC needs no route back to the tunnel and security groups see the VPN host as the source.
   # Clients go to the destinations and nowhere else.
@@ -67,40 +214,77 @@ trap 'rm -f "$candidate"' EXIT
     echo "$hook = iptables -$action FORWARD -i %i -j DROP$tolerate"
     echo "$hook = iptables -$action FORWARD -o %i -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT$tolerate"
   done
-  while IFS=, read -r name public_key address; do
-    [[ -z $name ]] && continue
-    if [[ -z ${public_key:-} || -z ${address:-} ]]; then
-      log "bad peer line '$name': expected name,publickey,address/32"
-      exit 2
-    fi
+  for line in "${peer_lines[@]}"; do
+    IFS=, read -r name public_key address <<<"$line"
     printf '\n# %s\n[Peer]\nPublicKey = %s\nAllowedIPs = %s\n' "$name" "$public_key" "$address"
   done
 } >"$candidate"
 
 # The [Interface] settings, which wg-quick up and down act on; comments and blank lines aside.
 interface_settings() { awk '/^\[Peer\]/ { exit } NF && !/^#/' "$1"; }
-peers() { grep -c '^\[Peer\]' "$1" || true; }
 
-conf=$dir/$interface.conf
-if cmp -s "$candidate" "$conf"; then
-  if ! systemctl is-active --quiet "$unit"; then
-    systemctl enable --now --quiet "$unit"
-    log "$unit started"
-  fi
-elif systemctl is-active --quiet "$unit" &&
-  cmp -s <(interface_settings "$candidate") <(interface_settings "$conf"); then
-  install -m 0600 "$candidate" "$conf"
+# Gives the running interface the file's peers and the key, without taking it down. The key reaches
+# `wg` in a file only root can read, never as an argument.
+sync_running() {
+  local stripped runtime=$work/runtime.conf
   # Checked before use: syncconf reads an empty configuration as "no peers" and drops every client.
   stripped=$(wg-quick strip "$conf")
-  wg syncconf "$interface" <(printf '%s\n' "$stripped")
+  [[ $stripped == *"[Interface]"* ]] || { log "wg-quick strip gave no [Interface] for $conf"; exit 1; }
+  while IFS= read -r line; do
+    printf '%s\n' "$line"
+    if [[ $line == "[Interface]" ]]; then printf 'PrivateKey = %s\n' "$key"; fi
+  done <<<"$stripped" >"$runtime"
+  wg syncconf "$interface" "$runtime"
+  rm -f "$runtime"
+}
+
+# The file being replaced stays beside it: the original on adoption, and the latest before each change.
+keep_backup() {
+  if ! $managed && [[ ! -e $conf.pre-katforge ]]; then
+    install -m 0600 "$conf" "$conf.pre-katforge"
+  fi
+  install -m 0600 "$conf" "$conf.bak"
+}
+
+peers() { grep -c '^\[Peer\]' "$1" || true; }
+
+if cmp -s "$candidate" "$conf"; then
+  if ! $running; then
+    systemctl enable --now --quiet "$unit"
+    log "$unit started"
+  elif [[ $running_public != "$key_public" ]]; then
+    sync_running
+    log "$interface had lost its private key; restored from $key_file"
+  fi
+elif $running && [[ -e $conf ]] && cmp -s <(interface_settings "$candidate") <(interface_settings "$conf"); then
+  keep_backup
+  install -m 0600 "$candidate" "$conf"
+  sync_running
   log "$interface now has $(peers "$conf") peer(s), applied without a restart"
 else
-  # wg-quick down undoes what the file on disk says: stop with the file that brought the interface up.
-  systemctl stop "$unit"
+  if [[ -e $conf ]]; then
+    keep_backup
+    # wg-quick down undoes what the file on disk says: stop with the file that brought the interface up.
+    systemctl stop "$unit"
+  fi
   install -m 0600 "$candidate" "$conf"
-  systemctl enable --now --quiet "$unit"
+  if ! systemctl enable --now --quiet "$unit"; then
+    if [[ -e $conf.bak ]]; then
+      log "$unit failed to start with the new configuration; starting it again with the previous one"
+      systemctl stop "$unit" || true
+      install -m 0600 "$conf.bak" "$conf"
+      systemctl enable --now --quiet "$unit" || log "$unit does not start with the previous configuration either"
+    fi
+    exit 1
+  fi
   log "$unit started with $(peers "$conf") peer(s)"
 fi
 
+# Checked on the interface itself: the key it runs with is the key file's.
+actual=$(wg show "$interface" public-key)
+if [[ $actual != "$key_public" ]]; then
+  log "$interface runs with public key $actual, expected $key_public"
+  exit 1
+fi
 # Without a trailing newline: the output is the key, exactly.
-printf '%s' "$(wg pubkey <"$key")"
+printf '%s' "$key_public"

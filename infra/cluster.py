@@ -87,7 +87,8 @@ class Cluster(pulumi.ComponentResource):
             opts=opts_())
         # The key ID is secret in the stack; its hash is no credential, and the values stay readable in
         # a preview.
-        key_hash = pulumi.Output.unsecret(pulumi.Output.from_input(access_key_id).apply(traefik_values.credentials_hash))
+        key_hash = pulumi.Output.unsecret(
+            pulumi.Output.from_input(access_key_id).apply(traefik_values.credentials_hash))
         chart_config = helm_chart_config(key_hash.apply(
             lambda digest: traefik_values.values_yaml(acme_email=acme_email, aws_region=aws_region, node_ip=node_ip,
                                                       credentials_hash=digest)))

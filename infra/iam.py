@@ -14,7 +14,8 @@ class DnsChallengeUser(pulumi.ComponentResource):
         super().__init__("katforge:iam:DnsChallengeUser", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         user = aws.iam.User(name, name="traefik-dns-challenge", opts=child)
-        aws.iam.UserPolicy(name, user=user.name, policy=dns_challenge_policy(list(zone_arns.values()), hosts), opts=child)
+        aws.iam.UserPolicy(name, user=user.name, policy=dns_challenge_policy(list(zone_arns.values()), hosts),
+                           opts=child)
         key = aws.iam.AccessKey(name, user=user.name,
                                 opts=pulumi.ResourceOptions(parent=self, additional_secret_outputs=["secret"]))
         self.access_key_id = pulumi.Output.secret(key.id)

@@ -166,7 +166,8 @@ def test_secrets_come_by_reference_and_smtp_only_to_the_api(prod):
 def test_database_url_secret_points_at_the_stage_database(stack, database, namespace, request):
     plan = request.getfixturevalue(stack)
     [secret] = [r for r in plan.of_type("kubernetes:core/v1:Secret")
-                if (r.inputs["metadata"]["name"], r.inputs["metadata"]["namespace"]) == (apps.DATABASE_SECRET, namespace)]
+                if r.inputs["metadata"]["name"] == apps.DATABASE_SECRET
+                and r.inputs["metadata"]["namespace"] == namespace]
     assert secret.inputs["stringData"] == "[secret]"
     url = urlsplit(unwrap(secret.raw_inputs)["stringData"]["DATABASE_URL"])
     assert (url.hostname, url.port, url.path, url.username) == ("172.31.14.98", 5432, f"/{database}", database)

@@ -40,8 +40,8 @@ def report(tmp_path_factory, prod, qa) -> dict:
 
 
 def test_the_pinned_checkov_read_every_file(report):
-    assert report["summary"]["checkov_version"] == CHECKOV_VERSION, \
-        f"checkov {report['summary']['checkov_version']} ran; .ci/run installs {CHECKOV_VERSION}, whose findings these are"
+    ran = report["summary"]["checkov_version"]
+    assert ran == CHECKOV_VERSION, f"checkov {ran} ran; .ci/run installs {CHECKOV_VERSION}, whose findings these are"
     assert report["summary"]["parsing_errors"] == 0
     assert report["summary"]["passed"] > 0
 

@@ -1,8 +1,12 @@
-"""The PostgreSQL host scripts, run for real against PostgreSQL 16 (the shared `pg` fixture): the
+"""The PostgreSQL host scripts, run for real against PostgreSQL 16. On the shared `pg` fixture: the
 configuration (pg_hba, listen addresses, memory), each stage's role and database, idempotence, and the
-refusal of a broken configuration while the old one keeps serving."""
+refusal of a broken configuration while the old one keeps serving. On a second cluster set up like the
+live one (Ubuntu's pg_hba plus the operators' md5 lines, an md5 role, a monitoring role, Ubuntu's
+memory settings, DDL logged): the first run locks nobody out, restarts only when allowed, and the
+database script neither blocks the apps nor logs a password."""
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import re
@@ -10,6 +14,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,14 +22,12 @@ import pytest
 
 from infra.bootstrap import HOST_FILES, POSTGRES_MEMORY_MIB, postgres_client_cidrs
 from infra.settings import STAGES
-from tests.pgcluster import SERVER_USER
+from tests.pgcluster import SERVER_USER, PgCluster, find_bin_dir, free_port
 
 CONFIGURE = HOST_FILES / "pg-configure.sh"
 DATABASE = HOST_FILES / "pg-database.sh"
 SETTINGS = HOST_FILES / "postgresql-katforge.conf"
 VPC = "172.31.0.0/16"
-# The test server listens on 127.0.0.1 only: logins over TCP come from there.
-LOOPBACK = "127.0.0.1/32"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the scripts run as root and switch to the postgres OS user")
 
@@ -32,18 +35,20 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the scripts run as ro
 class Host:
     """The session's server seen as the k3s host: the scripts' environment, and SQL as the postgres OS user."""
 
-    def __init__(self, pg):
+    def __init__(self, pg, **env: str):
         self.pg = pg
         restart = f"runuser -u {SERVER_USER} -- {pg.bin_dir}/pg_ctl -D {pg.conf_dir} restart -w -m fast -l {pg.root}/server.log"
-        self.env = pg.env(PG_LISTEN_ADDRESSES="127.0.0.1", PG_RESTART_COMMAND=restart)
+        # The test server listens on 127.0.0.1 only: logins over TCP come from there.
+        self.env = pg.env(**{"PG_LISTEN_ADDRESSES": "127.0.0.1", "PG_RESTART_COMMAND": restart, "PG_ALLOW_RESTART": "1",
+                             "KATFORGE_RESTART_LOCK": str(pg.root / "restart.lock"), **env})
 
     def configure(self, cidrs, settings: str | None = None, **env: str) -> subprocess.CompletedProcess:
         env = dict(self.env, PG_CLIENT_CIDRS=" ".join(cidrs), **env)
         return subprocess.run(["bash", str(CONFIGURE)], input=settings if settings is not None else SETTINGS.read_text(),
                               env=env, capture_output=True, text=True)
 
-    def database(self, stage, password: str) -> subprocess.CompletedProcess:
-        env = dict(self.env, PG_ROLE=stage.db_role, PG_DATABASE=stage.database)
+    def database(self, stage, password: str, **env: str) -> subprocess.CompletedProcess:
+        env = dict(self.env, PG_ROLE=stage.db_role, PG_DATABASE=stage.database, **env)
         return subprocess.run(["bash", str(DATABASE)], input=password + "\n", env=env, capture_output=True, text=True)
 
     def sql(self, query: str, database: str = "postgres") -> str:
@@ -54,12 +59,12 @@ class Host:
         return result.stdout.strip()
 
     def login(self, role: str, password: str, database: str,
-              query: str = "SELECT current_user") -> subprocess.CompletedProcess:
+              query: str = "SELECT current_user", **kwargs) -> subprocess.CompletedProcess:
         """A client over TCP, as a pod would connect; the password travels in the environment."""
         env = dict(self.env, PGPASSWORD=password)
         return subprocess.run([str(self.pg.bin_dir / "psql"), "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", query,
                                f"host=127.0.0.1 port={self.pg.port} user={role} dbname={database}"],
-                              env=env, capture_output=True, text=True)
+                              env=env, capture_output=True, text=True, **kwargs)
 
 
 def _ensure_os_user(name: str) -> None:
@@ -97,8 +102,8 @@ def passwords():
 
 
 def configure_for_clients(host) -> None:
-    """As on the host, but also admitting the loopback address the test clients come from."""
-    configured = host.configure([*postgres_client_cidrs(VPC), LOOPBACK])
+    """As on the host; the test clients come from 127.0.0.1, which Ubuntu's lines admit."""
+    configured = host.configure(postgres_client_cidrs(VPC))
     assert configured.returncode == 0, configured.stderr
 
 
@@ -116,6 +121,21 @@ def serving(host, databases):
     return host
 
 
+# Ubuntu's defaults, then the client networks with SCRAM, as pg_hba_file_rules shows them.
+EXPECTED_RULES = [
+    "local all postgres peer",
+    "local all all peer",
+    "host all all 127.0.0.1 255.255.255.255 scram-sha-256",
+    "host all all ::1 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff scram-sha-256",
+    "local replication all peer",
+    "host replication all 127.0.0.1 255.255.255.255 scram-sha-256",
+    "host replication all ::1 ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff scram-sha-256",
+    "host all all 10.0.0.0 255.0.0.0 scram-sha-256",
+    "host all all 172.16.0.0 255.240.0.0 scram-sha-256",
+    "host all all 172.31.0.0 255.255.0.0 scram-sha-256",
+]
+
+
 def hba_rules(host) -> list[str]:
     return host.sql("SELECT concat_ws(' ', type, array_to_string(database, ','), array_to_string(user_name, ','), "
                     "address, netmask, auth_method, error) FROM pg_hba_file_rules ORDER BY rule_number").splitlines()
@@ -124,12 +144,7 @@ def hba_rules(host) -> list[str]:
 def test_pg_hba_holds_exactly_the_intended_rules(host):
     result = host.configure(postgres_client_cidrs(VPC))
     assert result.returncode == 0, result.stderr
-    assert hba_rules(host) == [
-        "local all postgres peer",
-        "host all all 10.0.0.0 255.0.0.0 scram-sha-256",
-        "host all all 172.16.0.0 255.240.0.0 scram-sha-256",
-        "host all all 172.31.0.0 255.255.0.0 scram-sha-256",
-    ]
+    assert hba_rules(host) == EXPECTED_RULES
     assert host.sql("SELECT count(*) FROM pg_hba_file_rules WHERE error IS NOT NULL") == "0"
 
 
@@ -172,7 +187,7 @@ def snapshot(host) -> dict:
 
 def test_running_every_script_again_changes_nothing(serving, passwords):
     before = snapshot(serving)
-    again = serving.configure([*postgres_client_cidrs(VPC), LOOPBACK])
+    again = serving.configure(postgres_client_cidrs(VPC))
     assert again.returncode == 0, again.stderr
     assert "configuration unchanged" in again.stderr
     for name, stage in STAGES.items():
@@ -194,9 +209,9 @@ def test_a_new_password_replaces_the_old_one(serving, passwords):
 
 
 @pytest.mark.parametrize("cidrs, settings, message", [
-    (["10.0.0.0/99", VPC, LOOPBACK], None, 'invalid CIDR mask in address "10.0.0.0/99"'),
-    ([VPC, LOOPBACK], SETTINGS.read_text() + "work_mem = lots\n", 'invalid value for parameter "work_mem": "lots"'),
-    ([VPC, LOOPBACK], SETTINGS.read_text() + "shared_bufers = 1GB\n", 'unrecognized configuration parameter "shared_bufers"'),
+    (["10.0.0.0/99", VPC], None, 'invalid CIDR mask in address "10.0.0.0/99"'),
+    ([VPC], SETTINGS.read_text() + "work_mem = lots\n", 'invalid value for parameter "work_mem": "lots"'),
+    ([VPC], SETTINGS.read_text() + "shared_bufers = 1GB\n", 'unrecognized configuration parameter "shared_bufers"'),
 ], ids=["bad-hba-address", "bad-setting-value", "unknown-setting"])
 def test_a_broken_configuration_is_refused_and_the_old_one_keeps_serving(serving, passwords, cidrs, settings, message):
     before = snapshot(serving)
@@ -286,7 +301,7 @@ def test_a_configuration_that_could_not_be_checked_is_not_applied(serving, psql_
     env = {"server-unreachable": {"PGPORT": "1"},  # no server there: SHOW hba_file fails
            "hba-rules-query-fails": {"PG_BIN_DIR": psql_failing_on_hba_rules}}[failure]
     before = snapshot(serving)
-    result = serving.configure([*postgres_client_cidrs(VPC), LOOPBACK, "192.168.0.0/16"],
+    result = serving.configure([*postgres_client_cidrs(VPC), "192.168.0.0/16"],
                                SETTINGS.read_text() + "work_mem = 8MB\n", **env)
     assert result.returncode != 0
     assert snapshot(serving) == before  # same files on disk, no reload, no restart
@@ -317,3 +332,233 @@ def test_the_worst_case_memory_fits_the_budget_the_capacity_check_counts():
     worst = (s["shared_buffers"] + s["max_connections"] * (s["work_mem"] + backend_overhead_mib)
              + s["maintenance_work_mem"] + s["autovacuum_max_workers"] * s["autovacuum_work_mem"])
     assert worst <= POSTGRES_MEMORY_MIB
+
+
+# --- A cluster set up like the live one ------------------------------------------------------------
+# The tests below run in file order, as the first `pulumi up` on the live host would: refused while an
+# md5 role remains, then applied without the restart it was not allowed, then with it, then again.
+
+UBUNTU_HBA = """# PostgreSQL Client Authentication Configuration File, as Ubuntu's pg_createcluster writes it
+# DO NOT DISABLE!
+local   all             postgres                                peer
+# TYPE  DATABASE        USER            ADDRESS                 METHOD
+local   all             all                                     peer
+host    all             all             127.0.0.1/32            scram-sha-256
+host    all             all             ::1/128                 scram-sha-256
+local   replication     all                                     peer
+host    replication     all             127.0.0.1/32            scram-sha-256
+host    replication     all             ::1/128                 scram-sha-256
+# Added by the operators for the pods, the container networks and the VPC (spec: Database).
+host    all             all             10.0.0.0/8              md5
+host    all             all             172.16.0.0/12           md5
+host    all             all             172.31.0.0/16           md5
+"""
+# Ubuntu's postgresql.conf values that katforge.conf changes (two need a restart), and the DDL logging an
+# operator may have turned on; all before the include of conf.d, where Ubuntu's file has them.
+UBUNTU_SETTINGS = "max_connections = 100\nshared_buffers = 128MB\nwork_mem = 4MB\nlog_statement = 'ddl'\n"
+
+
+class LiveHost(Host):
+    def __init__(self, pg, passwords: dict[str, str]):
+        super().__init__(pg, PG_ALLOW_RESTART="0", PG_CLIENT_CIDRS=" ".join(postgres_client_cidrs(VPC)))
+        self.passwords = passwords
+
+    def configure(self, cidrs=postgres_client_cidrs(VPC), settings: str | None = None, **env: str):
+        return super().configure(cidrs, settings, **env)
+
+    def server(self) -> tuple[str, str]:
+        """When the server last read its files, and when it last started."""
+        load, start = self.sql("SELECT pg_conf_load_time(), pg_postmaster_start_time()").split("|")
+        return load, start
+
+
+@pytest.fixture(scope="module")
+def live():
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL binaries: install pgserver (requirements-test.txt) or Debian's postgresql")
+    _ensure_os_user("postgres")
+    root = Path(tempfile.mkdtemp(prefix="katforge-live-pg-"))
+    cluster = PgCluster(root=root, bin_dir=bin_dir, port=free_port())
+    passwords = {name: f"pw-{secrets.token_urlsafe(12)}" for name in ("postgres", "legacy", "monitoring", "katforge")}
+    try:
+        cluster.start()
+        cluster.psql(f"""ALTER ROLE postgres PASSWORD '{passwords["postgres"]}';
+            SET password_encryption = 'md5';
+            CREATE ROLE legacy LOGIN PASSWORD '{passwords["legacy"]}';
+            RESET password_encryption;
+            CREATE ROLE monitoring LOGIN PASSWORD '{passwords["monitoring"]}' IN ROLE pg_monitor""")
+        cluster.psql("CREATE DATABASE katforge")
+        # The apps' tables, created by postgres as the apps connect today.
+        cluster.psql("CREATE TABLE players (id serial PRIMARY KEY, name text);"
+                     "INSERT INTO players (name) SELECT 'p' || i FROM generate_series(1, 50) i", database="katforge")
+        conf = cluster.conf_dir / "postgresql.conf"
+        conf.write_text(conf.read_text().replace("include_dir = 'conf.d'", UBUNTU_SETTINGS + "include_dir = 'conf.d'"))
+        (cluster.conf_dir / "pg_hba.conf").write_text(UBUNTU_HBA)
+        cluster.pg_ctl("restart", "-w", "-m", "fast", "-l", str(root / "server.log"))
+        yield LiveHost(cluster, passwords)
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def files(live) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(live.pg.conf_dir.rglob("*")) if path.is_file()}
+
+
+def test_live_md5_logins_are_refused_before_anything_changes(live):
+    before, server = files(live), live.server()
+    result = live.configure()
+    assert result.returncode == 1
+    assert "nothing was changed" in result.stderr
+    assert "md5 password hashes" in result.stderr and ": legacy\n" in result.stderr
+    assert "SET password_encryption = 'scram-sha-256'" in result.stderr and "\\password legacy" in result.stderr
+    assert files(live) == before and live.server() == server
+
+
+def test_the_first_run_locks_nobody_out_and_asks_for_the_restart_it_may_not_do(live):
+    # The fix the refusal gave, with the same password.
+    live.sql(f"SET password_encryption = 'scram-sha-256'; ALTER ROLE legacy PASSWORD '{live.passwords['legacy']}'")
+    _, started = live.server()
+    result = live.configure()
+    assert result.returncode == 1
+    assert "max_connections (100 now, 60 after a restart)" in result.stderr
+    assert "shared_buffers (128MB now, 256MB after a restart)" in result.stderr
+    assert "PG_ALLOW_RESTART=1" in result.stderr
+    assert live.server()[1] == started  # not restarted
+    assert hba_rules(live) == EXPECTED_RULES
+    assert (live.pg.conf_dir / "pg_hba.conf.pre-katforge").read_text() == UBUNTU_HBA
+    # Everyone still gets in: postgres over TCP with SCRAM (the backup path) and by peer on the socket,
+    # the re-set role, the monitoring role; the reloadable settings are live.
+    for role in ("postgres", "legacy", "monitoring"):
+        login = live.login(role, live.passwords[role], "katforge")
+        assert login.returncode == 0, login.stderr
+    assert live.sql("SELECT current_setting('effective_cache_size')") == "1GB"
+
+
+def test_a_restart_left_waiting_fails_every_run_until_it_is_done(live):
+    again = live.configure()
+    assert again.returncode == 1
+    assert "configuration unchanged" in again.stderr and "max_connections (100 now" in again.stderr
+
+
+def test_a_restart_waits_for_the_host_restart_lock(live):
+    _, started = live.server()
+    with open(live.env["KATFORGE_RESTART_LOCK"], "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # k3s-install.sh restarting k3s
+        blocked = live.configure(PG_ALLOW_RESTART="1", KATFORGE_RESTART_LOCK_WAIT="1")
+    assert blocked.returncode == 1
+    assert "another restart on this host holds" in blocked.stderr
+    assert live.server()[1] == started
+
+
+def test_an_allowed_restart_applies_and_a_second_run_changes_nothing(live):
+    _, started = live.server()
+    result = live.configure(PG_ALLOW_RESTART="1")
+    assert result.returncode == 0, result.stderr
+    assert live.server()[1] != started
+    assert live.sql("SELECT current_setting('max_connections'), current_setting('shared_buffers')") == "60|256MB"
+    before, server = files(live), live.server()
+    again = live.configure()
+    assert again.returncode == 0, again.stderr
+    assert again.stderr == "pg-configure: configuration unchanged\n"
+    assert files(live) == before and live.server() == server
+
+
+def test_a_setting_overridden_by_a_later_file_is_named(live):
+    live.sql("ALTER SYSTEM SET work_mem = '8MB'")
+    live.sql("SELECT pg_reload_conf()")
+    try:
+        result = live.configure()
+        assert result.returncode == 1
+        assert re.search(r"overridden: work_mem from \S+/postgresql\.auto\.conf line \d+", result.stderr), result.stderr
+    finally:
+        live.sql("ALTER SYSTEM RESET work_mem")
+        live.sql("SELECT pg_reload_conf()")
+
+
+@pytest.fixture(scope="module")
+def adopted_database(live):
+    """prod's role and database on the live cluster: the database postgres created, taken over."""
+    log = live.pg.root / "server.log"
+    offset = log.stat().st_size
+    result = live.database(STAGES["prod"], live.passwords["katforge"])
+    assert result.returncode == 0, result.stderr
+    return result, log.read_text()[offset:]
+
+
+def test_the_password_never_reaches_the_server_log(live, adopted_database):
+    _, logged = adopted_database
+    assert "statement: ALTER DATABASE" in logged and "statement: ALTER TABLE players" in logged  # DDL is logged
+    assert "SCRAM-SHA-256$" not in logged and live.passwords["katforge"] not in logged
+    login = live.login("katforge", live.passwords["katforge"], "katforge", "SELECT count(*) FROM players")
+    assert login.returncode == 0 and login.stdout.strip() == "50"
+
+
+def test_roles_that_lose_connect_are_listed(live, adopted_database):
+    result, _ = adopted_database
+    assert "could connect to katforge through PUBLIC and no longer can: legacy monitoring" in result.stdout
+    assert 'GRANT CONNECT ON DATABASE "katforge" TO <role>' in result.stdout
+
+
+def app_query(live, timeout: float) -> float:
+    """An app's query on the table, as postgres over TCP; how long it took."""
+    began = time.monotonic()
+    done = live.login("postgres", live.passwords["postgres"], "lockapp", "SELECT count(*) FROM scores", timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return time.monotonic() - began
+
+
+def start_database(live, root: Path, retries: int) -> subprocess.Popen:
+    """pg-database.sh in the background, with short lock timeouts; its output goes to files in root."""
+    (root / "password").write_text("pw-lockapp-1\n")
+    env = dict(live.env, PG_ROLE="lockapp", PG_DATABASE="lockapp", PG_LOCK_TIMEOUT="200ms",
+               PG_LOCK_RETRY_DELAY="0.2", PG_LOCK_RETRIES=str(retries))
+    with open(root / "password") as stdin, open(root / "out", "w") as out, open(root / "err", "w") as err:
+        return subprocess.Popen(["bash", str(DATABASE)], stdin=stdin, stdout=out, stderr=err, env=env)
+
+
+def test_a_change_of_owner_waits_for_readers_without_blocking_the_apps(live, tmp_path):
+    stage = SimpleNamespace(db_role="lockapp", database="lockapp")
+    live.sql("CREATE DATABASE lockapp")
+    live.sql("CREATE TABLE scores (id int); INSERT INTO scores VALUES (1)", "lockapp")
+    # A report that keeps its transaction open on the table.
+    reader = subprocess.Popen(["runuser", "-u", "postgres", "--", str(live.pg.bin_dir / "psql"), "-XAtq", "-d", "lockapp"],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                              env=dict(live.env, PGAPPNAME="nightly-report"))
+    script = None
+    try:
+        reader.stdin.write("BEGIN;\nSELECT count(*) FROM scores;\n")
+        reader.stdin.flush()
+        while live.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'nightly-report'"
+                       " AND state = 'idle in transaction'") != "1":
+            time.sleep(0.05)
+        script = start_database(live, tmp_path, retries=4)
+        deadline = time.monotonic() + 10
+        while live.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                       " AND query LIKE 'ALTER TABLE%scores%'") != "1":
+            assert time.monotonic() < deadline, "the change of owner never waited for the report"
+            time.sleep(0.02)
+        # While it waits, the apps' queries queue behind it: each for one lock timeout at most.
+        slowest = max(app_query(live, timeout=5) for _ in range(8))
+        assert slowest < 1.0
+        assert script.wait(timeout=30) == 1
+        err = (tmp_path / "err").read_text()
+        assert "within 4 tries of 200ms" in err
+        assert re.search(r"scores: pid \d+, user postgres, application nightly-report, idle in transaction", err), err
+        assert live.sql("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE relname = 'scores'", "lockapp") == "postgres"
+
+        # Tried again, it succeeds once the report ends.
+        script = start_database(live, tmp_path, retries=50)
+        time.sleep(0.5)
+        reader.stdin.write("COMMIT;\n")
+        reader.stdin.flush()
+        assert script.wait(timeout=30) == 0, (tmp_path / "err").read_text()
+        assert "table scores now owned by lockapp" in (tmp_path / "out").read_text()
+    finally:
+        if script is not None and script.poll() is None:
+            script.kill()
+        reader.stdin.close()
+        reader.wait(timeout=10)
+        live.sql("DROP DATABASE IF EXISTS lockapp WITH (FORCE)")
+        live.sql("DROP ROLE IF EXISTS lockapp")

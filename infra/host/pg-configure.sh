@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
 # Configure PostgreSQL 16: conf.d/katforge.conf (the listen addresses plus the settings read from
-# stdin) and pg_hba.conf (peer for the postgres OS user, scram-sha-256 for the client networks).
+# stdin) and pg_hba.conf (Ubuntu's defaults, plus scram-sha-256 for the client networks).
 #
 #   PG_LISTEN_ADDRESSES=localhost,172.31.14.98 PG_CLIENT_CIDRS="10.0.0.0/8 172.16.0.0/12" \
 #     pg-configure.sh < postgresql-katforge.conf
 #
 # PG_CONF_DIR         the cluster's configuration directory; default /etc/postgresql/16/main
 # PG_BIN_DIR          PostgreSQL's programs; default /usr/lib/postgresql/16/bin
-# PG_RESTART_COMMAND  restarts the server when a changed setting needs it (shared_buffers...);
-#                     default "systemctl restart postgresql@16-main"
+# PG_ALLOW_RESTART    1 (or true, yes) to restart the server when a setting needs it (shared_buffers,
+#                     max_connections, listen_addresses...); otherwise such a run fails, naming them
+# PG_RESTART_COMMAND  how to restart; default "systemctl restart postgresql@16-main"
+# KATFORGE_RESTART_LOCK  held while the server restarts, so that k3s (k3s-install.sh takes it too)
+#                     never restarts at the same time; default /run/lock/katforge-restart.lock
+# KATFORGE_RESTART_LOCK_WAIT  seconds to wait for it; default 900
 # PGHOST, PGPORT      libpq's usual settings, to reach the server's local socket.
 #
 # Runs as root. Identical files change nothing: no reload, no restart. A changed candidate is swapped
 # in and checked by PostgreSQL itself (the server's own parser on the configuration files, and the
 # pg_hba_file_rules view) BEFORE the server reloads; a rejected candidate is swapped back out, so the
 # running configuration stays in place, and the step fails with PostgreSQL's message.
+#
+# On the live server, before anything changes, it refuses while login roles hold md5 password hashes
+# (the new pg_hba admits SCRAM only): it names them and says how to re-set them. The first pg_hba.conf
+# it replaces is kept as pg_hba.conf.pre-katforge. Every run, changed or not, fails while a setting
+# waits for a restart that was not allowed, and after the reload checks that each setting of
+# katforge.conf really comes from it (pg_settings.sourcefile): a later file (ALTER SYSTEM's
+# postgresql.auto.conf, another conf.d file) that overrides one is named.
 set -euo pipefail
 
 log() { printf 'pg-configure: %s\n' "$*" >&2; }
@@ -25,8 +36,11 @@ conf_dir=${PG_CONF_DIR:-/etc/postgresql/16/main}
 bin_dir=${PG_BIN_DIR:-/usr/lib/postgresql/16/bin}
 read -ra client_cidrs <<<"$PG_CLIENT_CIDRS"
 read -ra restart <<<"${PG_RESTART_COMMAND:-systemctl restart postgresql@16-main}"
+case ${PG_ALLOW_RESTART:-0} in 1 | true | yes) allow_restart=true ;; *) allow_restart=false ;; esac
+restart_lock=${KATFORGE_RESTART_LOCK:-/run/lock/katforge-restart.lock}
+header="# Managed by katforge (infra/host/pg-configure.sh): changes made here are overwritten."
 
-# The superuser connects as the postgres OS user, the only one pg_hba admits over the socket.
+# The superuser connects as the postgres OS user, whom pg_hba admits over the socket (peer).
 sql() { runuser -u postgres -- "$bin_dir/psql" -X -A -t -q -v ON_ERROR_STOP=1 -d postgres -c "$1"; }
 
 main_conf=$conf_dir/postgresql.conf
@@ -34,26 +48,36 @@ main_conf=$conf_dir/postgresql.conf
 owner=$(stat -c %U "$main_conf")
 # Assigned on its own: errexit sees a failed command substitution only in a plain assignment.
 hba_file=$(sql 'SHOW hba_file')
-declare -A target=([katforge.conf]="$conf_dir/conf.d/katforge.conf" [pg_hba.conf]="$hba_file")
+managed_conf=$conf_dir/conf.d/katforge.conf
+declare -A target=([katforge.conf]="$managed_conf" [pg_hba.conf]="$hba_file")
 
 # Candidates and backups live beside the targets, so that swapping is an atomic rename.
 work=$(mktemp -d "$conf_dir/.katforge.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 {
-  echo "# Managed by katforge (infra/host/pg-configure.sh): changes made here are overwritten."
+  echo "$header"
   echo "listen_addresses = '$PG_LISTEN_ADDRESSES'"
   cat
 } >"$work/katforge.conf"
 
+# Ubuntu's pg_hba.conf (pg_createcluster) as it stands, so that nobody who logs in today is locked out:
+# local users by peer over the socket (postgres for administration), localhost with SCRAM (backups
+# over 127.0.0.1). Then the client networks, with SCRAM: no md5.
 {
-  echo "# Managed by katforge (infra/host/pg-configure.sh): changes made here are overwritten."
-  echo "# TYPE  DATABASE  USER      ADDRESS          METHOD"
-  echo "# Administration and backups: the postgres OS user over the local socket, no password."
-  echo "local   all       postgres                   peer"
+  echo "$header"
+  echo "# The first file this replaced is pg_hba.conf.pre-katforge, beside it."
+  echo "# TYPE  DATABASE        USER            ADDRESS                 METHOD"
+  echo "local   all             postgres                                peer"
+  echo "local   all             all                                     peer"
+  echo "host    all             all             127.0.0.1/32            scram-sha-256"
+  echo "host    all             all             ::1/128                 scram-sha-256"
+  echo "local   replication     all                                     peer"
+  echo "host    replication     all             127.0.0.1/32            scram-sha-256"
+  echo "host    replication     all             ::1/128                 scram-sha-256"
   echo "# Pods, container networks and the VPC: a password, checked with SCRAM."
   for cidr in "${client_cidrs[@]}"; do
-    printf 'host    all       all       %-16s scram-sha-256\n' "$cidr"
+    printf 'host    all             all             %-23s scram-sha-256\n' "$cidr"
   done
 } >"$work/pg_hba.conf"
 
@@ -61,9 +85,21 @@ changed=()
 for name in "${!target[@]}"; do
   cmp -s "$work/$name" "${target[$name]}" || changed+=("$name")
 done
-if [[ ${#changed[@]} -eq 0 ]]; then
-  log "configuration unchanged"
-  exit 0
+
+if [[ " ${changed[*]} " == *" pg_hba.conf "* ]]; then
+  # pg_hba's scram-sha-256 cannot check an md5 hash: these roles would be locked out.
+  md5_roles=$(sql "SELECT string_agg(quote_ident(rolname), ' ' ORDER BY rolname) FROM pg_authid
+                   WHERE rolcanlogin AND rolpassword LIKE 'md5%'")
+  if [[ -n $md5_roles ]]; then
+    log "refusing to replace pg_hba.conf; nothing was changed. These login roles have md5 password hashes,"
+    log "which the new pg_hba.conf (scram-sha-256 only) would lock out: $md5_roles"
+    log "Set each password again as a SCRAM verifier (the same password will do), as root:"
+    for role in $md5_roles; do
+      log "  sudo -u postgres psql -c \"SET password_encryption = 'scram-sha-256'\" -c '\\password $role'"
+    done
+    log "(or ALTER ROLE <role> PASSWORD '...' in a session with password_encryption = 'scram-sha-256'), then run this again."
+    exit 1
+  fi
 fi
 
 swap_in() {
@@ -107,25 +143,78 @@ check() {
   fi
 }
 
-swap_in
-if ! problems=$(check); then
-  swap_out
-  log "rejected ${changed[*]}; the running configuration is unchanged. PostgreSQL says:"
-  printf '%s\n' "$problems" >&2
-  exit 1
+if [[ ${#changed[@]} -eq 0 ]]; then
+  log "configuration unchanged"
+else
+  # The original pg_hba.conf, before the first replacement: kept, never overwritten.
+  if [[ " ${changed[*]} " == *" pg_hba.conf "* && -e $hba_file && ! -e $hba_file.pre-katforge &&
+    $(head -n 1 "$hba_file") != "$header" ]]; then
+    cp -p "$hba_file" "$hba_file.pre-katforge"
+    log "the original pg_hba.conf is kept as $hba_file.pre-katforge"
+  fi
+  swap_in
+  if ! problems=$(check); then
+    swap_out
+    log "rejected ${changed[*]}; the running configuration is unchanged. PostgreSQL says:"
+    printf '%s\n' "$problems" >&2
+    exit 1
+  fi
+
+  loaded=$(sql "SELECT pg_conf_load_time()")
+  sql "SELECT pg_reload_conf()" >/dev/null
+  # The postmaster reloads asynchronously; new sessions see the new settings once it has.
+  for _ in {1..50}; do
+    [[ $(sql "SELECT pg_conf_load_time()") != "$loaded" ]] && break
+    sleep 0.1
+  done
+  log "reloaded with new ${changed[*]}"
 fi
 
-loaded=$(sql "SELECT pg_conf_load_time()")
-sql "SELECT pg_reload_conf()" >/dev/null
-# The postmaster reloads asynchronously; new sessions see the new settings once it has.
-for _ in {1..50}; do
-  [[ $(sql "SELECT pg_conf_load_time()") != "$loaded" ]] && break
-  sleep 0.1
-done
-log "reloaded with new ${changed[*]}"
-
-pending=$(sql "SELECT string_agg(name, ', ' ORDER BY name) FROM pg_settings WHERE pending_restart")
+# Checked on every run, so that a restart refused or failed last time is asked for again.
+pending=$(sql "SELECT string_agg(format('%s (%s now, %s after a restart)', s.name, current_setting(s.name), f.setting),
+                                 ', ' ORDER BY s.name)
+                 FROM pg_settings s
+                 JOIN (SELECT DISTINCT ON (name) name, setting FROM pg_file_settings
+                        ORDER BY name, seqno DESC) f USING (name)
+                WHERE s.pending_restart")
 if [[ -n $pending ]]; then
+  if ! $allow_restart; then
+    log "these settings wait for a restart, which this run may not do: $pending"
+    log "Apply them at a quiet time, as root: ${restart[*]}"
+    log "or let the next run restart (PG_ALLOW_RESTART=1, from the configuration). Everything else is applied."
+    exit 1
+  fi
   log "restarting for $pending"
-  "${restart[@]}"
+  # k3s-install.sh takes the same lock around its restarts: the two never restart at once.
+  (
+    if ! flock -w "${KATFORGE_RESTART_LOCK_WAIT:-900}" 9; then
+      log "another restart on this host holds $restart_lock; not restarting"
+      exit 1
+    fi
+    "${restart[@]}"
+    for _ in {1..100}; do
+      sql "SELECT 1" >/dev/null 2>&1 && exit 0
+      sleep 0.2
+    done
+    log "PostgreSQL does not answer after the restart"
+    exit 1
+  ) 9>>"$restart_lock"
+  pending=$(sql "SELECT string_agg(name, ', ' ORDER BY name) FROM pg_settings WHERE pending_restart")
+  if [[ -n $pending ]]; then
+    log "still waiting for a restart after it: $pending"
+    exit 1
+  fi
+fi
+
+# Where each setting of katforge.conf really comes from: a file read later wins.
+names=$(sed -n 's/^[[:space:]]*\([a-z_][a-z0-9_]*\)[[:space:]]*=.*/\1/p' "$managed_conf" | sort -u | paste -sd, -)
+overridden=$(sql "SELECT string_agg(format('%s from %s line %s', name, coalesce(sourcefile, source), sourceline),
+                                    ', ' ORDER BY name)
+                    FROM pg_settings
+                   WHERE name = ANY (string_to_array('$names', ','))
+                     AND coalesce(sourcefile, '') <> '$(realpath "$managed_conf")'")
+if [[ -n $overridden ]]; then
+  log "settings of $managed_conf are overridden: $overridden."
+  log "Remove them there (ALTER SYSTEM RESET <name>; for postgresql.auto.conf) and run this again."
+  exit 1
 fi

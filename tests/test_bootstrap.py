@@ -15,7 +15,7 @@ from tests.shared import CHARTS, require
 from tools.offline import effective_config, evaluate, evaluate_cached, unwrap
 
 COMMAND = "command:remote:Command"
-PUBLIC_IP, PRIVATE_IP, VPN_IP = "3.19.192.157", "172.31.14.98", "3.15.140.218"
+PUBLIC_IP, PRIVATE_IP, VPN_IP = "198.51.100.166", "172.31.14.98", "198.51.100.192"
 
 K3S_YAML = offline.HOST_OUTPUT["bootstrap-kubeconfig"]
 VPN_KEY = offline.HOST_OUTPUT["bootstrap-wireguard"]

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import re
 from urllib.parse import unquote, urlsplit
 
 import pytest
 
-import tools.offline as offline
 from infra import apps, traefik_values
 from tests.shared import SPEC
-from tools.offline import evaluate, project_config_schema, unwrap
+from tools.offline import project_config_schema, unwrap
 
 IMAGES = {  # the issue's table
     "api": "ghcr.io/katforge/api.katforge.com",
@@ -247,40 +247,15 @@ def test_routed_hosts_are_every_name_of_every_stage(prod, qa):
 
 def test_qa_routes_admit_only_the_vpn_host(qa, prod):
     """VPN clients reach Traefik masqueraded to the VPN host's private address (wireguard.sh), so that
-    /32 is the whole allow list; with no address known (the offline mock gives a new instance none)
-    the list admits nobody."""
+    /32, which prod exports and qa reads, is the whole allow list."""
     found = routes(qa)
     assert set(found) == {"qa.katforge.com", "qa.api.katforge.com"}
-    address = prod.raw_outputs.get("vpnPrivateIp")
-    expected = {"ipAllowList": {"sourceRange": [f"{address}/32" if address else apps.ADMIT_NOBODY]}}
+    address = prod.raw_outputs["vpnPrivateIp"]
+    ipaddress.IPv4Address(address)
     for host, (_, middlewares, _) in found.items():
-        assert middlewares[0] == expected, host
+        assert middlewares[0] == {"ipAllowList": {"sourceRange": [f"{address}/32"]}}, host
     for host, (_, middlewares, _) in routes(prod).items():
         assert not any("ipAllowList" in m for m in middlewares), host
-
-
-VPN_PRIVATE_IP = "172.31.1.10"
-
-
-@pytest.fixture(scope="module")
-def vpn_address_from_prod():
-    """prod and qa as deployed: AWS gives the VPN instance its private address, which the offline mock
-    leaves out (tools/offline.py COMPUTED), so it is added here."""
-    instance = offline.COMPUTED["aws:ec2/instance:Instance"]
-
-    def computed(name, inputs):
-        return {**instance(name, inputs), **({} if "privateIp" in inputs else {"privateIp": VPN_PRIVATE_IP})}
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(offline.COMPUTED, "aws:ec2/instance:Instance", computed)
-        return evaluate("prod"), evaluate("qa")
-
-
-def test_prod_exports_the_vpn_hosts_address_and_qa_admits_exactly_it(vpn_address_from_prod):
-    prod, qa = vpn_address_from_prod
-    assert prod.raw_outputs["vpnPrivateIp"] == VPN_PRIVATE_IP
-    [allow_list] = [m for m in by_name(qa, MIDDLEWARE).values() if "ipAllowList" in m["spec"]]
-    assert allow_list["spec"]["ipAllowList"]["sourceRange"] == [f"{VPN_PRIVATE_IP}/32"]
 
 
 def test_the_allow_list_takes_one_address_not_a_range():

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from infra import capacity
 from tools import plan as plan_cli
 from tools.offline import ROOT, evaluate_cached
 
@@ -34,7 +35,7 @@ def test_summary_shows_components_dns_rules_and_hosts():
     assert any(line.split()[:3] == ["katforge.com", "A", address] for line in dns.splitlines())
     rules = text.split("Security group ingress")[1].split("\n\n")[0]
     assert any(line.split()[:3] == ["k3s", "tcp/5432", "172.31.0.0/16"] for line in rules.splitlines())
-    budget = text.split("Memory budget of the k3s host (4096 MiB):")[1].split("\n\n")[0]
+    budget = text.split(f"Memory budget of the k3s host ({capacity.HOST_MEMTOTAL_MIB} MiB):")[1].split("\n\n")[0]
     assert "PostgreSQL 16" in budget and "default/api" in budget and "qa/api" in budget and "headroom" in budget
     hosts = text.split("\nHosts\n")[1].split("\n\n")[0]
     assert any(line.split()[:4] == ["k3s", "t3.medium", "172.31.14.98", address] for line in hosts.splitlines())

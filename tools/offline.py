@@ -342,8 +342,11 @@ COMPUTED = {
     # A new Elastic IP's address is AWS's choice.
     "aws:ec2/eip:Eip": lambda name, inputs: {"publicIp": documentation_address("198.51.100", name),
                                              "allocationId": f"eipalloc-{name}"},
+    # A pinned private address is the program's; an unpinned one is AWS's choice within the subnet.
     "aws:ec2/instance:Instance": lambda name, inputs: {"publicIp": documentation_address("192.0.2", name),
-                                                       "primaryNetworkInterfaceId": f"eni-{name}"},
+                                                       "primaryNetworkInterfaceId": f"eni-{name}",
+                                                       **({} if inputs.get("privateIp") else
+                                                          {"privateIp": documentation_address("172.31.255", name)})},
     "aws:iam/accessKey:AccessKey": lambda name, inputs: {"secret": f"offline-secret-{name}",
                                                          "sesSmtpPasswordV4": f"offline-smtp-{name}"},
     "aws:ses/domainIdentity:DomainIdentity": lambda name, inputs: {"verificationToken": "offline-verification-token"},

@@ -43,7 +43,7 @@ def prod_estate(settings: Settings) -> StageBase:
                              bootstrap.postgres)
     BackupSchedule("backup-schedule", settings.backups, STAGES.values(), backups, bootstrap.k3s_target,
                    bootstrap.postgres)
-    k3s = kubernetes_provider("k3s", bootstrap.kubeconfig)
+    k3s = kubernetes_provider("k3s", bootstrap.kubeconfig, hosts.k3s.instance.id)
     cluster = Cluster("cluster", acme_email=settings.cluster.acme_email, aws_region=REGION,
                       node_ip=settings.network.k3s_private_ip, access_key_id=dns_challenge.access_key_id,
                       secret_access_key=dns_challenge.secret_access_key, provider=k3s)
@@ -75,7 +75,8 @@ def qa_estate(settings: Settings) -> StageBase:
                        settings.bootstrap.ssh_private_key)
     database = StageDatabase("database", settings.stage_facts, settings.db_password, host)
     return StageBase(
-        records=records, database=database, provider=kubernetes_provider("k3s", prod.require_output("kubeconfig")),
+        records=records, database=database, provider=kubernetes_provider("k3s", prod.require_output("kubeconfig"),
+                                                                     prod.require_output("k3sInstanceId")),
         smtp_username=prod.require_output("sesSmtpUsername"), smtp_password=prod.require_output("sesSmtpPassword"),
         # Absent until prod's first `pulumi up` with this export; the VPN-only routes then admit nobody.
         vpn_private_ip=prod.get_output("vpnPrivateIp"), exports={},

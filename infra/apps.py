@@ -8,6 +8,7 @@ for `qa`.
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 import json
 import re
@@ -201,7 +202,16 @@ def _container(app: App, r: Resources, name: str, image: str) -> dict:
     }
 
 
-def deployment(app: App, *, stage: str, namespace: str, image_tag: str) -> dict:
+# On the pod template: a digest of the Secrets the app reads into its environment. A rotated password
+# changes it, so the Deployment rolls and the new pods read the new value (env is read only at start).
+SECRETS_DIGEST = "katforge.com/secrets-sha256"
+
+
+def secrets_digest(values: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(values), sort_keys=True).encode()).hexdigest()
+
+
+def deployment(app: App, *, stage: str, namespace: str, image_tag: str, secrets_sha256: str = "") -> dict:
     """The app's Deployment: its migrations run first, from the same image, in an init container."""
     image = f"{app.image}:{image_tag}"
     resources = resources_in(app, stage)
@@ -222,7 +232,7 @@ def deployment(app: App, *, stage: str, namespace: str, image_tag: str) -> dict:
             "replicas": 1,
             "selector": {"matchLabels": selector(app)},
             "template": {
-                "metadata": {"labels": labels(app)},
+                "metadata": {"labels": labels(app), "annotations": {SECRETS_DIGEST: secrets_sha256}},
                 "spec": {
                     "automountServiceAccountToken": False,
                     "enableServiceLinks": False,
@@ -421,7 +431,11 @@ class StageWorkloads(pulumi.ComponentResource):
         namespace = ns_kind(f"{name}-namespace", metadata=cluster.namespace_metadata(ns, cluster.APP_POD_SECURITY),
                             opts=opts_())
 
+        env_values: dict[str, pulumi.Input[str]] = {}  # what the apps read from Secrets, by Secret/key
+
         def secret(key: str, type_: str, string_data: Mapping[str, pulumi.Input[str]]) -> k8s.core.v1.Secret:
+            if key != PULL_SECRET:
+                env_values.update({f"{key}/{k}": v for k, v in string_data.items()})
             return k8s.core.v1.Secret(
                 f"{name}-{key}", type=type_, metadata=object_metadata(key, ns),
                 string_data={k: pulumi.Output.secret(v) for k, v in string_data.items()}, opts=opts_(namespace))
@@ -459,8 +473,14 @@ class StageWorkloads(pulumi.ComponentResource):
                 lambda ip: vpn_only_middleware(_warn_if_unknown(ip), namespace=ns)["spec"]))
             route_deps.append(self._custom(f"{name}-mw-{VPN_ONLY_MIDDLEWARE}", allow_list, opts_(namespace)))
 
+        def digest_for(app: App) -> pulumi.Output[str]:
+            read = {k: v for k, v in env_values.items() if app.smtp or not k.startswith(f"{SMTP_SECRET}/")}
+            # A digest of high-entropy credentials reveals none of them: shown, not hidden as a secret.
+            return pulumi.Output.unsecret(pulumi.Output.from_input(read).apply(secrets_digest))
+
         for app in apps:
-            manifest = deployment(app, stage=stage.name, namespace=ns, image_tag=settings.image_tag)
+            manifest = deployment(app, stage=stage.name, namespace=ns, image_tag=settings.image_tag,
+                                  secrets_sha256=digest_for(app))
             k8s.apps.v1.Deployment(f"{name}-{app.name}", metadata=manifest["metadata"], spec=manifest["spec"],
                                    opts=opts_(*secrets, ignore_changes=list(IMAGE_FIELDS)))
             svc = service(app, namespace=ns)

@@ -66,10 +66,17 @@ def ssh_connection(host: pulumi.Input[str], private_key: pulumi.Input[str]) -> c
     return command.remote.ConnectionArgs(host=host, user=SSH_USER, private_key=private_key)
 
 
-def kubernetes_provider(name: str, kubeconfig: pulumi.Input[str],
+def kubernetes_provider(name: str, kubeconfig: pulumi.Input[str], cluster: pulumi.Input[str],
                         parent: Optional[pulumi.Resource] = None) -> k8s.Provider:
-    """The provider every cluster resource uses, built from the k3s kubeconfig (prod's output in qa)."""
-    return k8s.Provider(name, kubeconfig=kubeconfig, opts=pulumi.ResourceOptions(parent=parent))
+    """The provider every cluster resource uses, built from the k3s kubeconfig (prod's output in qa).
+
+    `cluster` names the cluster (the k3s instance's ID): only a new cluster replaces the provider, and
+    with it every object; a rewritten kubeconfig (a renewed certificate) is an update. Secrets change in
+    place: replacing one deletes it first, and a pod starting meanwhile fails. An object that already
+    exists is never silently taken over: it must be imported (AlreadyExists otherwise), whatever
+    PULUMI_K8S_UPSERT_EXISTING_OBJECTS says."""
+    return k8s.Provider(name, kubeconfig=kubeconfig, cluster_identifier=cluster, enable_secret_mutable=True,
+                        upsert_existing_objects=False, opts=pulumi.ResourceOptions(parent=parent))
 
 
 def postgres_client_cidrs(vpc_cidr: str) -> tuple[str, ...]:

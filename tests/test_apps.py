@@ -11,7 +11,7 @@ import pytest
 
 from infra import apps, traefik_values
 from tests.shared import SPEC
-from tools.offline import project_config_schema, unwrap
+from tools.offline import evaluate, project_config_schema, unwrap
 
 IMAGES = {  # the issue's table
     "api": "ghcr.io/katforge/api.katforge.com",
@@ -332,3 +332,18 @@ def test_the_specs_manual_snapshot_pod_may_reach_only_postgresql(stack, namespac
     [rule] = allowed[0]["egress"]
     assert rule["to"] == [{"ipBlock": {"cidr": "172.31.14.98/32"}}]
     assert rule["ports"] == [{"protocol": "TCP", "port": 5432}]
+
+
+def digests(plan) -> dict:
+    return {name: d.inputs["spec"]["template"]["metadata"]["annotations"][apps.SECRETS_DIGEST]
+            for name, d in deployments(plan).items()}
+
+
+def test_a_rotated_password_rolls_every_pod_that_reads_it(prod):
+    """Pods read their Secrets into env only at start: the pod template carries a digest of what each
+    app reads, so a new password rolls the Deployment. Only the api reads the SMTP credentials."""
+    before = digests(prod)
+    assert all(re.fullmatch(r"[0-9a-f]{64}", value) for value in before.values()), before
+    assert before["api"] != before["web"] == before["lextris"] == before["stumper"]
+    after = digests(evaluate("prod", config={"katforge:dbPassword": "rotated-password"}))
+    assert all(after[name] != before[name] for name in before), (before, after)

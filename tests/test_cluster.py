@@ -166,3 +166,15 @@ def test_ci_may_set_images_watch_and_undo_rollouts_in_app_namespaces_only(stack,
     assert binding.inputs["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
                                          "name": role.inputs["metadata"]["name"]}
     assert binding.inputs["subjects"] == [{"kind": "ServiceAccount", "name": "deployer", "namespace": "ci"}]
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_the_kubernetes_provider_is_replaced_only_with_the_cluster(stack, request, prod):
+    """Its cluster is the k3s instance: a rewritten kubeconfig must not replace every object. Secrets
+    change in place, and an existing object is never silently upserted."""
+    plan = request.getfixturevalue(stack)
+    [provider] = plan.of_type("pulumi:providers:kubernetes")
+    instance = prod.named("k3s", "aws:ec2/instance:Instance")
+    assert provider.raw_inputs["clusterIdentifier"] == f"{instance.name}-id"
+    assert provider.raw_inputs["enableSecretMutable"] in (True, "true")
+    assert provider.raw_inputs["upsertExistingObjects"] in (False, "false")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import configparser
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -49,84 +48,6 @@ class Sandbox:
     def run(self, script: str, stdin: str, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(HOST_FILES / script)], input=stdin, env=self.env(**env),
                               capture_output=True, text=True)
-
-
-# --- k3s ------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def k3s(tmp_path):
-    box = Sandbox(tmp_path)
-    # The installer the stand-in curl serves: it "installs" the version it was given and, like k3s
-    # started with secrets-encryption, creates the encryption configuration.
-    (tmp_path / "install.sh").write_text(
-        'echo "installer INSTALL_K3S_VERSION=$INSTALL_K3S_VERSION args=$*" >>"$FAKE/calls.log"\n'
-        'echo "$INSTALL_K3S_VERSION" >"$FAKE/version"\n'
-        'touch "$FAKE/encryption-config.json"\n')
-    fake(box.bin, "curl", 'echo "curl $*" >>"$FAKE/calls.log"; cat "$FAKE/install.sh"\n')
-    fake(box.bin, "k3s", 'if [[ $1 == --version ]]; then\n'
-                         '  [[ -e $FAKE/version ]] || exit 127\n'
-                         '  echo "k3s version $(cat "$FAKE/version") (0123abcd)"; echo "go version go1.25"\n'
-                         'else\n'
-                         '  echo "k3s $*" >>"$FAKE/calls.log"\n'
-                         'fi\n'
-                         'exit 0\n')
-    box.env_vars = {"K3S_CONFIG_FILE": str(tmp_path / "etc" / "config.yaml"),
-                    "K3S_ENCRYPTION_CONFIG": str(tmp_path / "encryption-config.json")}
-    return box
-
-
-def install(box: Sandbox, version: str, config: str) -> subprocess.CompletedProcess:
-    return box.run("k3s-install.sh", config, K3S_VERSION=version, **box.env_vars)
-
-
-CONFIG = "node-ip: 172.31.14.98\nsecrets-encryption: true\n"
-
-
-def test_k3s_is_installed_by_the_installer_of_the_pinned_tag(k3s):
-    result = install(k3s, "v1.34.6+k3s1", CONFIG)
-    assert result.returncode == 0, result.stderr
-    calls = k3s.calls()
-    assert "curl -sfL https://raw.githubusercontent.com/k3s-io/k3s/v1.34.6%2Bk3s1/install.sh" in calls
-    assert "installer INSTALL_K3S_VERSION=v1.34.6+k3s1 args=server" in calls
-    config = Path(k3s.env_vars["K3S_CONFIG_FILE"])
-    assert config.read_text() == CONFIG
-    assert stat.S_IMODE(config.stat().st_mode) == 0o600
-
-
-def test_k3s_with_the_same_version_and_config_is_left_alone(k3s):
-    assert install(k3s, "v1.34.6+k3s1", CONFIG).returncode == 0
-    before = k3s.calls()
-    again = install(k3s, "v1.34.6+k3s1", CONFIG)
-    assert again.returncode == 0, again.stderr
-    assert "already runs with this configuration" in again.stderr
-    assert k3s.calls() == before
-
-
-@pytest.mark.parametrize("version, config", [("v1.34.7+k3s1", CONFIG), ("v1.34.6+k3s1", CONFIG + "node-label: [x=y]\n")],
-                         ids=["new-version", "new-config"])
-def test_k3s_upgrades_in_place_when_version_or_config_changes(k3s, version, config):
-    assert install(k3s, "v1.34.6+k3s1", CONFIG).returncode == 0
-    before = len(k3s.calls())
-    result = install(k3s, version, config)
-    assert result.returncode == 0, result.stderr
-    new_calls = k3s.calls()[before:]
-    assert f"installer INSTALL_K3S_VERSION={version} args=server" in new_calls
-    assert Path(k3s.env_vars["K3S_CONFIG_FILE"]).read_text() == config
-
-
-def test_k3s_that_runs_without_secrets_encryption_is_left_alone_with_the_documented_steps(k3s):
-    # Installed and running, but never started with secrets-encryption: no encryption configuration.
-    (k3s.root / "version").write_text("v1.34.6+k3s1\n")
-    config = Path(k3s.env_vars["K3S_CONFIG_FILE"])
-    config.parent.mkdir()
-    config.write_text("node-ip: 172.31.14.98\n")
-    result = install(k3s, "v1.34.6+k3s1", CONFIG)
-    assert result.returncode != 0
-    assert k3s.calls() == []  # no installer, no restart, no Secret rewritten
-    assert config.read_text() == "node-ip: 172.31.14.98\n"
-    steps = ["k3s secrets-encrypt enable", "systemctl restart k3s", "k3s secrets-encrypt reencrypt"]
-    positions = [result.stderr.find(step) for step in steps]
-    assert -1 not in positions and positions == sorted(positions), result.stderr
 
 
 # --- PostgreSQL's unit ----------------------------------------------------------------------------

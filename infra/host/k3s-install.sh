@@ -1,59 +1,352 @@
 #!/usr/bin/env bash
-# Install k3s at K3S_VERSION as a server with the configuration read from stdin, or upgrade it in
-# place when either differs from what the host runs.
+# Install k3s at K3S_VERSION as a server whose every setting is in config.yaml (read from stdin), or
+# bring a running one to that version and configuration, restarting it only when that changes something.
 #
 #   K3S_VERSION=v1.34.6+k3s1 k3s-install.sh < config.yaml
 #
-# K3S_CONFIG_FILE    where k3s reads its configuration; default /etc/rancher/k3s/config.yaml
-# K3S_INSTALLER_URL  the installer; default the install.sh of the K3S_VERSION tag itself, so the
-#                    installer is pinned along with the release it installs
-# K3S_ENCRYPTION_CONFIG  k3s's secrets encryption state; default
-#                    /var/lib/rancher/k3s/server/cred/encryption-config.json
+# K3S_REPLACE_LIVE_FLAGS  1 lets config.yaml's value replace a different one the live unit's command line
+#                   gives; otherwise such a difference is refused, and shown
+# K3S_ENCRYPT_EXISTING_SECRETS  1 turns secrets encryption on for a running cluster that has none (a
+#                   restart, then every Secret is encrypted again); otherwise that is refused
+# K3S_BIN_DIR       default /usr/local/bin; K3S_SYSTEMD_DIR default /etc/systemd/system
+# K3S_CONFIG_FILE   default /etc/rancher/k3s/config.yaml
+# K3S_RELEASES_URL  default https://github.com/k3s-io/k3s/releases/download
+# K3S_READY_TIMEOUT seconds to wait for /readyz after a restart; default 600
+# KATFORGE_RESTART_LOCK  held from the restart until k3s is ready, so that PostgreSQL (pg-configure.sh takes
+#                   it too) never restarts at the same time; default /run/lock/katforge-restart.lock
+# KATFORGE_RESTART_LOCK_WAIT  seconds to wait for it; default 900
 #
-# Runs as root. Does nothing when the running version and the configuration file already match.
-# Secrets encryption is turned on at the first install only: a server that already runs without it
-# is left alone, and the step fails with the manual procedure k3s documents.
+# Runs as root. Like k3s-ansible (roles/k3s_server: its own unit, the release's binary), not through
+# k3s's install.sh, which rewrites the unit's command line (live flags lost), rewrites the env file
+# from its own environment (K3S_TOKEN lost, K3S_VERSION added), restarts when nothing changed, and
+# never when only config.yaml did (k3s-io/k3s#11180). Here:
+# - the binary is the release's `k3s`, checked against the release's sha256sum-<arch>.txt; an older
+#   version than the installed one, or a jump of more than one minor version, is refused;
+# - the unit has the shape install.sh writes (create_systemd_service_file) with no flags:
+#   `ExecStart=<bin>/k3s server`. The live unit's flags are compared with config.yaml (a flag's key is
+#   its name without dashes): one config.yaml sets alike is dropped, one it lacks is carried into
+#   config.yaml (in a section of its own, kept on later runs), one it sets otherwise is refused;
+# - k3s.service.env is never written: the live one stays as it is;
+# - k3s restarts when the binary, the unit or config.yaml changed, and only then; the run succeeds only
+#   once /readyz answers, and, when config.yaml asks for secrets encryption, once
+#   `k3s secrets-encrypt status` says Enabled with an AES-CBC key.
+#
+# Secrets encryption on a cluster that runs without it: k3s generates its AES-CBC key when it starts
+# with secrets-encryption and has no encryption configuration yet (pkg/daemons/control/deps,
+# genEncryptionConfigAndState), so new Secrets are encrypted from that restart on; `k3s secrets-encrypt
+# rotate-keys` (k3s >= 1.28, pkg/server/handlers/secrets-encrypt.go) then adds a new key and rewrites
+# every Secret with it. k3s's documentation calls turning encryption on later "not supported", hence the
+# explicit K3S_ENCRYPT_EXISTING_SECRETS, after a backup of /var/lib/rancher/k3s/server.
 set -euo pipefail
 
 log() { printf 'k3s-install: %s\n' "$*" >&2; }
 
 : "${K3S_VERSION:?K3S_VERSION is required, e.g. v1.34.6+k3s1}"
+bin_dir=${K3S_BIN_DIR:-/usr/local/bin}
+systemd_dir=${K3S_SYSTEMD_DIR:-/etc/systemd/system}
 config_file=${K3S_CONFIG_FILE:-/etc/rancher/k3s/config.yaml}
-installer_url=${K3S_INSTALLER_URL:-https://raw.githubusercontent.com/k3s-io/k3s/${K3S_VERSION//+/%2B}/install.sh}
-encryption_config=${K3S_ENCRYPTION_CONFIG:-/var/lib/rancher/k3s/server/cred/encryption-config.json}
+releases=${K3S_RELEASES_URL:-https://github.com/k3s-io/k3s/releases/download}
+ready_timeout=${K3S_READY_TIMEOUT:-600}
+restart_lock=${KATFORGE_RESTART_LOCK:-/run/lock/katforge-restart.lock}
+k3s=$bin_dir/k3s
+unit_file=$systemd_dir/k3s.service
+opted_in() { [[ ${1:-0} =~ ^(1|true|yes)$ ]]; }
 
-candidate=$(mktemp)
-trap 'rm -f "$candidate"' EXIT
-cat >"$candidate"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cat >"$work/config.yaml"
 
-# `k3s --version` prints "k3s version v1.34.6+k3s1 (hash)" first.
-installed=$( (k3s --version 2>/dev/null || true) | awk 'NR == 1 { print $3 }')
-if [[ $installed == "$K3S_VERSION" ]] && cmp -s "$candidate" "$config_file"; then
-  log "k3s $K3S_VERSION already runs with this configuration"
+# --- versions --------------------------------------------------------------------------------------
+
+# "v1.34.6+k3s2" as "1 34 6 2", so that versions compare as numbers (v1.34.10 is newer than v1.34.6).
+version_numbers() {
+  [[ $1 =~ ^v([0-9]+)\.([0-9]+)\.([0-9]+)\+k3s([0-9]+)$ ]] || return 1
+  echo "${BASH_REMATCH[1]} ${BASH_REMATCH[2]} ${BASH_REMATCH[3]} ${BASH_REMATCH[4]}"
+}
+if ! wanted=$(version_numbers "$K3S_VERSION"); then
+  log "K3S_VERSION=$K3S_VERSION is not a k3s release such as v1.34.6+k3s1"
+  exit 2
+fi
+installed=""
+[[ -x $k3s ]] && installed=$("$k3s" --version | awk 'NR == 1 { print $3 }')
+if [[ -n $installed ]]; then
+  if ! have=$(version_numbers "$installed"); then
+    log "the installed k3s reports version '$installed', which this script cannot compare; nothing was changed"
+    exit 1
+  fi
+  read -ra old <<<"$have"
+  read -ra new <<<"$wanted"
+  for i in 0 1 2 3; do
+    ((new[i] == old[i])) && continue
+    if ((new[i] < old[i])); then
+      log "refusing to downgrade k3s from $installed to $K3S_VERSION (its datastore may not go back); nothing was changed."
+      log "Set katforge:k3sVersion to $installed or newer."
+      exit 1
+    fi
+    break
+  done
+  if ((new[0] != old[0] || new[1] > old[1] + 1)); then
+    log "refusing to go from $installed to $K3S_VERSION: Kubernetes upgrades one minor version at a time; nothing was changed."
+    exit 1
+  fi
+fi
+
+# --- the live unit's flags against config.yaml -----------------------------------------------------
+
+# Writes the config.yaml to install to $work/config.final; prints "carried <keys>" and "encryption
+# true|false" for the log, or the differences it refuses (exit 3).
+if ! outcome=$(python3 - "$unit_file" "$work/config.yaml" "$config_file" "$work/config.final" \
+  "$(opted_in "${K3S_REPLACE_LIVE_FLAGS:-0}" && echo 1 || echo 0)" 2>&1 <<'PY'
+import os
+import re
+import shlex
+import sys
+
+import yaml  # PyYAML: on every Ubuntu cloud image, cloud-init needs it
+
+unit_path, candidate_path, current_path, final_path, replace = sys.argv[1:]
+MARK = ("# Carried from the live k3s unit's command line by k3s-install.sh (kept on later runs): set a key\n"
+        "# in the program's k3s configuration to manage it there.\n")
+SHORT = {"c": "config", "d": "data-dir", "t": "token", "v": "v"}  # `k3s server --help`
+
+
+def read(path):
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def unit_flags(text):
+    """{key: [values]} of the unit's `ExecStart=... server <flags>`; a flag without a value is true."""
+    joined = re.sub(r"\\\n", " ", text)  # systemd joins a line that ends in a backslash to the next
+    line = next((l for l in joined.splitlines() if l.startswith("ExecStart=")), None)
+    if line is None:
+        return {}
+    args = shlex.split(line[len("ExecStart="):].lstrip("-@:+!"))[1:]
+    if args and args[0] == "server":
+        args = args[1:]
+    flags, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("-"):
+            sys.exit(f"the live unit's ExecStart has an argument that is no flag: {arg!r}; nothing was changed")
+        key, value = arg.lstrip("-"), True
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("-"):
+            value, i = args[i + 1], i + 1
+        if not arg.startswith("--"):
+            key = SHORT.get(key, key)
+        flags.setdefault(key, []).append(value)
+        i += 1
+    return flags
+
+
+def words(value):
+    """A flag's or a config value as a set of strings: lists and comma lists item by item."""
+    items = value if isinstance(value, list) else [value]
+    out = set()
+    for item in items:
+        if isinstance(item, bool):
+            out.add("true" if item else "false")
+        else:
+            out.update(part.strip() for part in str(item).split(","))
+    return out
+
+
+def show(value):
+    return ",".join(sorted(words(value)))
+
+
+candidate = yaml.safe_load(read(candidate_path)) or {}
+current = read(current_path)
+carried_before = yaml.safe_load(current.split(MARK, 1)[1]) if MARK in current else {}
+live = {key: (values if len(values) > 1 else values[0]) for key, values in unit_flags(read(unit_path)).items()}
+for key, value in (carried_before or {}).items():
+    live.setdefault(key, value)
+
+carried, conflicts = {}, []
+for key, value in live.items():
+    if key == "config":
+        conflicts.append(f"--config {show(value)} on the live unit: k3s reads another configuration file there")
+    elif key not in candidate:
+        carried[key] = value
+    elif not words(value) <= words(candidate[key]):  # config.yaml may add list items, not drop them
+        conflicts.append(f"{key}: {show(value)} on the live host, {show(candidate[key])} in config.yaml")
+if conflicts and not (replace == "1" and all(not c.startswith("--config") for c in conflicts)):
+    print("the live k3s settings differ from config.yaml; nothing was changed:")
+    for line in conflicts:
+        print(f"  {line}")
+    print("Put the live value into the program's k3s configuration, or let config.yaml's replace it:")
+    print("K3S_REPLACE_LIVE_FLAGS=1 (from the configuration); --config cannot be replaced.")
+    sys.exit(3)
+
+text = read(candidate_path)
+if carried:
+    text = text.rstrip("\n") + "\n" + MARK + yaml.safe_dump(carried, sort_keys=False)
+open(final_path, "w").write(text)
+print("carried", " ".join(carried) or "-")
+print("encryption", "true" if candidate.get("secrets-encryption") is True else "false")
+PY
+); then
+  log "$outcome"
+  exit 1
+fi
+carried=$(awk '$1 == "carried" { $1 = ""; print substr($0, 2) }' <<<"$outcome")
+wants_encryption=$(awk '$1 == "encryption" { print $2 }' <<<"$outcome")
+
+# --- secrets encryption ----------------------------------------------------------------------------
+
+# True when `k3s secrets-encrypt status` says Enabled and an AES-CBC key is the active one ("*").
+# An encryption configuration that exists but lists identity first (encryption disabled) is not enough.
+encrypted() {
+  local status
+  status=$("$k3s" secrets-encrypt status 2>&1) || return 1
+  grep -q '^Encryption Status: Enabled$' <<<"$status" && grep -Eq '^ *\* +AES-CBC' <<<"$status"
+}
+encrypt_existing=false
+if [[ -n $installed ]]; then
+  if ! systemctl is-active --quiet k3s; then
+    log "k3s $installed is installed but not running: start it (systemctl start k3s) and run this again; nothing was changed"
+    exit 1
+  fi
+  if [[ $wants_encryption == true ]] && ! encrypted; then
+    if ! opted_in "${K3S_ENCRYPT_EXISTING_SECRETS:-0}"; then
+      log "k3s $installed runs without secrets encryption (k3s secrets-encrypt status: not Enabled with an"
+      log "AES-CBC key), and config.yaml asks for it; nothing was changed. To turn it on: back up"
+      log "/var/lib/rancher/k3s/server, then let this run do it (K3S_ENCRYPT_EXISTING_SECRETS=1 from the"
+      log "configuration: one restart with secrets-encryption, then k3s secrets-encrypt rotate-keys, which"
+      log "encrypts every existing Secret), or leave secrets-encryption out of config.yaml for now."
+      exit 1
+    fi
+    encrypt_existing=true
+  elif [[ $wants_encryption != true ]] && encrypted; then
+    log "k3s encrypts Secrets, but config.yaml has no secrets-encryption: k3s would start unable to read"
+    log "them. Nothing was changed. Keep secrets-encryption: true in config.yaml."
+    exit 1
+  fi
+fi
+
+# --- what changes ----------------------------------------------------------------------------------
+
+# k3s's own unit as install.sh writes it (create_systemd_service_file), without flags.
+cat >"$work/k3s.service" <<EOF
+# Managed by katforge (infra/host/k3s-install.sh): every setting is in $config_file.
+[Unit]
+Description=Lightweight Kubernetes
+Documentation=https://k3s.io
+Wants=network-online.target
+After=network-online.target
+
+[Install]
+WantedBy=multi-user.target
+
+[Service]
+Type=notify
+EnvironmentFile=-/etc/default/%N
+EnvironmentFile=-/etc/sysconfig/%N
+EnvironmentFile=-$systemd_dir/k3s.service.env
+KillMode=process
+Delegate=yes
+User=root
+# Having non-zero Limit*s causes performance problems due to accounting overhead
+# in the kernel. We recommend using cgroups to do container-local accounting.
+LimitNOFILE=1048576
+LimitNPROC=infinity
+LimitCORE=infinity
+TasksMax=infinity
+TimeoutStartSec=0
+Restart=always
+RestartSec=5s
+ExecStartPre=-/sbin/modprobe br_netfilter
+ExecStartPre=-/sbin/modprobe overlay
+ExecStart=$k3s server
+EOF
+
+changed=()
+[[ $installed == "$K3S_VERSION" ]] || changed+=(binary)
+cmp -s "$work/k3s.service" "$unit_file" || changed+=(unit)
+cmp -s "$work/config.final" "$config_file" || changed+=(config)
+if [[ ${#changed[@]} -eq 0 ]]; then
+  log "k3s $K3S_VERSION already runs with this unit and configuration"
   exit 0
 fi
 
-if [[ -n $installed && ! -e $encryption_config ]]; then
-  log "k3s $installed on this host runs without secrets encryption, which k3s does not turn on by"
-  log "configuration alone on an existing server. Nothing was changed. Back up /var/lib/rancher/k3s/server,"
-  log "then, as root (https://docs.k3s.io/cli/secrets-encrypt, \"Disabling/Enabling Secrets Encryption\"):"
-  log "  k3s secrets-encrypt enable"
-  log "  systemctl restart k3s"
-  log "  k3s secrets-encrypt reencrypt --force --skip"
-  log "  k3s secrets-encrypt status    # Encryption Status: Enabled"
-  log "and run this step again."
+# --- apply -----------------------------------------------------------------------------------------
+
+if [[ " ${changed[*]} " == *" binary "* ]]; then
+  case $(uname -m) in
+    x86_64) arch=amd64 asset=k3s ;;
+    aarch64) arch=arm64 asset=k3s-arm64 ;;
+    *) log "unsupported architecture $(uname -m)"; exit 1 ;;
+  esac
+  url=$releases/${K3S_VERSION//+/%2B}
+  log "downloading k3s $K3S_VERSION (was: ${installed:-not installed})"
+  curl -sfL --retry 3 -o "$work/sha256sum.txt" "$url/sha256sum-$arch.txt"
+  curl -sfL --retry 3 -o "$work/k3s" "$url/$asset"
+  expected=$(awk -v asset="$asset" '$2 == asset { print $1 }' "$work/sha256sum.txt")
+  actual=$(sha256sum "$work/k3s" | awk '{ print $1 }')
+  if [[ -z $expected || $actual != "$expected" ]]; then
+    log "the downloaded $asset has sha256 $actual, the release's sha256sum-$arch.txt says '${expected:-nothing}'; nothing was changed"
+    exit 1
+  fi
+  chmod 0755 "$work/k3s"
+  reported=$("$work/k3s" --version | awk 'NR == 1 { print $3 }')
+  if [[ $reported != "$K3S_VERSION" ]]; then
+    log "the downloaded k3s says it is $reported, not $K3S_VERSION; nothing was changed"
+    exit 1
+  fi
+  mkdir -p "$bin_dir"
+  # A rename: the running server keeps its binary until it restarts.
+  install -m 0755 "$work/k3s" "$bin_dir/.k3s.new"
+  mv -f "$bin_dir/.k3s.new" "$k3s"
+  for tool in kubectl crictl ctr; do
+    [[ -e $bin_dir/$tool ]] || ln -s k3s "$bin_dir/$tool"
+  done
+fi
+if [[ " ${changed[*]} " == *" config "* ]]; then
+  # The configuration holds no secret of the program's, but may hold a carried --token: root only.
+  install -D -m 0600 "$work/config.final" "$config_file"
+  [[ $carried == "-" ]] || log "carried the live unit's $carried into $config_file"
+fi
+if [[ " ${changed[*]} " == *" unit "* ]]; then
+  install -D -m 0644 "$work/k3s.service" "$unit_file"
+  systemctl daemon-reload
+fi
+systemctl is-enabled --quiet k3s || systemctl enable --quiet k3s
+
+ready() { "$k3s" kubectl get --raw=/readyz >/dev/null 2>&1; }
+log "restarting k3s for a new ${changed[*]}"
+# pg-configure.sh takes the same lock around PostgreSQL's restarts: the two never restart at once.
+(
+  if ! flock -w "${KATFORGE_RESTART_LOCK_WAIT:-900}" 9; then
+    log "another restart on this host holds $restart_lock; k3s was not restarted (run this again)"
+    exit 1
+  fi
+  systemctl restart k3s
+  deadline=$((SECONDS + ready_timeout))
+  until ready; do
+    if ((SECONDS >= deadline)); then
+      log "k3s is not ready (/readyz) ${ready_timeout}s after its restart: see journalctl -u k3s"
+      exit 1
+    fi
+    sleep 1
+  done
+) 9>>"$restart_lock"
+
+if $encrypt_existing; then
+  log "encrypting the existing Secrets: k3s secrets-encrypt rotate-keys"
+  "$k3s" secrets-encrypt rotate-keys >&2
+  deadline=$((SECONDS + ready_timeout))
+  until "$k3s" secrets-encrypt status | grep -q '^Current Rotation Stage: reencrypt_finished$'; do
+    if ((SECONDS >= deadline)); then
+      log "the Secrets are not all encrypted again ${ready_timeout}s later: see journalctl -u k3s"
+      exit 1
+    fi
+    sleep 1
+  done
+fi
+if [[ $wants_encryption == true ]] && ! encrypted; then
+  log "k3s runs, but k3s secrets-encrypt status does not say Enabled with an AES-CBC key:"
+  "$k3s" secrets-encrypt status >&2 || true
   exit 1
 fi
-
-# The configuration holds no secret, but k3s's own files stay private to root.
-install -D -m 0600 "$candidate" "$config_file"
-log "installing k3s $K3S_VERSION (was: ${installed:-not installed})"
-# The installer (re)starts the k3s service, so a changed configuration takes effect here too.
-curl -sfL "$installer_url" | INSTALL_K3S_VERSION=$K3S_VERSION sh -s - server
-
-for _ in {1..60}; do
-  k3s kubectl get --raw=/readyz >/dev/null 2>&1 && break
-  sleep 5
-done
-k3s kubectl get --raw=/readyz >/dev/null
-log "k3s $(k3s --version | awk 'NR == 1 { print $3 }') ready"
+log "k3s $("$k3s" --version | awk 'NR == 1 { print $3 }') ready"

@@ -1,0 +1,357 @@
+"""k3s-install.sh on a host root laid out like the live k3s host: the binary an earlier install.sh put
+in /usr/local/bin, install.sh's unit with flags on its command line, the env file with K3S_TOKEN, and k3s
+running. Only what cannot run here is stood in for, and each stand-in acts rather than decides:
+- curl serves the files of a fake release directory (binary and sha256sum-amd64.txt), by URL;
+- the "release binary" is a script that answers as k3s does (--version, kubectl get --raw=/readyz,
+  secrets-encrypt status/rotate-keys, in k3s's output format) and, started as `k3s server`, records
+  the command line, the config file and the environment it got, and creates the encryption key the
+  way k3s does on a start with secrets-encryption;
+- systemctl records its calls and starts the unit systemd has LOADED (so a unit written without a
+  daemon-reload starts the old command line), with its EnvironmentFile."""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.bootstrap import HOST_FILES, render_k3s_config
+
+SCRIPT = HOST_FILES / "k3s-install.sh"
+LIVE = "v1.34.6+k3s1"
+CONFIG = render_k3s_config(public_ip="3.19.192.157", private_ip="172.31.14.98")
+TOKEN = "K10c0ffee::server:5ecret"
+
+# The unit the upstream install.sh wrote for `sh -s - server --write-kubeconfig-mode 644 ...`,
+# quoted and indented as its quote_indent does.
+LIVE_UNIT = """[Unit]
+Description=Lightweight Kubernetes
+Documentation=https://k3s.io
+Wants=network-online.target
+After=network-online.target
+
+[Install]
+WantedBy=multi-user.target
+
+[Service]
+Type=notify
+EnvironmentFile=-/etc/default/%N
+EnvironmentFile=-/etc/sysconfig/%N
+EnvironmentFile=-{systemd}/k3s.service.env
+KillMode=process
+Delegate=yes
+User=root
+LimitNOFILE=1048576
+LimitNPROC=infinity
+LimitCORE=infinity
+TasksMax=infinity
+TimeoutStartSec=0
+Restart=always
+RestartSec=5s
+ExecStartPre=/bin/sh -xc '! /usr/bin/systemctl is-enabled --quiet nm-cloud-setup.service 2>/dev/null'
+ExecStartPre=-/sbin/modprobe br_netfilter
+ExecStartPre=-/sbin/modprobe overlay
+ExecStart={bin}/k3s \\
+    server \\
+\t'--write-kubeconfig-mode' \\
+\t'644' \\
+\t'--tls-san' \\
+\t'k3s.katforge.com' \\
+\t'--node-name' \\
+\t'k3s-prod' \\
+{extra}
+"""
+
+FAKE_K3S = r"""#!/usr/bin/env bash
+# k3s @VERSION@, as far as k3s-install.sh asks it anything.
+state=$FAKE/state
+encryption=$state/encryption   # k3s's encryption-config.json, as its providers in order
+stage() { cat "$state/stage" 2>/dev/null || echo start; }
+case $1 in
+  --version) echo "k3s version @VERSION@ (0123abcd)"; echo "go version go1.24.11" ;;
+  server)
+    shift
+    { echo "version=@VERSION@"; echo "args=$*"; echo "K3S_TOKEN=${K3S_TOKEN:-}"; echo "K3S_VERSION=${K3S_VERSION:-}"; } >"$state/started"
+    cp "$K3S_CONFIG_FILE" "$state/started-config.yaml"
+    # pkg/daemons/control/deps: with secrets-encryption and no configuration yet, a new AES-CBC key first.
+    if grep -qx 'secrets-encryption: true' "$K3S_CONFIG_FILE" || [[ " $* " == *" --secrets-encryption "* ]]; then
+      [[ -s $encryption ]] || echo "aescbc:aescbckey identity" >"$encryption"
+    fi
+    [[ -e $state/never-ready ]] || touch "$state/ready" ;;
+  kubectl) [[ $* == "kubectl get --raw=/readyz" && -e $state/ready ]] && echo ok ;;
+  secrets-encrypt)
+    case $2 in
+      status)  # pkg/cli/secretsencrypt Status()
+        if [[ ! -s $encryption ]]; then echo "Encryption Status: Disabled, no configuration file found"; exit 0; fi
+        read -ra providers <"$encryption"
+        [[ ${providers[0]} == aescbc:* ]] && echo "Encryption Status: Enabled" || echo "Encryption Status: Disabled"
+        echo "Current Rotation Stage: $(stage)"
+        echo "Server Encryption Hashes: All hashes match"
+        printf '\nActive  Key Type  Name\n------  --------  ----\n'
+        for p in "${providers[@]}"; do
+          [[ $p == aescbc:* ]] || continue
+          if [[ $p == "${providers[0]}" ]]; then mark=' *'; else mark=''; fi
+          printf '%-8s%-10s%s\n' "$mark" AES-CBC "AES-CBC ${p#aescbc:}"
+        done ;;
+      rotate-keys)
+        echo "secrets-encrypt rotate-keys" >>"$FAKE/calls.log"
+        [[ -s $encryption ]] || { echo "open encryption-config.json: no such file or directory" >&2; exit 1; }
+        read -ra providers <"$encryption"
+        echo "aescbc:aescbckey-2026 ${providers[*]}" >"$encryption"
+        echo reencrypt_finished >"$state/stage"
+        echo "keys rotated, reencryption started" ;;
+    esac ;;
+esac
+"""
+
+CURL = r"""#!/usr/bin/env bash
+# Serves $FAKE/releases/<tag>/<file> for https://github.com/k3s-io/k3s/releases/download/<tag>/<file>.
+echo "curl $*" >>"$FAKE/calls.log"
+out=""
+while [[ $# -gt 0 ]]; do
+  case $1 in -o) out=$2; shift 2 ;; --retry) shift 2 ;; -*) shift ;; *) url=$1; shift ;; esac
+done
+path=${url#https://github.com/k3s-io/k3s/releases/download/}
+path=${path//%2B/+}
+[[ $path != "$url" && -f $FAKE/releases/$path ]] || exit 22
+cp "$FAKE/releases/$path" "$out"
+"""
+
+SYSTEMCTL = r"""#!/usr/bin/env bash
+# systemd for k3s.service: starts the unit it last loaded, with its EnvironmentFile.
+echo "systemctl $*" >>"$FAKE/calls.log"
+state=$FAKE/state
+args=()
+for arg; do [[ $arg == --* ]] || args+=("$arg"); done
+case ${args[0]} in
+  daemon-reload) cp "$K3S_SYSTEMD_DIR/k3s.service" "$state/loaded.service" ;;
+  is-active) [[ -e $state/ready || -e $state/started ]] ;;
+  is-enabled) [[ -e $state/enabled ]] ;;
+  enable) touch "$state/enabled" ;;
+  restart)
+    rm -f "$state/ready" "$state/started"
+    exec_start=$(sed -e ':a' -e '/\\$/N; s/\\\n//; ta' "$state/loaded.service" | sed -n 's/^ExecStart=//p')
+    env_file=$(sed -n 's/^EnvironmentFile=-\(.*k3s.service.env\)$/\1/p' "$state/loaded.service")
+    ( set -a; [[ -f $env_file ]] && . "$env_file"; set +a; eval "$exec_start" ) ;;
+  *) echo "systemctl stand-in: $* is not supported" >&2; exit 1 ;;
+esac
+"""
+
+
+class K3sHost:
+    def __init__(self, root: Path):
+        self.root = root
+        self.bin = root / "usr/local/bin"
+        self.systemd = root / "etc/systemd/system"
+        self.config = root / "etc/rancher/k3s/config.yaml"
+        self.unit = self.systemd / "k3s.service"
+        self.env_file = self.systemd / "k3s.service.env"
+        self.state = root / "state"
+        self.log = root / "calls.log"
+        tools = root / "tools"
+        for d in (self.bin, self.systemd, self.state, tools):
+            d.mkdir(parents=True)
+        self.log.touch()
+        for name, text in (("curl", CURL), ("systemctl", SYSTEMCTL)):
+            (tools / name).write_text(text)
+            (tools / name).chmod(0o755)
+        for version in (LIVE, "v1.34.5+k3s1", "v1.34.10+k3s1", "v1.34.6+k3s2", "v1.35.3+k3s1", "v1.36.0+k3s1"):
+            self.release(version)
+        self.env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "FAKE": str(root),
+                    "K3S_BIN_DIR": str(self.bin), "K3S_SYSTEMD_DIR": str(self.systemd),
+                    "K3S_CONFIG_FILE": str(self.config), "K3S_READY_TIMEOUT": "3",
+                    "KATFORGE_RESTART_LOCK": str(root / "restart.lock")}
+
+    def release(self, version: str, binary: str | None = None) -> None:
+        directory = self.root / "releases" / version
+        directory.mkdir(parents=True, exist_ok=True)
+        text = binary or FAKE_K3S.replace("@VERSION@", version)
+        (directory / "k3s").write_text(text)
+        digest = hashlib.sha256(FAKE_K3S.replace("@VERSION@", version).encode()).hexdigest()
+        (directory / "sha256sum-amd64.txt").write_text(f"{'0' * 64}  k3s-arm64\n{digest}  k3s\n")
+
+    def live(self, *, encrypted: bool = True, extra_flags: str = "") -> None:
+        """k3s LIVE as install.sh left it, running; with --secrets-encryption on its command line or without."""
+        (self.bin / "k3s").write_text(FAKE_K3S.replace("@VERSION@", LIVE))
+        (self.bin / "k3s").chmod(0o755)
+        flags = ("\t'--secrets-encryption' \\\n" if encrypted else "") + extra_flags
+        self.unit.write_text(LIVE_UNIT.format(systemd=self.systemd, bin=self.bin, extra=flags))
+        self.env_file.write_text(f"K3S_TOKEN='{TOKEN}'\n")
+        self.env_file.chmod(0o600)
+        (self.state / "enabled").touch()
+        subprocess.run(["systemctl", "daemon-reload"], env=self.env, check=True)
+        subprocess.run(["systemctl", "restart", "k3s"], env=self.env, check=True)
+        self.log.write_text("")
+
+    def run(self, version: str = LIVE, config: str = CONFIG, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(SCRIPT)], input=config, env={**self.env, "K3S_VERSION": version, **env},
+                              capture_output=True, text=True)
+
+    def calls(self) -> list[str]:
+        return [call for call in self.log.read_text().splitlines() if " is-" not in call]
+
+    def started(self) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in (self.state / "started").read_text().splitlines())
+
+    def files(self) -> dict[str, tuple[bytes, int]]:
+        return {str(p): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(self.root.joinpath("etc").rglob("*"))
+                if p.is_file()} | {"k3s": ((self.bin / "k3s").read_bytes(), (self.bin / "k3s").stat().st_mtime_ns)}
+
+
+@pytest.fixture
+def host(tmp_path):
+    return K3sHost(tmp_path)
+
+
+@pytest.fixture
+def live(host):
+    host.live()
+    return host
+
+
+def test_live_flags_that_config_yaml_sets_otherwise_are_refused_with_the_difference(live):
+    before = live.files()
+    result = live.run()
+    assert result.returncode == 1
+    assert "write-kubeconfig-mode: 644 on the live host, 0600 in config.yaml" in result.stderr
+    assert "K3S_REPLACE_LIVE_FLAGS=1" in result.stderr
+    assert live.files() == before and live.calls() == []
+
+
+def test_adoption_keeps_the_live_flags_and_token_and_restarts_once(live):
+    env_file = live.env_file.read_bytes()
+    result = live.run(K3S_REPLACE_LIVE_FLAGS="1")
+    assert result.returncode == 0, result.stderr
+    # Our unit, install.sh's shape, no flags; systemd reloaded it before the one restart.
+    unit = live.unit.read_text()
+    assert f"ExecStart={live.bin}/k3s server\n" in unit
+    assert f"EnvironmentFile=-{live.systemd}/k3s.service.env\n" in unit
+    assert live.calls() == ["systemctl daemon-reload", "systemctl restart k3s"]
+    # The env file is untouched: K3S_TOKEN stays, K3S_VERSION never lands there.
+    assert live.env_file.read_bytes() == env_file
+    started = live.started()
+    assert started["args"] == "" and started["K3S_TOKEN"] == TOKEN  # `k3s server`, no flags and started["K3S_VERSION"] == ""
+    # The live flag config.yaml lacked is carried into it; the ones it sets alike are dropped.
+    config = yaml.safe_load(live.config.read_text())
+    assert config == {**yaml.safe_load(CONFIG), "node-name": "k3s-prod"}
+    assert stat.S_IMODE(live.config.stat().st_mode) == 0o600
+    assert "carried the live unit's node-name" in result.stderr
+
+    before = live.files()
+    live.log.write_text("")
+    again = live.run()
+    assert again.returncode == 0, again.stderr
+    assert "already runs with this unit and configuration" in again.stderr
+    assert live.calls() == [] and live.files() == before
+
+
+@pytest.fixture
+def adopted(live):
+    assert live.run(K3S_REPLACE_LIVE_FLAGS="1").returncode == 0
+    live.log.write_text("")
+    return live
+
+
+def test_a_change_of_config_yaml_alone_restarts_k3s(adopted):
+    config = CONFIG + "node-label:\n- katforge.com/role=all\n"
+    result = adopted.run(config=config)
+    assert result.returncode == 0, result.stderr
+    assert adopted.calls() == ["systemctl restart k3s"]  # no download, no daemon-reload
+    started = yaml.safe_load((adopted.state / "started-config.yaml").read_text())
+    assert started["node-label"] == ["katforge.com/role=all"] and started["node-name"] == "k3s-prod"
+
+
+@pytest.mark.parametrize("version", ["v1.34.10+k3s1", "v1.34.6+k3s2", "v1.35.3+k3s1"])
+def test_a_newer_release_is_downloaded_checked_and_started(adopted, version):
+    result = adopted.run(version)
+    assert result.returncode == 0, result.stderr
+    tag = version.replace("+", "%2B")
+    release = f"https://github.com/k3s-io/k3s/releases/download/{tag}"
+    calls = adopted.calls()
+    assert [call.split()[-1] for call in calls if call.startswith("curl ")] == [f"{release}/sha256sum-amd64.txt",
+                                                                                 f"{release}/k3s"]
+    assert [call for call in calls if not call.startswith("curl ")] == ["systemctl restart k3s"]
+    assert adopted.started()["version"] == version
+    assert f"k3s {version} ready" in result.stderr
+
+
+@pytest.mark.parametrize("version, message", [
+    ("v1.34.5+k3s1", "refusing to downgrade k3s from v1.34.6+k3s1 to v1.34.5+k3s1"),
+    ("v1.36.0+k3s1", "one minor version at a time"),
+    ("1.34.7", "is not a k3s release"),
+], ids=["downgrade", "two-minors", "malformed"])
+def test_a_downgrade_or_a_jump_is_refused(adopted, version, message):
+    before = adopted.files()
+    result = adopted.run(version)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert adopted.files() == before and adopted.calls() == []
+
+
+def test_a_binary_that_does_not_match_the_release_checksum_is_not_installed(adopted):
+    adopted.release("v1.34.10+k3s1", binary="#!/bin/sh\necho tampered\n")
+    before = adopted.files()
+    result = adopted.run("v1.34.10+k3s1")
+    assert result.returncode == 1
+    assert "sha256sum-amd64.txt says" in result.stderr
+    assert adopted.files() == before and not any("restart" in c for c in adopted.calls())
+
+
+def test_a_restart_counts_only_once_readyz_answers(adopted):
+    (adopted.state / "never-ready").touch()
+    result = adopted.run(config=CONFIG + "node-label:\n- x=y\n", K3S_READY_TIMEOUT="1")
+    assert result.returncode == 1
+    assert "k3s is not ready (/readyz) 1s after its restart" in result.stderr
+
+
+def test_a_restart_waits_for_the_host_restart_lock(adopted):
+    with open(adopted.env["KATFORGE_RESTART_LOCK"], "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # pg-configure.sh restarting PostgreSQL
+        result = adopted.run(config=CONFIG + "node-label:\n- x=y\n", KATFORGE_RESTART_LOCK_WAIT="1")
+    assert result.returncode == 1
+    assert "another restart on this host holds" in result.stderr
+    assert "systemctl restart k3s" not in adopted.calls()
+
+
+@pytest.fixture
+def unencrypted(host):
+    host.live(encrypted=False)
+    return host
+
+
+def test_a_cluster_without_secrets_encryption_is_left_alone_without_the_opt_in(unencrypted):
+    before = unencrypted.files()
+    result = unencrypted.run(K3S_REPLACE_LIVE_FLAGS="1")
+    assert result.returncode == 1
+    assert "runs without secrets encryption" in result.stderr and "K3S_ENCRYPT_EXISTING_SECRETS=1" in result.stderr
+    assert unencrypted.files() == before and unencrypted.calls() == []
+
+
+def test_an_identity_first_encryption_configuration_is_not_encryption(unencrypted):
+    # What `k3s secrets-encrypt disable` leaves: the file exists, the key is there, identity comes first.
+    (unencrypted.state / "encryption").write_text("identity aescbc:aescbckey\n")
+    result = unencrypted.run(K3S_REPLACE_LIVE_FLAGS="1")
+    assert result.returncode == 1 and "runs without secrets encryption" in result.stderr
+
+
+def test_secrets_encryption_is_turned_on_the_supported_way_when_asked(unencrypted):
+    result = unencrypted.run(K3S_REPLACE_LIVE_FLAGS="1", K3S_ENCRYPT_EXISTING_SECRETS="1")
+    assert result.returncode == 0, result.stderr
+    assert unencrypted.calls() == ["systemctl daemon-reload", "systemctl restart k3s", "secrets-encrypt rotate-keys"]
+    status = subprocess.run([str(unencrypted.bin / "k3s"), "secrets-encrypt", "status"], env=unencrypted.env,
+                            capture_output=True, text=True).stdout
+    assert "Encryption Status: Enabled" in status and "reencrypt_finished" in status
+
+
+def test_a_new_host_gets_k3s_started_with_its_configuration(host):
+    result = host.run()
+    assert result.returncode == 0, result.stderr
+    assert host.calls()[-3:] == ["systemctl daemon-reload", "systemctl enable --quiet k3s", "systemctl restart k3s"]
+    assert (host.bin / "kubectl").resolve() == (host.bin / "k3s").resolve()
+    assert yaml.safe_load((host.state / "started-config.yaml").read_text()) == yaml.safe_load(CONFIG)
+    assert not host.env_file.exists()

@@ -1,25 +1,49 @@
 """A stage's settings, read once from Pulumi config and validated before any resource is declared.
 
 Every key is declared (type, description, default, secret) in Pulumi.yaml; this module is the only
-reader of `pulumi.Config`. A bad value stops the program with one `SettingsError` that names the key,
-the value and the expected form.
+reader of `pulumi.Config`. A bad value stops the program with one `SettingsError`, one line:
+
+    Pulumi.<stack>.yaml: katforge:<key> = <value>: expected <what>[; set it with: <command>]
 """
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import pulumi
+import yaml
+from pulumi.runtime.config import CONFIG
 
 PROJECT = "katforge"
 REGION = "us-east-2"  # SES, the hosts and the zones' records all live here (spec: SES us-east-2)
+PROJECT_FILE = Path(__file__).resolve().parent.parent / "Pulumi.yaml"
+NOT_SET = "(not set)"
 
 
 class SettingsError(pulumi.RunError):
-    """Bad or missing configuration; Pulumi prints the message without a traceback."""
+    """Bad or missing configuration; Pulumi prints the message without a traceback
+    (pulumi-language-python-exec logs a RunError's message alone), and so does `make plan`."""
+
+
+def _shown(value: Any) -> str:
+    """A value as an error line shows it: as written, unless it would not read back as it is (empty,
+    spaces around it, not one line of text)."""
+    plain = isinstance(value, str) and value.strip() == value != "" and value.isprintable()
+    return value if plain else json.dumps(value)
+
+
+def invalid(key: str, value: Any, expected: str, fix: str = "") -> SettingsError:
+    """The one-line error for a bad setting of the current stack. `key` is bare (the project's
+    namespace) or `namespace:name`; `value` None means not set; `fix` is the command that sets it."""
+    full = key if ":" in key else f"{PROJECT}:{key}"
+    shown = NOT_SET if value is None else _shown(value)
+    return SettingsError(f"Pulumi.{pulumi.get_stack()}.yaml: {full} = {shown}: expected {expected}"
+                         + (f"; set it with: {fix}" if fix else ""))
 
 
 @dataclass(frozen=True)
@@ -137,58 +161,56 @@ class _Reader:
         self.stack = stack
         self.config = pulumi.Config(PROJECT)
 
-    def fail(self, key: str, value, expected: str) -> SettingsError:
-        return SettingsError(f"{PROJECT}:{key} = {value!r} is invalid: expected {expected}.")
-
-    def _missing(self, key: str, secret: bool) -> SettingsError:
+    def _missing(self, key: str, expected: str, secret: bool = False) -> SettingsError:
         # A secret is typed at the prompt (or piped in), never put on the command line.
-        how = f"--secret {PROJECT}:{key} --stack {self.stack}" if secret else f"{PROJECT}:{key} <value> --stack {self.stack}"
-        return SettingsError(f"{PROJECT}:{key} is not set for stack '{self.stack}'. Set it with: pulumi config set {how}")
+        how = f"--secret {PROJECT}:{key}" if secret else f"{PROJECT}:{key} <value>"
+        return invalid(key, None, expected, fix=f"pulumi config set {how} --stack {self.stack}")
 
-    def required(self, key: str, check: Callable[[str], bool], expected: str) -> str:
+    def required(self, key: str, expected: str) -> str:
         """A key that has no useful default: empty means not set."""
-        value = self.string(key)
-        if value == "":
-            raise self._missing(key, secret=False)
-        if not check(value):
-            raise self.fail(key, value, expected)
+        value = self.config.get(key)
+        if not value:
+            raise self._missing(key, expected)
         return value
 
-    def string(self, key: str, check: Optional[Callable[[str], bool]] = None, expected: str = "") -> str:
+    def string(self, key: str, check: Optional[Callable[[str], bool]] = None, expected: str = "a value") -> str:
         value = self.config.get(key)
         if value is None:
-            raise self._missing(key, secret=False)
+            raise self._missing(key, expected)
         if check is not None and not check(value):
-            raise self.fail(key, value, expected)
+            raise invalid(key, value, expected)
         return value
 
     def integer(self, key: str, low: int, high: int) -> int:
-        raw = self.string(key)
+        expected = f"a whole number from {low} to {high}"
+        raw = self.string(key, expected=expected)
         try:
             value = int(raw)
         except ValueError:
-            raise self.fail(key, raw, f"a whole number from {low} to {high}") from None
+            raise invalid(key, raw, expected) from None
         if not low <= value <= high:
-            raise self.fail(key, value, f"a whole number from {low} to {high}")
+            raise invalid(key, raw, expected)
         return value
 
-    def strings(self, key: str, check: Callable[[str], bool], expected: str) -> tuple[str, ...]:
-        raw = self.string(key)
+    def strings(self, key: str, check: Callable[[str], bool] = lambda v: True,
+                expected: str = "a list of text") -> tuple[str, ...]:
+        raw = self.string(key, expected="a list")
         try:
             values = json.loads(raw)
         except json.JSONDecodeError:
-            raise self.fail(key, raw, "a list, e.g. set with --path 'katforge:" + key + "[0]'") from None
+            raise invalid(key, raw, f"a list, e.g. set with: pulumi config set --path '{PROJECT}:{key}[0]' "
+                                      f"<value> --stack {self.stack}") from None
         if not isinstance(values, list):
-            raise self.fail(key, values, "a list")
+            raise invalid(key, raw, "a list")
         for value in values:
             if not isinstance(value, str) or not check(value):
-                raise self.fail(key, value, expected)
+                raise invalid(key, value, expected)
         return tuple(values)
 
     def secret(self, key: str) -> pulumi.Output:
         value = self.config.get_secret(key)
         if value is None:
-            raise self._missing(key, secret=True)
+            raise self._missing(key, "a secret", secret=True)
         return value
 
 
@@ -200,7 +222,19 @@ _SSH_PUBLIC_KEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|52
 _WIREGUARD_KEY = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
 _TIME = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 _GITHUB_REPO = re.compile(r"^[A-Za-z0-9-]+/[A-Za-z0-9._-]+$")
+_IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # the OCI distribution spec's tag grammar
 _AWS_ID = {"instance": re.compile(r"^i-[0-9a-f]{8,17}$"), "eip": re.compile(r"^eipalloc-[0-9a-f]{8,17}$")}
+
+# k3s's default pod and service networks (k3s server flags --cluster-cidr, --service-cidr); the host's
+# k3s configuration keeps them.
+K3S_POD_CIDR = "10.42.0.0/16"
+K3S_SERVICE_CIDR = "10.43.0.0/16"
+# Operators' own addresses: a home or office is a /32 to a /24, and even an ISP's pool for a dynamic
+# address is rarely wider than a /16. A wider public range (0.0.0.0/0 above all) would open SSH and the
+# k3s API to a good part of the internet, so it is refused. Private ranges (RFC 1918) can only arrive
+# from inside the VPC, so their width opens nothing to the internet.
+WIDEST_PUBLIC_PREFIX = 16
+_RFC1918 = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
 
 
 def is_domain(value: str) -> bool:
@@ -222,39 +256,68 @@ def is_cidr(value: str) -> bool:
     return True
 
 
-def _optional_id(kind: str) -> Callable[[str], bool]:
-    return lambda value: value == "" or bool(_AWS_ID[kind].match(value))
+def is_ip(value: str) -> bool:
+    try:
+        ipaddress.IPv4Address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _cidr_list(read: _Reader, key: str, form: str) -> tuple[str, ...]:
+    values = read.strings(key, is_cidr, form)
+    for value in values:
+        network = ipaddress.IPv4Network(value)
+        if network.prefixlen < WIDEST_PUBLIC_PREFIX and not any(network.subnet_of(p) for p in _RFC1918):
+            raise invalid(key, value, f"an operator's public range of /{WIDEST_PUBLIC_PREFIX} or narrower "
+                                      f"({value} would admit {network.num_addresses} addresses to SSH and the k3s API)")
+    return values
 
 
 def _network(read: _Reader) -> NetworkSettings:
+    from infra.network import subnet_cidr_of  # here, not at the top: infra.network imports this module
+
     cidr_form = "an IPv4 network in CIDR form with no host bits, e.g. 172.31.0.0/16"
     vpc_cidr = read.string("vpcCidr", is_cidr, cidr_form)
-    private_ip = read.string("k3sPrivateIp")
-    try:
-        inside = ipaddress.IPv4Address(private_ip) in ipaddress.IPv4Network(vpc_cidr)
-    except ValueError:
-        raise read.fail("k3sPrivateIp", private_ip, "an IPv4 address such as 172.31.14.98") from None
-    if not inside:
-        raise read.fail("k3sPrivateIp", private_ip, f"an address inside the VPC {vpc_cidr}")
+    private_ip = read.string("k3sPrivateIp", is_ip, "an IPv4 address such as 172.31.14.98")
+    address = ipaddress.IPv4Address(private_ip)
+    if address not in ipaddress.IPv4Network(vpc_cidr):
+        raise invalid("k3sPrivateIp", private_ip, f"an address inside the VPC {vpc_cidr}")
+    # AWS keeps five addresses of every subnet from instances: "the first four IP addresses and the last IP
+    # address in each subnet CIDR block" (Amazon VPC User Guide, "Subnet CIDR blocks").
+    subnet = ipaddress.IPv4Network(subnet_cidr_of(private_ip))
+    reserved = {subnet[0]: "its network address", subnet[1]: "the VPC router", subnet[2]: "DNS",
+                subnet[3]: "future use", subnet[-1]: "its broadcast address"}
+    if address in reserved:
+        raise invalid("k3sPrivateIp", private_ip, f"an address AWS lets an instance have in subnet {subnet}, but it "
+                                                  f"reserves {address} for {reserved[address]} (AWS keeps the first "
+                                                  "four and the last address of every subnet)")
+    vpn_client_cidr = read.string("vpnClientCidr", is_cidr, cidr_form)
+    clients = ipaddress.IPv4Network(vpn_client_cidr)
+    if clients.prefixlen > 30:
+        raise invalid("vpnClientCidr", vpn_client_cidr, "a /30 or wider range: room for the VPN server and its peers")
+    # The VPN host routes between its clients and the VPC, and the allow lists and pg_hba.conf tell
+    # clients, pods and VPC hosts apart by address: the ranges must not share one.
+    for name, other in (("the VPC", vpc_cidr), ("k3s's pod network", K3S_POD_CIDR),
+                        ("k3s's service network", K3S_SERVICE_CIDR)):
+        if clients.overlaps(ipaddress.IPv4Network(other)):
+            raise invalid("vpnClientCidr", vpn_client_cidr, f"a range apart from {name} {other}, e.g. 10.99.0.0/24")
     return NetworkSettings(
         vpc_cidr=vpc_cidr,
         k3s_private_ip=private_ip,
-        admin_cidrs=read.strings("adminCidrs", is_cidr, cidr_form),
-        k3s_api_cidrs=read.strings("k3sApiCidrs", is_cidr, cidr_form),
-        vpn_client_cidr=read.string("vpnClientCidr", is_cidr, cidr_form),
+        admin_cidrs=_cidr_list(read, "adminCidrs", cidr_form),
+        k3s_api_cidrs=_cidr_list(read, "k3sApiCidrs", cidr_form),
+        vpn_client_cidr=vpn_client_cidr,
     )
+
+
+def _optional_id(kind: str) -> Callable[[str], bool]:
+    return lambda value: value == "" or bool(_AWS_ID[kind].match(value))
 
 
 def _host(read: _Reader, prefix: str) -> HostSpec:
     """One host's settings. Its instance and Elastic IP are adopted together: importing the instance
     while allocating a new address would move the live address off it, and every DNS name with it."""
-    def is_ip(value: str) -> bool:
-        try:
-            ipaddress.IPv4Address(value)
-        except ValueError:
-            return False
-        return True
-
     spec = HostSpec(
         instance_type=read.string(f"{prefix}InstanceType", lambda v: bool(_INSTANCE_TYPE.match(v)),
                                   "an EC2 instance type such as t3.medium"),
@@ -265,9 +328,13 @@ def _host(read: _Reader, prefix: str) -> HostSpec:
                                       "empty, or an allocation ID such as eipalloc-0123456789abcdef0"),
     )
     if bool(spec.instance_id) != bool(spec.eip_allocation_id):
-        missing = f"{prefix}EipAllocationId" if spec.instance_id else f"{prefix}InstanceId"
-        raise SettingsError(f"{PROJECT}:{missing} is not set, but the {prefix} host is half adopted: set both "
-                            f"{PROJECT}:{prefix}InstanceId and {PROJECT}:{prefix}EipAllocationId, or neither.")
+        given, missing = ("InstanceId", "EipAllocationId") if spec.instance_id else ("EipAllocationId", "InstanceId")
+        what = "the allocation ID (eipalloc-...) of its Elastic IP" if missing == "EipAllocationId" else \
+            "the ID (i-...) of its instance"
+        raise invalid(f"{prefix}{missing}", None,
+                      f"{what}, since {PROJECT}:{prefix}{given} is set: adopt the live {prefix} host's instance "
+                      "and Elastic IP together, or neither",
+                      fix=f"pulumi config set {PROJECT}:{prefix}{missing} <id> --stack {pulumi.get_stack()}")
     return spec
 
 
@@ -276,9 +343,16 @@ def _hosts(read: _Reader) -> HostSettings:
         k3s=_host(read, "k3s"),
         vpn=_host(read, "vpn"),
         root_volume_gb=read.integer("rootVolumeGb", 8, 1024),
-        ssh_public_key=read.required("sshPublicKey", lambda v: bool(_SSH_PUBLIC_KEY.match(v)),
-                                   "an OpenSSH public key line such as 'ssh-ed25519 AAAA... ops@katforge.com'"),
+        ssh_public_key=_ssh_public_key(read),
     )
+
+
+def _ssh_public_key(read: _Reader) -> str:
+    form = "an OpenSSH public key line such as 'ssh-ed25519 AAAA... ops@katforge.com'"
+    value = read.required("sshPublicKey", form)
+    if not _SSH_PUBLIC_KEY.match(value):
+        raise invalid("sshPublicKey", value, form)
+    return value
 
 
 def _email(read: _Reader) -> EmailSettings:
@@ -296,41 +370,69 @@ def _email(read: _Reader) -> EmailSettings:
 
 
 def _wireguard_peers(read: _Reader, vpn_client_cidr: str) -> tuple[WireguardPeer, ...]:
-    expected = f"'name,publickey,address/32' with a WireGuard public key and an address inside {vpn_client_cidr}"
+    """Peers as "name,publickey,address/32". A refusal names the part of the line that is wrong."""
+    from infra.bootstrap import wireguard_address  # here, not at the top: infra.bootstrap imports this module
 
-    def parse(value: str) -> Optional[WireguardPeer]:
-        parts = value.split(",")
-        if len(parts) != 3 or not _LABEL.match(parts[0]) or not _WIREGUARD_KEY.match(parts[1]):
-            return None
-        try:
-            address = ipaddress.IPv4Network(parts[2], strict=True)
-        except ValueError:
-            return None
-        if address.prefixlen != 32 or not address.subnet_of(ipaddress.IPv4Network(vpn_client_cidr)):
-            return None
-        return WireguardPeer(name=parts[0], public_key=parts[1], address=parts[2])
+    clients = ipaddress.IPv4Network(vpn_client_cidr)
+    server = ipaddress.IPv4Interface(wireguard_address(vpn_client_cidr)).ip
+    form = f'"name,publickey,address/32", e.g. "alice-laptop,<wg pubkey output>,{clients[2]}/32"'
+    owners: dict[tuple[str, str], str] = {}  # (part, value) -> the peer that has it
+    peers = []
+    for line in read.strings("wireguardPeers"):
+        def wrong(problem: str) -> SettingsError:
+            return invalid("wireguardPeers", line, f"{form}, but {problem}")
 
-    raw = read.strings("wireguardPeers", lambda v: parse(v) is not None, expected)
-    peers = tuple(parse(v) for v in raw)
-    for attribute in ("name", "address"):
-        seen = [getattr(p, attribute) for p in peers]
-        duplicate = next((v for v in seen if seen.count(v) > 1), None)
-        if duplicate is not None:
-            raise read.fail("wireguardPeers", duplicate, f"each peer {attribute} to appear once")
-    return peers
+        parts = line.split(",")
+        if len(parts) != 3:
+            raise wrong(f"the line has {len(parts)} comma-separated parts, not 3")
+        name, key, address = parts
+        if not _LABEL.match(name):
+            raise wrong(f"the name {name!r} is not a lowercase label (a-z, 0-9 and inner hyphens)")
+        if not _WIREGUARD_KEY.match(key):
+            raise wrong(f"the public key {key!r} is not a WireGuard key (44 base64 characters ending in '=')")
+        network = ipaddress.IPv4Network(address) if is_cidr(address) else None
+        if network is None or network.prefixlen != 32 or not network.subnet_of(clients):
+            raise wrong(f"the address {address!r} is not a /32 inside {vpn_client_cidr}")
+        host = network.network_address
+        if host == server:
+            raise wrong(f"the address {address} is the VPN server's own (the first of {vpn_client_cidr})")
+        if host in (clients.network_address, clients.broadcast_address):
+            raise wrong(f"the address {address} is the network or broadcast address of {vpn_client_cidr}")
+        for part, value in (("name", name), ("public key", key), ("address", address)):
+            if (part, value) in owners:
+                raise wrong(f"peer {owners[part, value]!r} already has this {part}")
+            owners[part, value] = name
+        peers.append(WireguardPeer(name=name, public_key=key, address=address))
+    return tuple(peers)
+
+
+def _refuse_unknown_keys() -> None:
+    """A key of the project's namespace that Pulumi.yaml does not declare is a typo: the program would
+    silently use the default of the key it meant. The CLI hands the program every key of the stack
+    (pulumi-language-python-exec puts them in the runtime's config), defaults included."""
+    declared = yaml.safe_load(PROJECT_FILE.read_text())["config"]
+    by_lower = {key.lower(): key for key in declared}
+    for full in sorted(CONFIG.get()):
+        namespace, _, key = full.partition(":")
+        if namespace != PROJECT or key in declared:
+            continue
+        close = difflib.get_close_matches(key.lower(), by_lower, n=1, cutoff=0.6)
+        hint = f"; did you mean {PROJECT}:{by_lower[close[0]]}?" if close else " (see its config: section)"
+        value = "[secret]" if pulumi.runtime.is_config_secret(full) else CONFIG.get()[full]
+        raise invalid(full, value, f"a key that Pulumi.yaml declares{hint}")
 
 
 def load() -> Settings:
     """Read and validate the current stack's configuration."""
     stack = pulumi.get_stack()
     if stack not in STAGES:
-        raise SettingsError(f"unknown stage '{stack}': the stack name must be one of {', '.join(STAGES)}.")
+        raise SettingsError(f"Pulumi.{stack}.yaml: unknown stage '{stack}': expected a stack named after a stage: "
+                            f"{', '.join(STAGES)}")
     region = pulumi.Config("aws").get("region")
     if region != REGION:
-        raise SettingsError(
-            f"aws:region = {region!r} is invalid: expected {REGION}, where the estate and SES live. "
-            f"Set it with: pulumi config set aws:region {REGION} --stack {stack}"
-        )
+        raise invalid("aws:region", region, f"{REGION}, where the estate and SES live",
+                      fix=f"pulumi config set aws:region {REGION} --stack {stack}")
+    _refuse_unknown_keys()
     read = _Reader(stack)
     is_prod = stack == "prod"
     network = _network(read)
@@ -349,8 +451,7 @@ def load() -> Settings:
         ),
         cluster=ClusterSettings(
             acme_email=read.string("acmeEmail", is_email, "an email address such as ops@katforge.com"),
-            image_tag=read.string("imageTag", lambda v: bool(re.match(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$", v)),
-                                  "an image tag such as v1.2.3 or latest"),
+            image_tag=read.string("imageTag", lambda v: bool(_IMAGE_TAG.match(v)), "an image tag such as v1.2.3 or latest"),
             ghcr_username=read.string("ghcrUsername", lambda v: bool(re.match(r"^[A-Za-z0-9-]{1,39}$", v)),
                                       "a GitHub user name"),
             ghcr_token=read.secret("ghcrToken"),
@@ -361,7 +462,8 @@ def load() -> Settings:
             bucket=read.string("backupBucket", lambda v: bool(re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", v)),
                                "an S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)"),
             retention_days=read.integer("backupRetentionDays", 1, 3650),
-            time_utc=read.string("backupTime", lambda v: bool(_TIME.match(v)), "a UTC time HH:MM such as 03:30"),
+            time_utc=read.string("backupTime", lambda v: bool(_TIME.match(v)),
+                                 'a UTC time HH:MM with two-digit hours, quoted, e.g. "03:30"'),
         ) if is_prod else None,
         pipeline=PipelineSettings(
             github_repository=read.string("githubRepository", lambda v: bool(_GITHUB_REPO.match(v)),

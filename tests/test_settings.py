@@ -1,18 +1,24 @@
-"""Bad configuration stops the program before any resource, with one message naming key, value and form."""
+"""Bad configuration stops the program before any resource, with one line naming file, key, value and form."""
 import re
 
 import pulumi
 import pytest
 import yaml
 
-from infra.settings import SettingsError
+from infra.settings import SettingsError, _refuse_unknown_keys
+from tools import plan
 from tools.offline import ROOT, evaluate
+
+PEER_KEY = "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY="
+OTHER_KEY = "MTIzNDU2Nzg5MGFiY2RlZmdoaWprbG1ub3BxcnN0dXY="
 
 
 def error_of(stack: str = "prod", **config) -> str:
     with pytest.raises(SettingsError) as caught:
         evaluate(stack, {(k if ":" in k else f"katforge:{k}"): v for k, v in config.items()})
-    return str(caught.value)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -35,30 +41,79 @@ def error_of(stack: str = "prod", **config) -> str:
     ("k3sVersion", "v1.34.99+k3s1", "v1.34.6+k3s1"),
     ("rootVolumeGb", 4, "whole number from 8"),
     ("sshPublicKey", "AAAAC3Nza", "OpenSSH public key"),
-    ("wireguardPeers", ["laptop,notakey,10.99.0.2/32"], "WireGuard public key"),
-    ("wireguardPeers", ["laptop,YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY=,10.8.0.2/32"], "inside 10.99.0.0/24"),
-    ("backupTime", "3:30", "HH:MM"),
     ("githubRepository", "katforge", "owner/name"),
+    # Pulumi reads an unquoted 3:30 as the text "3:30" (tests/test_stackfile.py); hours have two digits.
+    ("backupTime", "3:30", 'HH:MM with two-digit hours, quoted, e.g. "03:30"'),
+    # Public ranges wider than /16 would open SSH and the k3s API to much of the internet.
+    ("adminCidrs", ["0.0.0.0/0"], "public range of /16 or narrower (0.0.0.0/0 would admit 4294967296 addresses"),
+    ("adminCidrs", ["203.0.113.7/32", "203.0.0.0/8"], "/16 or narrower"),
+    ("k3sApiCidrs", ["128.0.0.0/1"], "/16 or narrower"),
+    # The client range must not be mistaken for the VPC, the pods or the services.
+    ("vpnClientCidr", "172.31.200.0/24", "apart from the VPC 172.31.0.0/16"),
+    ("vpnClientCidr", "10.0.0.0/8", "apart from k3s's pod network 10.42.0.0/16"),
+    ("vpnClientCidr", "10.42.7.0/24", "apart from k3s's pod network 10.42.0.0/16"),
+    ("vpnClientCidr", "10.43.0.0/24", "apart from k3s's service network 10.43.0.0/16"),
+    ("vpnClientCidr", "10.99.0.0/31", "/30 or wider"),
+    # The five addresses AWS keeps in the host's subnet 172.31.0.0/20.
+    ("k3sPrivateIp", "172.31.0.0", "in subnet 172.31.0.0/20, but it reserves 172.31.0.0 for its network address"),
+    ("k3sPrivateIp", "172.31.0.1", "reserves 172.31.0.1 for the VPC router"),
+    ("k3sPrivateIp", "172.31.0.2", "reserves 172.31.0.2 for DNS"),
+    ("k3sPrivateIp", "172.31.0.3", "reserves 172.31.0.3 for future use"),
+    ("k3sPrivateIp", "172.31.15.255", "reserves 172.31.15.255 for its broadcast address"),
+    # A peer line: which of its three parts is wrong, with the expected form.
+    ("wireguardPeers", [f"laptop,{PEER_KEY}"], "2 comma-separated parts, not 3"),
+    ("wireguardPeers", [f"Alice Laptop,{PEER_KEY},10.99.0.2/32"], "the name 'Alice Laptop' is not a lowercase label"),
+    ("wireguardPeers", ["laptop,notakey,10.99.0.2/32"], "the public key 'notakey' is not a WireGuard key"),
+    ("wireguardPeers", [f"laptop,{PEER_KEY},10.8.0.2/32"], "the address '10.8.0.2/32' is not a /32 inside 10.99.0.0/24"),
+    ("wireguardPeers", [f"laptop,{PEER_KEY},10.99.0.2/24"], "is not a /32 inside"),
+    ("wireguardPeers", [f"laptop,{PEER_KEY},10.99.0.1/32"], "the address 10.99.0.1/32 is the VPN server's own"),
+    ("wireguardPeers", [f"laptop,{PEER_KEY},10.99.0.255/32"], "network or broadcast address of 10.99.0.0/24"),
 ])
-def test_bad_value_names_key_value_and_form(key, value, expected):
+def test_bad_value_names_file_key_value_and_form(key, value, expected):
     message = error_of(**{key: value})
-    assert f"katforge:{key}" in message
     shown = value[-1] if isinstance(value, list) else value
-    assert repr(shown) in message
+    assert message.startswith(f"Pulumi.prod.yaml: katforge:{key} = {shown}: expected ")
     assert expected in message
+
+
+def test_peer_error_shows_the_expected_form():
+    message = error_of(wireguardPeers=["laptop,notakey,10.99.0.2/32"])
+    assert 'expected "name,publickey,address/32", e.g. "alice-laptop,<wg pubkey output>,10.99.0.2/32"' in message
+
+
+@pytest.mark.parametrize("second, part", [
+    (f"b,{PEER_KEY},10.99.0.3/32", "peer 'a' already has this public key"),
+    (f"b,{OTHER_KEY},10.99.0.2/32", "peer 'a' already has this address"),
+    (f"a,{OTHER_KEY},10.99.0.3/32", "peer 'a' already has this name"),
+])
+def test_a_peer_repeating_another_peers_part_is_refused(second, part):
+    message = error_of(wireguardPeers=[f"a,{PEER_KEY},10.99.0.2/32", second])
+    assert message.startswith(f"Pulumi.prod.yaml: katforge:wireguardPeers = {second}: expected ")
+    assert part in message
+
+
+def test_a_wide_private_range_opens_nothing_to_the_internet_and_is_accepted():
+    assert evaluate("prod", {"katforge:adminCidrs": ["10.0.0.0/8"]}).stack == "prod"
+
+
+def test_distinct_peers_are_accepted():
+    peers = [f"a,{PEER_KEY},10.99.0.2/32", f"b,{OTHER_KEY},10.99.0.254/32"]
+    assert evaluate("qa", {"katforge:wireguardPeers": peers}).stack == "qa"
 
 
 @pytest.mark.parametrize("stack, key", [("prod", "dbPassword"), ("prod", "sshPrivateKey"), ("prod", "ghcrToken"),
                                         ("qa", "dbPassword")])
 def test_missing_secret_says_the_exact_command(stack, key):
     message = error_of(stack, **{key: None})
-    assert message.endswith(f"pulumi config set --secret katforge:{key} --stack {stack}")  # prompts: no value in history
+    assert message == (f"Pulumi.{stack}.yaml: katforge:{key} = (not set): expected a secret; "
+                       f"set it with: pulumi config set --secret katforge:{key} --stack {stack}")  # prompts: no value in history
 
 
 @pytest.mark.parametrize("unset", [None, ""])
 def test_missing_plain_key_says_the_command_without_secret(unset):
     message = error_of(sshPublicKey=unset)
-    assert "pulumi config set katforge:sshPublicKey <value> --stack prod" in message
+    assert message.startswith("Pulumi.prod.yaml: katforge:sshPublicKey = (not set): expected an OpenSSH public key")
+    assert message.endswith("; set it with: pulumi config set katforge:sshPublicKey <value> --stack prod")
 
 
 def test_every_recorded_k3s_release_is_a_v1_34_patch():
@@ -72,7 +127,8 @@ def test_a_host_is_adopted_with_its_elastic_ip_or_not_at_all(role, given):
     value = "i-0abc12345def67890" if given == "InstanceId" else "eipalloc-0123456789abcdef0"
     message = error_of(**{f"{role}{given}": value})
     missing = "EipAllocationId" if given == "InstanceId" else "InstanceId"
-    assert f"katforge:{role}{missing} is not set" in message and "or neither" in message
+    assert message.startswith(f"Pulumi.prod.yaml: katforge:{role}{missing} = (not set): expected ")
+    assert f"since katforge:{role}{given} is set" in message and "or neither" in message
 
 
 def test_qa_needs_no_ssh_public_key():
@@ -80,18 +136,49 @@ def test_qa_needs_no_ssh_public_key():
 
 
 def test_unknown_stage_is_refused():
-    assert "unknown stage 'dev'" in error_of("dev")
+    assert error_of("dev").startswith("Pulumi.dev.yaml: unknown stage 'dev': expected a stack named after a stage")
 
 
 def test_region_must_be_us_east_2():
-    message = error_of(**{"aws:region": "eu-west-1"})
-    assert "aws:region" in message and "us-east-2" in message
+    assert error_of(**{"aws:region": "eu-west-1"}) == (
+        "Pulumi.prod.yaml: aws:region = eu-west-1: expected us-east-2, where the estate and SES live; "
+        "set it with: pulumi config set aws:region us-east-2 --stack prod")
 
 
-def test_duplicate_wireguard_address_is_refused():
-    key = "YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY="
-    message = error_of(wireguardPeers=[f"a,{key},10.99.0.2/32", f"b,{key},10.99.0.2/32"])
-    assert "each peer address to appear once" in message
+@pytest.mark.parametrize("typo, meant", [("backuptime", "backupTime"), ("adminCidr", "adminCidrs"),
+                                         ("k3sInstanceTyp", "k3sInstanceType"), ("ADMINCIDRS", "adminCidrs")])
+def test_an_undeclared_key_is_refused_naming_the_closest_one(typo, meant):
+    message = error_of(**{typo: "04:00"})
+    assert message == (f"Pulumi.prod.yaml: katforge:{typo} = 04:00: expected a key that Pulumi.yaml declares; "
+                       f"did you mean katforge:{meant}?")
+
+
+def test_an_undeclared_key_far_from_any_is_refused_too():
+    assert "expected a key that Pulumi.yaml declares (see its config: section)" in error_of(colour="blue")
+
+
+def test_a_stack_may_set_a_declared_key_it_does_not_use():
+    """Declared means known: qa may carry a prod-only key without being refused."""
+    assert evaluate("qa", {"katforge:k3sInstanceType": "t3.large"}).stack == "qa"
+
+
+def test_an_undeclared_secret_key_does_not_show_its_value():
+    evaluate("qa")  # the runtime as a run leaves it: stack qa
+    pulumi.runtime.set_all_config({"katforge:dbPasword": "hunter2"}, ["katforge:dbPasword"])
+    with pytest.raises(SettingsError) as caught:
+        _refuse_unknown_keys()
+    assert str(caught.value).startswith("Pulumi.qa.yaml: katforge:dbPasword = [secret]: expected a key")
+    assert "hunter2" not in str(caught.value)
+
+
+def test_make_plan_stops_with_one_line_and_exit_2(monkeypatch, capfd):
+    """What `make plan` prints for a bad setting: the one line, no traceback."""
+    monkeypatch.setattr("tools.offline.stack_config", 
+                        lambda stack: {"aws:region": "us-east-2", "katforge:adminCidrs": ["0.0.0.0/0"]})
+    assert plan.main(["--stack", "prod"]) == 2
+    out, err = capfd.readouterr()
+    assert err.startswith("Pulumi.prod.yaml: katforge:adminCidrs = 0.0.0.0/0: expected ")
+    assert err.count("\n") == 1 and out == ""
 
 
 def test_every_key_read_is_declared_with_type_and_description(monkeypatch):

@@ -4,8 +4,9 @@ import math
 import pytest
 import yaml
 
-from tools import stackfile
-from tools.offline import ROOT, project_config_schema
+from infra.settings import SettingsError
+from tools import plan, stackfile
+from tools.offline import ROOT, evaluate, project_config_schema
 from tools.stackfile import StackFileError
 
 SCHEMA = project_config_schema()
@@ -42,6 +43,17 @@ def test_plain_scalars_resolve_by_the_yaml_1_2_core_schema(text, value):
 
 def test_nan_is_a_float():
     assert math.isnan(stackfile.plain_scalar(".nan"))
+
+
+def test_unquoted_3_30_is_the_text_pulumi_reads_and_the_settings_refuse_it(tmp_path):
+    text = "config:\n  aws:region: us-east-2\n  katforge:backupTime: 3:30\n"
+    assert yaml.safe_load(text)["config"]["katforge:backupTime"] == 210  # PyYAML: YAML 1.1 base 60
+    config = read(tmp_path, text)
+    assert config["katforge:backupTime"] == "3:30"
+    with pytest.raises(SettingsError) as caught:
+        evaluate("prod", config)
+    assert str(caught.value) == ('Pulumi.prod.yaml: katforge:backupTime = 3:30: expected a UTC time HH:MM with '
+                                 'two-digit hours, quoted, e.g. "03:30"')
 
 
 def test_yaml_1_1_booleans_stay_words(tmp_path):
@@ -139,4 +151,14 @@ def test_a_missing_file_is_empty_as_for_the_cli(tmp_path):
 def test_the_committed_stack_files_read_cleanly(stack):
     path = ROOT / f"Pulumi.{stack}.yaml"
     assert stackfile.read(path, SCHEMA) == yaml.safe_load(path.read_text())["config"]
+
+
+def test_make_plan_stops_on_a_bad_stack_file_with_one_line_and_exit_2(tmp_path, monkeypatch, capfd):
+    path = tmp_path / "Pulumi.prod.yaml"
+    path.write_text("config:\n  katforge:imageTags: [api=1.10, web=1.0]\n  katforge:backupTime: 3:30\n"
+                    "  katforge:backupTime: 04:00\n")
+    monkeypatch.setattr("tools.offline.stack_config", lambda stack: stackfile.read(path, SCHEMA))
+    assert plan.main(["--stack", "prod"]) == 2
+    out, err = capfd.readouterr()
+    assert err == "Pulumi.prod.yaml: line 4: katforge:backupTime is given twice (first on line 3)\n" and out == ""
 

@@ -125,11 +125,20 @@ def write_json(plan: Plan, directory: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import pulumi
+    from tools.stackfile import StackFileError
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stack", default="prod", choices=list(STAGES))
     parser.add_argument("--json-only", action="store_true", help="write the JSON plan without the summary")
     args = parser.parse_args(argv)
-    plan = evaluate(args.stack)
+    try:
+        plan = evaluate(args.stack)
+    except (pulumi.RunError, StackFileError) as error:
+        # run_pulumi_func re-raises the program's own exception once its RPCs are done. The Pulumi CLI
+        # prints a RunError as its message alone (pulumi-language-python-exec), and so does the plan.
+        print(error, file=sys.stderr)
+        return 2
     path = write_json(plan)
     if not args.json_only:
         sys.stdout.write(summary(plan))

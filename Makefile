@@ -1,37 +1,53 @@
-# The two everyday commands: `make plan` (offline plan of a stack) and `make test`.
-# Both create and fill .venv on first use; nothing else needs installing but Python 3.11.
+# The two everyday commands: `make plan` (offline plan of a stack) and `make test`. Each fills .venv on
+# first use with what it needs, and no more: nothing else needs installing but Python 3.11.
+# `make` alone lists the targets: the `##` comment after a target is its line in that list.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 STACK ?= prod
+RESTORE_USAGE := make restore STAGE=prod|qa AT=latest|YYYYMMDDTHHMMSSZ TARGET=<database> [FORCE=1] [DATABASE=<dumped database>]
 
-.PHONY: plan test plan-diff diagram restore clean
+.DEFAULT_GOAL := help
+.PHONY: help plan test plan-diff diagram restore clean
 
-$(VENV)/.installed: requirements.txt requirements-test.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
-	touch $@
+help: ## list the targets
+	@awk 'BEGIN { FS = ":.*## " } /^[a-z-]+:.*## / { printf "  make %-10s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
-plan: $(VENV)/.installed
-	$(PY) -m tools.plan --stack $(STACK)
+# One virtualenv, filled in two steps, each with its own stamp: the plan's SDKs, then the test toolchain.
+$(PY):
+	@test -n "$(PYTHON)" || { echo "Python 3.11 is needed: install python3.11 (with its venv module)" >&2; exit 2; }
+	$(PYTHON) -m venv $(VENV)
 
-test: $(VENV)/.installed
+$(VENV)/.plan-installed: requirements.txt | $(PY)
+	$(PIP) -r requirements.txt
+	@touch $@
+
+$(VENV)/.test-installed: requirements-test.txt $(VENV)/.plan-installed
+	$(PIP) -r requirements-test.txt
+	@touch $@
+
+plan: $(VENV)/.plan-installed ## offline plan of STACK (default prod): summary, and build/plan-STACK.json
+	@$(PY) -m tools.plan --stack $(STACK)
+
+test: $(VENV)/.test-installed ## the whole test suite
 	$(PY) -m pytest -q
 
-# The offline plans of BASE (a git ref) and of the working tree, compared: markdown on stdout.
-plan-diff: $(VENV)/.installed
+plan-diff: $(VENV)/.plan-installed ## the offline plans of BASE (a git ref) and of the working tree compared, as markdown
 	@$(PY) -m tools.plan_diff --base "$(BASE)"
 
-# docs/estate.svg and docs/estate.png from the offline plans of both stacks (needs Graphviz).
-diagram: $(VENV)/.installed
+diagram: $(VENV)/.plan-installed ## docs/estate.svg and docs/estate.png from both stacks' plans (needs Graphviz)
 	@$(PY) -m tools.diagram
 
-# Restore a backup (README, "Backups and restore"): the operator's own AWS credentials, PostgreSQL through PG*.
-#   make restore STAGE=prod AT=latest|YYYYMMDDTHHMMSSZ TARGET=<database> [FORCE=1] [DATABASE=<dumped database>]
-restore:
-	BACKUP_BUCKET="$${BACKUP_BUCKET:-$$(pulumi stack output backupBucket --stack prod)}" \
-		bash infra/host/restore-database.sh --stage "$(STAGE)" --at "$(AT)" --target "$(TARGET)" \
+# The operator's own AWS credentials, PostgreSQL through PG*; see the README's restore runbook.
+restore: ## restore a backup: make restore STAGE=... AT=... TARGET=... (run it alone for the usage)
+	@if [ -z "$(STAGE)" ] || [ -z "$(AT)" ] || [ -z "$(TARGET)" ]; then \
+		echo "usage: $(RESTORE_USAGE)" >&2; exit 2; fi
+	@if [ -z "$$BACKUP_BUCKET" ] && ! command -v pulumi >/dev/null; then \
+		echo "restore: BACKUP_BUCKET is not set and pulumi is not on PATH to look it up: set BACKUP_BUCKET=<the prod stack's backupBucket output>" >&2; exit 2; fi
+	bucket="$${BACKUP_BUCKET:-$$(pulumi stack output backupBucket --stack prod)}" && \
+		BACKUP_BUCKET="$$bucket" bash infra/host/restore-database.sh --stage "$(STAGE)" --at "$(AT)" --target "$(TARGET)" \
 		$(if $(DATABASE),--database "$(DATABASE)") $(if $(filter 1 yes true,$(FORCE)),--force)
 
-clean:
+clean: ## remove .venv and build/
 	rm -rf $(VENV) build

@@ -171,13 +171,16 @@ def clients(count: int, first: int = 2) -> list[tuple[str, str, str]]:
     return [(f"client{first + i}", keypair()[1], f"10.99.0.{first + i}/32") for i in range(count)]
 
 
-def live_conf(private_key: str, peers, address: str = ADDRESS, port: int = 51820) -> str:
-    """A wg0.conf as the operators wrote it: the key inline, the usual tutorial NAT, a comment per peer."""
+def live_conf(private_key: str, peers, address: str = ADDRESS, port: int = 51820, psk: str | None = None) -> str:
+    """A wg0.conf as the operators wrote it: the key inline, the usual tutorial NAT, a comment per peer,
+    and, given one, a preshared key for the last peer."""
     text = (f"[Interface]\nAddress = {address}\nListenPort = {port}\nPrivateKey = {private_key}\n"
             "PostUp = iptables -A FORWARD -i %i -j ACCEPT; iptables -t nat -A POSTROUTING -o eth0 -j MASQUERADE\n"
             "PostDown = iptables -D FORWARD -i %i -j ACCEPT; iptables -t nat -D POSTROUTING -o eth0 -j MASQUERADE\n")
     for name, public, allowed in peers:
         text += f"\n# {name}\n[Peer]\nPublicKey = {public}\nAllowedIPs = {allowed}\n"
+    if psk:
+        text += f"PresharedKey = {psk}\n"
     return text
 
 
@@ -237,10 +240,15 @@ def test_a_server_that_lost_its_key_gets_it_back(vpn):
     assert vpn.wg("public-key") == public == healed.stdout
 
 
+def preshared_keys(vpn) -> dict[str, str]:
+    return dict(line.split("\t") for line in vpn.wg("preshared-keys").splitlines())
+
+
 def test_adopting_the_live_server_keeps_its_key_address_port_and_peers(vpn):
     private, public = keypair()
     peers = clients(2)
-    original = live_conf(private, peers)
+    psk = subprocess.run(["wg", "genpsk"], capture_output=True, text=True, check=True).stdout.strip()
+    original = live_conf(private, peers, psk=psk)
     vpn.start_live(original)
     result = vpn.run(peers)
     assert result.returncode == 0, result.stderr
@@ -248,12 +256,21 @@ def test_adopting_the_live_server_keeps_its_key_address_port_and_peers(vpn):
     assert vpn.wg("private-key") == private and result.stdout == public
     assert vpn.addresses() == [ADDRESS] and vpn.wg("listen-port") == "51820"
     assert vpn.peers() == {p: address for _, p, address in peers}
-    assert private not in vpn.conf.read_text()
+    assert preshared_keys(vpn) == {peers[0][1]: "(none)", peers[1][1]: psk}  # the client's tunnel still matches
+    assert private not in vpn.conf.read_text() and psk not in vpn.conf.read_text()
     kept = vpn.dir / f"{vpn.interface}.conf.pre-katforge"
     assert kept.read_text() == original and stat.S_IMODE(kept.stat().st_mode) == 0o600
     # The operators' NAT rule went with their file's PostDown; ours are in place.
     nat = vpn.inside("iptables", "-t", "nat", "-S", "POSTROUTING").stdout
     assert "-o eth0" not in nat and "-d 172.31.0.0/16 -j MASQUERADE" in nat
+    # A later change of peers, applied without a restart, keeps it too.
+    more = [*peers, *clients(1, first=7)]
+    assert vpn.run(more).returncode == 0
+    assert preshared_keys(vpn)[peers[1][1]] == psk and vpn.wg("private-key") == private
+    # So does a restart by systemd, from the file alone.
+    vpn.inside("systemctl", "stop", f"wg-quick@{vpn.interface}")
+    vpn.inside("systemctl", "start", f"wg-quick@{vpn.interface}")
+    assert preshared_keys(vpn)[peers[1][1]] == psk and vpn.wg("private-key") == private
 
 
 def test_a_live_peer_missing_from_the_configuration_is_refused_with_the_command_to_add_it(vpn):
@@ -316,10 +333,11 @@ def test_the_private_key_is_on_no_command_line(vpn):
     if shutil.which("strace") is None:
         pytest.skip("strace is missing: cannot watch every program's arguments")
     private, _ = keypair()
+    psk = subprocess.run(["wg", "genpsk"], capture_output=True, text=True, check=True).stdout.strip()
     peers = clients(3)
-    vpn.start_live(live_conf(private, peers[:2]))
+    vpn.start_live(live_conf(private, peers[:2], psk=psk))
     for change, step in ((peers[:2], "started"), (peers, "syncconf")):  # adoption, then a new peer
         result, log = vpn.run_traced(change)
         assert result.returncode == 0, result.stderr
         assert step in (result.stderr if step == "started" else log)
-        assert private not in log
+        assert private not in log and psk not in log

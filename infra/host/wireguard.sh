@@ -21,6 +21,8 @@
 # file or on the running interface) is missing from the peers given: each is listed with the command
 # that adds it to the configuration. The replaced file is kept as $WG_DIR/<interface>.conf.pre-katforge
 # (mode 0600: it holds the key), and each later replacement's predecessor as <interface>.conf.bak.
+# A live peer's preshared key (which the peer lines cannot carry) moves to $WG_DIR/preshared/, and the
+# interface keeps using it.
 set -euo pipefail
 
 log() { printf 'wireguard: %s\n' "$*" >&2; }
@@ -54,14 +56,14 @@ interface_value() {
     sub(/^[^=]*=[ \t]*/, ""); sub(/[ \t]+$/, ""); print; exit }' "$2"
 }
 
-# Prints "publickey allowedips name" for each [Peer] of the file $1; the name is the comment line
-# just above the section, as this script writes it.
+# Prints "publickey allowedips presharedkey name" for each [Peer] of the file $1 ("-" for what it lacks);
+# the name is the comment line just above the section, as this script writes it.
 conf_peers() {
-  awk 'function flush() { if (key != "") print key, (ips == "" ? "-" : ips), (name == "" ? "-" : name); key = ips = "" }
+  awk 'function flush() { if (key != "") print key, (ips == "" ? "-" : ips), (psk == "" ? "-" : psk), (name == "" ? "-" : name); key = ips = psk = "" }
        /^[ \t]*#/ { comment = $0; sub(/^[ \t]*#[ \t]*/, "", comment); gsub(/[ \t]/, "_", comment); next }
        /^\[/ { flush(); peer = ($0 ~ /^\[Peer\]/); name = peer ? comment : ""; comment = ""; next }
        peer && /=/ { k = $0; sub(/[ \t]*=.*/, "", k); gsub(/[ \t]/, "", k); v = $0; sub(/^[^=]*=[ \t]*/, "", v); gsub(/[ \t]/, "", v)
-                     if (k == "PublicKey") key = v; else if (k == "AllowedIPs") ips = v }
+                     if (k == "PublicKey") key = v; else if (k == "AllowedIPs") ips = v; else if (k == "PresharedKey") psk = v }
        END { flush() }' "$1"
 }
 
@@ -69,14 +71,15 @@ managed=false
 live_key=""
 # The peers the host serves, in the order it lists them: its file, then the running interface.
 live_order=()
-declare -A live_ips=() live_names=()
+declare -A live_ips=() live_names=() live_psks=()
 if [[ -e $conf ]]; then
   if [[ $(head -n 1 "$conf") == "$header" ]]; then managed=true; fi
   live_key=$(interface_value PrivateKey "$conf")
-  while read -r public_key ips name; do
+  while read -r public_key ips psk name; do
     live_order+=("$public_key")
     live_ips[$public_key]=$ips
     live_names[$public_key]=$name
+    [[ $psk == "-" ]] || live_psks[$public_key]=$psk
   done < <(conf_peers "$conf")
 fi
 # A file this script wrote lists the peers it was given: those may go. Every other peer the host
@@ -97,6 +100,9 @@ if systemctl is-active --quiet "$unit" && ip link show dev "$interface" >/dev/nu
     live_order+=("$public_key")
     live_ips[$public_key]=${ips/"(none)"/-}
   done < <(wg show "$interface" allowed-ips)
+  while IFS=$'\t' read -r public_key psk; do
+    [[ -n $public_key && $psk != "(none)" && -z ${live_psks[$public_key]:-} ]] && live_psks[$public_key]=$psk
+  done < <(wg show "$interface" preshared-keys)
 fi
 
 # --- the configuration asked for ---------------------------------------------------------------
@@ -181,6 +187,17 @@ if [[ ! -s $key_file ]]; then
   mv "$work/server.key" "$key_file"
   log "the server key is now in $key_file"
 fi
+# A peer's preshared key file: base64's / and + are not for file names.
+psk_file() { local name=${1//\//_}; echo "$dir/preshared/${name//+/-}.key"; }
+mkdir -p "$dir/preshared"
+for public_key in "${!live_psks[@]}"; do
+  file=$(psk_file "$public_key")
+  if [[ -n ${wanted[$public_key]:-} && ! -s $file ]]; then
+    printf '%s\n' "${live_psks[$public_key]}" >"$work/psk"
+    mv "$work/psk" "$file"
+    log "the preshared key of peer $public_key is now in $file"
+  fi
+done
 
 forwarding=${WG_SYSCTL_CONF:-/etc/sysctl.d/60-katforge-wireguard.conf}
 if [[ $(cat "$forwarding" 2>/dev/null) != "net.ipv4.ip_forward = 1" ]]; then
@@ -200,6 +217,11 @@ candidate=$work/$interface.conf
   echo "Address = $WG_ADDRESS"
   echo "ListenPort = $port"
   echo "PostUp = wg set %i private-key $key_file"
+  for line in "${peer_lines[@]}"; do
+    IFS=, read -r _ public_key _ <<<"$line"
+    file=$(psk_file "$public_key")
+    [[ ! -s $file ]] || echo "PostUp = wg set %i peer $public_key preshared-key $file"
+  done
   # iptables reads WG_ADDRESS as the clients' network. NAT makes their traffic the VPN host's own,
   # so the VPC needs no route back to the tunnel and security groups see the VPN host as the source.
   # Clients go to the destinations and nowhere else.
@@ -230,9 +252,14 @@ sync_running() {
   # Checked before use: syncconf reads an empty configuration as "no peers" and drops every client.
   stripped=$(wg-quick strip "$conf")
   [[ $stripped == *"[Interface]"* ]] || { log "wg-quick strip gave no [Interface] for $conf"; exit 1; }
+  local line file
   while IFS= read -r line; do
     printf '%s\n' "$line"
     if [[ $line == "[Interface]" ]]; then printf 'PrivateKey = %s\n' "$key"; fi
+    if [[ $line =~ ^PublicKey\ =\ (.+)$ ]]; then
+      file=$(psk_file "${BASH_REMATCH[1]}")
+      [[ ! -s $file ]] || printf 'PresharedKey = %s\n' "$(<"$file")"
+    fi
   done <<<"$stripped" >"$runtime"
   wg syncconf "$interface" "$runtime"
   rm -f "$runtime"

@@ -14,8 +14,8 @@ namespace that does not have the `type:` Pulumi.yaml declares, which `pulumi up`
 the program runs (sdk/go/common/workspace/config.go, `validateStackConfigValue`); and a secret key
 in plain text (Pulumi: "must be encrypted as it's secret"). One rule is stricter than the CLI: a
 string key whose unquoted value YAML reads as a number, boolean or null must be quoted. Pulumi takes
-the text as written, but every other reader of the file, and the person editing it, may not:
-`imageTag: 1.10` is "1.10" to Pulumi and 1.1 to PyYAML.
+the text as written, but every other reader of the file, and the person editing it, may not: an
+unquoted version 1.10 is "1.10" to Pulumi and the number 1.1 to PyYAML.
 
 Encrypted values (`secure: ...`) are left out of the result: only the CLI can decrypt them, so the
 offline plan keeps its placeholder for them. Keys the program does not declare are returned as they
@@ -217,7 +217,7 @@ def read(path: Path, schema: dict[str, dict]) -> dict[str, Any]:
         namespace, _, name = key.partition(":")
         if not namespace or not name or ":" in name:
             raise reader.error(key_node, f"{key} is not a config key: expected <namespace>:<name>, "
-                                         f"e.g. {PROJECT}:{key.rpartition(':')[2] or 'imageTag'}")
+                                         f"e.g. {PROJECT}:{key.rpartition(':')[2] or 'acmeEmail'}")
         value = node.value if isinstance(node, ScalarNode) else reader.value(node)
         if _is_secure(value):
             continue

@@ -240,7 +240,7 @@ def test_adoption_keeps_the_live_flags_and_token_and_restarts_once(live):
     config = yaml.safe_load(live.config.read_text())
     assert config == {**yaml.safe_load(CONFIG), "node-name": "k3s-prod"}
     assert stat.S_IMODE(live.config.stat().st_mode) == 0o600
-    assert "carried the live unit's node-name" in result.stderr
+    assert "carried the live node-name" in result.stderr
 
     before = live.files()
     live.log.write_text("")
@@ -255,6 +255,22 @@ def adopted(live):
     assert live.run(K3S_REPLACE_LIVE_FLAGS="1").returncode == 0
     live.log.write_text("")
     return live
+
+
+def test_a_hand_written_config_yaml_is_compared_and_carried_like_the_flags(live):
+    # The live config.yaml: a setting the program's lacks, and one the unit's flag overrides anyway.
+    live.config.parent.mkdir(parents=True)
+    live.config.write_text("token: K10from-config::server:x\nkube-apiserver-arg:\n- audit-log-maxage=30\nnode-name: old\n")
+    result = live.run(K3S_REPLACE_LIVE_FLAGS="1")
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(live.config.read_text())
+    assert config == {**yaml.safe_load(CONFIG), "token": "K10from-config::server:x",
+                      "kube-apiserver-arg": ["audit-log-maxage=30"], "node-name": "k3s-prod"}
+    # A hand-written value config.yaml sets otherwise is refused like a flag.
+    live.config.write_text("node-ip: 10.0.0.5\n")
+    live.unit.write_text(LIVE_UNIT.format(systemd=live.systemd, bin=live.bin, extra=""))
+    refused = live.run()
+    assert refused.returncode == 1 and "node-ip: 10.0.0.5 on the live host, 172.31.14.98 in config.yaml" in refused.stderr
 
 
 def test_a_change_of_config_yaml_alone_restarts_k3s(adopted):

@@ -23,9 +23,10 @@
 # - the binary is the release's `k3s`, checked against the release's sha256sum-<arch>.txt; an older
 #   version than the installed one, or a jump of more than one minor version, is refused;
 # - the unit has the shape install.sh writes (create_systemd_service_file) with no flags:
-#   `ExecStart=<bin>/k3s server`. The live unit's flags are compared with config.yaml (a flag's key is
-#   its name without dashes): one config.yaml sets alike is dropped, one it lacks is carried into
-#   config.yaml (in a section of its own, kept on later runs), one it sets otherwise is refused;
+#   `ExecStart=<bin>/k3s server`. The live unit's flags, and a config.yaml written by hand, are compared
+#   with the new config.yaml (a flag's key is its name without dashes): a setting it has alike is
+#   dropped, one it lacks is carried into it (in a section of its own, kept on later runs), one it sets
+#   otherwise is refused;
 # - k3s.service.env is never written: the live one stays as it is;
 # - k3s restarts when the binary, the unit or config.yaml changed, and only then; the run succeeds only
 #   once /readyz answers, and, when config.yaml asks for secrets encryption, once
@@ -105,8 +106,8 @@ import sys
 import yaml  # PyYAML: on every Ubuntu cloud image, cloud-init needs it
 
 unit_path, candidate_path, current_path, final_path, replace = sys.argv[1:]
-MARK = ("# Carried from the live k3s unit's command line by k3s-install.sh (kept on later runs): set a key\n"
-        "# in the program's k3s configuration to manage it there.\n")
+MARK = ("# Carried from the live k3s unit's command line or config.yaml by k3s-install.sh (kept on later\n"
+        "# runs): set a key in the program's k3s configuration to manage it there.\n")
 SHORT = {"c": "config", "d": "data-dir", "t": "token", "v": "v"}  # `k3s server --help`
 
 
@@ -158,10 +159,14 @@ def show(value):
 
 candidate = yaml.safe_load(read(candidate_path)) or {}
 current = read(current_path)
-carried_before = yaml.safe_load(current.split(MARK, 1)[1]) if MARK in current else {}
-live = {key: (values if len(values) > 1 else values[0]) for key, values in unit_flags(read(unit_path)).items()}
-for key, value in (carried_before or {}).items():
-    live.setdefault(key, value)
+# What k3s runs with besides this run's config.yaml: a config.yaml written by hand (all of it), the part
+# an earlier run carried, and the unit's flags, which k3s lets override the file.
+if current.startswith("# Managed by katforge"):
+    live = yaml.safe_load(current.split(MARK, 1)[1]) if MARK in current else {}
+else:
+    live = yaml.safe_load(current) if current.strip() else {}
+live = dict(live or {})
+live.update({key: (values if len(values) > 1 else values[0]) for key, values in unit_flags(read(unit_path)).items()})
 
 carried, conflicts = {}, []
 for key, value in live.items():
@@ -305,7 +310,7 @@ fi
 if [[ " ${changed[*]} " == *" config "* ]]; then
   # The configuration holds no secret of the program's, but may hold a carried --token: root only.
   install -D -m 0600 "$work/config.final" "$config_file"
-  [[ $carried == "-" ]] || log "carried the live unit's $carried into $config_file"
+  [[ $carried == "-" ]] || log "carried the live $carried into $config_file"
 fi
 if [[ " ${changed[*]} " == *" unit "* ]]; then
   install -D -m 0644 "$work/k3s.service" "$unit_file"
@@ -336,7 +341,8 @@ if $encrypt_existing; then
   log "encrypting the existing Secrets: k3s secrets-encrypt rotate-keys"
   "$k3s" secrets-encrypt rotate-keys >&2
   deadline=$((SECONDS + ready_timeout))
-  until "$k3s" secrets-encrypt status | grep -q '^Current Rotation Stage: reencrypt_finished$'; do
+  # Read whole before grep: under pipefail, grep -q leaving early would fail the pipe.
+  until grep -q '^Current Rotation Stage: reencrypt_finished$' <<<"$("$k3s" secrets-encrypt status 2>&1)"; do
     if ((SECONDS >= deadline)); then
       log "the Secrets are not all encrypted again ${ready_timeout}s later: see journalctl -u k3s"
       exit 1

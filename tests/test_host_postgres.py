@@ -1,4 +1,4 @@
-"""The PostgreSQL host scripts, run for real against PostgreSQL 16. On the shared `pg` fixture: the
+"""The PostgreSQL host scripts, run for real against PostgreSQL 16. On a fresh cluster of this module: the
 configuration (pg_hba, listen addresses, memory), each stage's role and database, idempotence, and the
 refusal of a broken configuration while the old one keeps serving. On a second cluster set up like the
 live one (Ubuntu's pg_hba plus the operators' md5 lines, an md5 role, a monitoring role, Ubuntu's
@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -74,26 +75,29 @@ def _ensure_os_user(name: str) -> None:
         subprocess.run(["useradd", "--system", "--no-create-home", name], check=True)
 
 
-@pytest.fixture(scope="module")
-def host(pg):
-    """Hands the session server to the scripts, then gives it back exactly as the other tests expect it."""
+@contextmanager
+def cluster(prefix: str):
+    """A PostgreSQL 16 of this module's own: the scripts rewrite pg_hba and restart the server, which the
+    session's shared `pg` (and the roles other modules plant in it) must not see."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL binaries: install pgserver (requirements-test.txt) or Debian's postgresql")
     _ensure_os_user("postgres")  # Ubuntu's package creates it; pg_hba's peer rule names it
-    hba = pg.conf_dir / "pg_hba.conf"
-    original_hba, hba_mode = hba.read_bytes(), hba.stat().st_mode
-    roles_before = set(pg.psql("SELECT rolname FROM pg_roles").split())
-    databases_before = set(pg.psql("SELECT datname FROM pg_database").split())
-    h = Host(pg)
-    yield h
-    for stage in STAGES.values():
-        if stage.database not in databases_before:
-            h.sql(f'DROP DATABASE IF EXISTS "{stage.database}" WITH (FORCE)')
-        if stage.db_role not in roles_before:
-            h.sql(f'DROP ROLE IF EXISTS "{stage.db_role}"')
-    hba.write_bytes(original_hba)
-    hba.chmod(hba_mode)
-    (pg.conf_dir / "conf.d" / "katforge.conf").unlink(missing_ok=True)
-    # A restart reads everything again, including what only a restart applies (shared_buffers).
-    pg.pg_ctl("restart", "-w", "-m", "fast", "-l", str(pg.root / "server.log"))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    server = PgCluster(root=root, bin_dir=bin_dir, port=free_port())
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def host():
+    """A fresh cluster as the k3s host's."""
+    with cluster("katforge-host-pg-") as server:
+        yield Host(server)
 
 
 @pytest.fixture(scope="module")
@@ -282,14 +286,14 @@ def test_a_database_the_apps_used_as_postgres_is_handed_over_to_the_stage_role(s
 
 
 @pytest.fixture
-def psql_failing_on_hba_rules(pg):
+def psql_failing_on_hba_rules(host):
     """PG_BIN_DIR for PostgreSQL's programs, except that psql fails when asked about pg_hba_file_rules."""
     bin_dir = Path(tempfile.mkdtemp(prefix="katforge-bin-"))
     bin_dir.chmod(0o755)  # the scripts run the programs as the postgres and server OS users
-    (bin_dir / "postgres").write_text(f'#!/usr/bin/env bash\nexec {pg.bin_dir}/postgres "$@"\n')
+    (bin_dir / "postgres").write_text(f'#!/usr/bin/env bash\nexec {host.pg.bin_dir}/postgres "$@"\n')
     (bin_dir / "psql").write_text('#!/usr/bin/env bash\n'
                                   '[[ $* == *pg_hba_file_rules* ]] && { echo "psql: connection lost" >&2; exit 2; }\n'
-                                  f'exec {pg.bin_dir}/psql "$@"\n')
+                                  f'exec {host.pg.bin_dir}/psql "$@"\n')
     for program in bin_dir.iterdir():
         program.chmod(0o755)
     yield str(bin_dir)
@@ -374,32 +378,22 @@ class LiveHost(Host):
 
 @pytest.fixture(scope="module")
 def live():
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        pytest.skip("no PostgreSQL binaries: install pgserver (requirements-test.txt) or Debian's postgresql")
-    _ensure_os_user("postgres")
-    root = Path(tempfile.mkdtemp(prefix="katforge-live-pg-"))
-    cluster = PgCluster(root=root, bin_dir=bin_dir, port=free_port())
     passwords = {name: f"pw-{secrets.token_urlsafe(12)}" for name in ("postgres", "legacy", "monitoring", "katforge")}
-    try:
-        cluster.start()
-        cluster.psql(f"""ALTER ROLE postgres PASSWORD '{passwords["postgres"]}';
+    with cluster("katforge-live-pg-") as server:
+        server.psql(f"""ALTER ROLE postgres PASSWORD '{passwords["postgres"]}';
             SET password_encryption = 'md5';
             CREATE ROLE legacy LOGIN PASSWORD '{passwords["legacy"]}';
             RESET password_encryption;
             CREATE ROLE monitoring LOGIN PASSWORD '{passwords["monitoring"]}' IN ROLE pg_monitor""")
-        cluster.psql("CREATE DATABASE katforge")
+        server.psql("CREATE DATABASE katforge")
         # The apps' tables, created by postgres as the apps connect today.
-        cluster.psql("CREATE TABLE players (id serial PRIMARY KEY, name text);"
-                     "INSERT INTO players (name) SELECT 'p' || i FROM generate_series(1, 50) i", database="katforge")
-        conf = cluster.conf_dir / "postgresql.conf"
+        server.psql("CREATE TABLE players (id serial PRIMARY KEY, name text);"
+                    "INSERT INTO players (name) SELECT 'p' || i FROM generate_series(1, 50) i", database="katforge")
+        conf = server.conf_dir / "postgresql.conf"
         conf.write_text(conf.read_text().replace("include_dir = 'conf.d'", UBUNTU_SETTINGS + "include_dir = 'conf.d'"))
-        (cluster.conf_dir / "pg_hba.conf").write_text(UBUNTU_HBA)
-        cluster.pg_ctl("restart", "-w", "-m", "fast", "-l", str(root / "server.log"))
-        yield LiveHost(cluster, passwords)
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        (server.conf_dir / "pg_hba.conf").write_text(UBUNTU_HBA)
+        server.pg_ctl("restart", "-w", "-m", "fast", "-l", str(server.root / "server.log"))
+        yield LiveHost(server, passwords)
 
 
 def files(live) -> dict[str, bytes]:

@@ -27,10 +27,10 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {SDKS!r})))
 """
 
 
-def wall(command: list[str]) -> float:
+def wall(command: list[str], check: bool = True) -> tuple[float, int]:
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    done = subprocess.run(command, cwd=ROOT, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start, done.returncode
 
 
 def sdk_modules(stack: str) -> list[str]:
@@ -40,7 +40,7 @@ def sdk_modules(stack: str) -> list[str]:
 
 
 def median(command: list[str], runs: int) -> float:
-    return statistics.median(wall(command) for _ in range(runs))
+    return statistics.median(wall(command)[0] for _ in range(runs))
 
 
 def main() -> None:
@@ -55,7 +55,8 @@ def main() -> None:
         print(f"plan {stack}: median {plan:.2f} s over {args.runs} runs; importing its {len(modules)} SDK modules "
               f"alone: {imports:.2f} s; ratio {plan / imports:.2f} (target {TARGET_RATIO})")
     if not args.skip_tests:
-        print(f"test suite: {wall(['make', '--no-print-directory', '-s', 'test']):.1f} s (target 60 s)")
+        seconds, status = wall(["make", "--no-print-directory", "-s", "test"], check=False)
+        print(f"test suite: {seconds:.1f} s (target 60 s)" + (" (some tests failed)" if status else ""))
 
 
 if __name__ == "__main__":

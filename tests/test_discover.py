@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytest.importorskip("lightkube", reason="lightkube is not installed: make test must install requirements-tools.txt")
+
 from tests.fake_hosts import fake_hosts  # noqa: F401 (fixture)
 from tests.kube_api import PLANTED, kube_api  # noqa: F401 (fixture)
 from tests.live_account import empty_account, live_account, moto_server  # noqa: F401 (fixtures)

@@ -5,13 +5,17 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import re
 import urllib.error
 import urllib.request
 
 import pytest
 
-from tests.kube_api import PLANTED, TRAEFIK_ADDON, TRAEFIK_MANIFEST, KubeApi, kube_api, live_estate, selector, serve  # noqa: F401
-from tools import discover_cluster
+from tests.kube_api import (PLANTED, TRAEFIK_ADDON, TRAEFIK_MANIFEST, KubeApi, Reply, kube_api,  # noqa: F401
+                            live_estate, selector, serve)
+
+pytest.importorskip("lightkube", reason="lightkube is not installed: make test must install requirements-tools.txt")
+from tools import discover_cluster  # noqa: E402
 from tools.discover_targets import targets
 
 
@@ -137,3 +141,22 @@ def test_lists_filter_by_label_across_namespaces(kube_api):  # noqa: F811
     assert listed["kind"] == "DeploymentList"
     assert [(d["metadata"]["namespace"], d["metadata"]["name"]) for d in listed["items"]] == [("default", "web"),
                                                                                               ("qa", "web")]
+
+
+def test_a_streamed_endpoint_plugs_in_as_a_route(tmp_path):
+    """How watch and pod logs extend the server: a route of its own whose reply is a stream of chunks."""
+    api = serve(live_estate())
+    try:
+        @api.route("GET", re.compile(r"^/api/v1/namespaces/(?P<namespace>[^/]+)/pods/(?P<name>[^/]+)/log$"))
+        def log(server, match, query):
+            return Reply(200, (f"{match['name']} line {i}\n".encode() for i in range(3)), "text/plain")
+
+        def get(path: str):
+            return urllib.request.urlopen(urllib.request.Request(
+                f"{api.url}{path}", headers={"Authorization": f"Bearer {api.token}"}))
+
+        assert get("/api/v1/namespaces/default/pods/api-1/log?follow=true").read() == (
+            b"api-1 line 0\napi-1 line 1\napi-1 line 2\n")
+        assert json.load(get("/api/v1/namespaces/qa"))["metadata"]["name"] == "qa"
+    finally:
+        api.stop()

@@ -2,6 +2,8 @@
 127.0.0.1, built as the estate really is) and an empty account with only the two hosted zones."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 
 import boto3
@@ -9,23 +11,29 @@ import pytest
 from botocore.stub import Stubber
 
 from tests.live_account import (ADMIN_CIDR, DKIM_TTL, K3S_PRIVATE_IP, K3S_PUBLIC_IP, LIVE_TTL, VPN_PUBLIC_IP,
-                                VPN_SUBNET, empty_account, live_account, moto_server)  # noqa: F401 (fixtures)
+                                UBUNTU_AMI, VPN_SUBNET, empty_account, live_account, moto_server)  # noqa: F401
 from tools import discover_aws
 from tools.discover_targets import targets
 
 
-def discover_in(account, stack: str = "prod") -> dict:
-    """Discovery with boto3's own configuration chain, pointed at the account only by the environment
-    (AWS_ENDPOINT_URL), as an operator's shell would be."""
+@contextlib.contextmanager
+def environment_of(account):
+    """boto3's own configuration chain, pointed at the account only by the environment (AWS_ENDPOINT_URL
+    and the credentials), as an operator's shell would be."""
     saved = dict(os.environ)
     try:
         for key in [k for k in os.environ if k.startswith("AWS_")]:
             del os.environ[key]
         os.environ.update(account.env())
-        return discover_aws.discover(targets(stack))
+        yield
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def discover_in(account, stack: str = "prod") -> dict:
+    with environment_of(account):
+        return discover_aws.discover(targets(stack))
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +140,8 @@ def test_qa_reads_only_its_own_records(live_account):  # noqa: F811
 def test_an_empty_account_has_nothing_to_import(empty, empty_account):  # noqa: F811
     assert empty["instances"] == {"k3s": {"exists": False, "lookup": {"by": "private-ip-address",
                                                                        "value": K3S_PRIVATE_IP}},
-                                  "vpn": {"exists": False, "lookup": {"by": "elastic-ip", "value": VPN_PUBLIC_IP}}}
+                                  "vpn": {"exists": False, "lookup": {"by": "public-ip-address",
+                                                                       "value": VPN_PUBLIC_IP}}}
     assert all(found == {"exists": False} for group in empty["iam"].values() for found in group.values())
     assert empty["keyPairs"] == {"katforge-operators": {"exists": False}}
     assert empty["ses"]["identities"] == {"katforge.com": {"exists": False}}
@@ -150,3 +159,17 @@ def test_a_refused_call_costs_one_fact_not_the_run():
         assert discover_aws.read(lambda: iam.get_user(UserName="ses-sender")) == {
             "error": "AccessDenied: not allowed to iam:GetUser"}
         assert discover_aws.read(lambda: iam.get_user(UserName="ses-sender")) == {"exists": False}
+
+
+def test_a_vpn_host_without_an_elastic_ip_is_found_by_its_public_address(moto_server):  # noqa: F811
+    account = moto_server.account("222222222222")
+    ec2 = account.client("ec2")
+    [ami] = ec2.describe_images(ImageIds=[UBUNTU_AMI["ami_id"]])["Images"]
+    instance = ec2.run_instances(ImageId=ami["ImageId"], MinCount=1, MaxCount=1, InstanceType="t2.nano")["Instances"][0]
+    address = ec2.describe_instances(InstanceIds=[instance["InstanceId"]])["Reservations"][0]["Instances"][0]["PublicIpAddress"]
+    wanted = dataclasses.replace(targets("prod"), vpn_public_ip=address)
+    with environment_of(account):
+        vpn = discover_aws.Aws(wanted).instance("vpn")
+    assert vpn["import"]["id"] == instance["InstanceId"]
+    assert vpn["lookup"] == {"by": "public-ip-address", "value": address}
+    assert vpn["elasticIp"] == {"exists": False}

@@ -97,7 +97,12 @@ class Aws:
             if "error" in addresses:
                 return {"lookup": lookup, **addresses}
             ids = [a["InstanceId"] for a in addresses["Addresses"] if a.get("InstanceId")]
-            found = self.pages("ec2", "describe_instances", "Reservations", InstanceIds=ids) if ids else []
+            if ids:
+                found = self.pages("ec2", "describe_instances", "Reservations", InstanceIds=ids)
+            else:  # the address is no Elastic IP of this account: maybe the instance's own public one
+                lookup["by"] = "public-ip-address"
+                found = self.pages("ec2", "describe_instances", "Reservations",
+                                   Filters=[{"Name": "ip-address", "Values": [lookup["value"]]}])
         instances = [i for reservation in found for i in reservation["Instances"]
                      if i["State"]["Name"] != "terminated"]
         if not instances:

@@ -96,5 +96,5 @@ def test_the_trusted_repository_comes_from_config():
 
 
 def test_a_repository_that_is_not_owner_slash_name_is_refused():
-    with pytest.raises(SettingsError, match=r"katforge:githubRepository = 'estate'.*owner/name"):
+    with pytest.raises(SettingsError, match=r"katforge:githubRepository = estate: .*owner/name"):
         evaluate("prod", {"katforge:githubRepository": "estate"})

@@ -34,9 +34,10 @@ WG_ADDRESS = "10.99.0.1/24"
 
 K3S_STAND_IN = f"""#!/usr/bin/env bash
 # k3s, as far as discovery asks it: its version and the secrets encryption status of a server that
-# was installed without it.
+# was installed without it. It reads its stdin, as any program may: the rest of a script sent on stdin
+# must not be there to read.
 case "$1" in
-  --version) echo "k3s version {K3S_VERSION} (aabbccdd)"; echo "go version go1.24.11" ;;
+  --version) cat >/dev/null; echo "k3s version {K3S_VERSION} (aabbccdd)"; echo "go version go1.24.11" ;;
   secrets-encrypt) [[ $2 == status ]] || exit 1
     printf 'Encryption Status: Disabled\\nCurrent Rotation Stage: start\\nServer Encryption Hashes: All hashes match\\n' ;;
   *) exit 1 ;;

@@ -23,6 +23,10 @@ def ssh_of(sshd, fake_hosts, **env) -> discover_hosts.Ssh:  # noqa: F811
                               addresses={"k3s": sshd.host, "vpn": sshd.host})
 
 
+def k3s_only(t):
+    return dataclasses.replace(t, hosts=("k3s",))
+
+
 @pytest.fixture(scope="module")
 def prod_targets(fake_hosts):  # noqa: F811
     # The stage's role is one of the test's own: the shared server must not get a role named katforge.
@@ -61,7 +65,7 @@ def test_the_traefik_manifest_file_is_found_and_its_absence_too(found, sshd, fak
     moved = fake_hosts.manifest.with_suffix(".moved")
     fake_hosts.manifest.rename(moved)
     try:
-        hosts, _ = discover_hosts.discover(prod_targets, ssh_of(sshd, fake_hosts))
+        hosts, _ = discover_hosts.discover(k3s_only(prod_targets), ssh_of(sshd, fake_hosts))
     finally:
         moved.rename(fake_hosts.manifest)
     assert hosts["k3s"]["k3s"]["traefikManifest"]["present"] is False
@@ -91,7 +95,7 @@ def test_a_setting_waiting_for_a_restart_is_reported(sshd, fake_hosts, prod_targ
             if pg.psql("SELECT count(*) FROM pg_settings WHERE pending_restart") != "0":
                 break
             subprocess.run(["sleep", "0.1"])
-        hosts, _ = discover_hosts.discover(prod_targets, ssh_of(sshd, fake_hosts))
+        hosts, _ = discover_hosts.discover(k3s_only(prod_targets), ssh_of(sshd, fake_hosts))
     finally:
         pending.unlink()
         pg.psql("SELECT pg_reload_conf()")

@@ -33,139 +33,147 @@ config_file=${K3S_CONFIG_FILE:-/etc/rancher/k3s/config.yaml}
 data_dir=${K3S_DATA_DIR:-/var/lib/rancher/k3s}
 pg_bin=${PG_BIN_DIR:-/usr/lib/postgresql/16/bin}
 
-# --- k3s -----------------------------------------------------------------------------------------
+# Read whole before anything runs, and with stdin closed: the script itself arrives on stdin (bash -s),
+# and nothing it runs may read the rest of it.
+main() {
+  # --- k3s -----------------------------------------------------------------------------------------
 
-if version=$("$k3s_bin" --version 2>/dev/null); then
-  # "k3s version v1.34.6+k3s1 (hash)" first
-  emit k3s-version "$(awk 'NR == 1 { print $3 }' <<<"$version")"
-else
-  emit k3s-version -
-fi
+  if version=$("$k3s_bin" --version 2>/dev/null); then
+    # "k3s version v1.34.6+k3s1 (hash)" first
+    emit k3s-version "$(awk 'NR == 1 { print $3 }' <<<"$version")"
+  else
+    emit k3s-version -
+  fi
 
-env_files=()
-if [[ -n ${K3S_UNIT_FILE:-} ]]; then
-  unit_source=$K3S_UNIT_FILE
-  unit=$(cat "$K3S_UNIT_FILE" 2>/dev/null)
-else
-  unit_source="systemctl cat k3s.service"
-  unit=$(systemctl cat k3s.service 2>/dev/null)
-fi
-if [[ -z $unit ]]; then
-  emit unit-absent "$unit_source"
-else
-  emit unit-source "$unit_source"
-  # systemd joins lines ending in a backslash; a later `ExecStart=` (a drop-in) replaces the earlier ones.
-  # The installer ends ExecStart with a backslash before an empty line.
-  exec_start=$(sed -e ':a' -e '/\\$/N; s/\\\n/ /; ta' <<<"$unit" |
-    awk '/^ExecStart=/ { sub(/^ExecStart=/, ""); sub(/[[:space:]]*\\?[[:space:]]*$/, ""); last = $0 } END { print last }')
-  # Split as systemd does for the installer's quoted words ('--flag' 'value').
-  redact_next=false
-  while IFS= read -r -d '' word; do
-    if $redact_next; then
-      word=$REDACTED
-      redact_next=false
-    elif [[ $word == -* ]]; then
-      flag=${word%%=*}
-      if [[ $flag == -t ]] || is_secret "$flag"; then
-        if [[ $word == *=* ]]; then word="$flag=$REDACTED"; else redact_next=true; fi
+  env_files=()
+  if [[ -n ${K3S_UNIT_FILE:-} ]]; then
+    unit_source=$K3S_UNIT_FILE
+    unit=$(cat "$K3S_UNIT_FILE" 2>/dev/null)
+  else
+    unit_source="systemctl cat k3s.service"
+    unit=$(systemctl cat k3s.service 2>/dev/null)
+  fi
+  if [[ -z $unit ]]; then
+    emit unit-absent "$unit_source"
+  else
+    emit unit-source "$unit_source"
+    # systemd joins lines ending in a backslash; a later `ExecStart=` (a drop-in) replaces the earlier ones.
+    # The installer ends ExecStart with a backslash before an empty line.
+    exec_start=$(sed -e ':a' -e '/\\$/N; s/\\\n/ /; ta' <<<"$unit" |
+      awk '/^ExecStart=/ { sub(/^ExecStart=/, ""); sub(/[[:space:]]*\\?[[:space:]]*$/, ""); last = $0 } END { print last }')
+    # Split as systemd does for the installer's quoted words ('--flag' 'value').
+    redact_next=false
+    while IFS= read -r -d '' word; do
+      if $redact_next; then
+        word=$REDACTED
+        redact_next=false
+      elif [[ $word == -* ]]; then
+        flag=${word%%=*}
+        if [[ $flag == -t ]] || is_secret "$flag"; then
+          if [[ $word == *=* ]]; then word="$flag=$REDACTED"; else redact_next=true; fi
+        fi
       fi
-    fi
-    emit exec-arg "$word"
-  done < <(xargs printf '%s\0' <<<"$exec_start" 2>/dev/null)
-  while IFS= read -r line; do
-    file=${line#EnvironmentFile=}
-    file=${file#-}
-    file=${file//%N/k3s}
-    env_files+=("$file")
-    emit unit-env-file "$file"
-  done < <(grep -E '^EnvironmentFile=' <<<"$unit")
-  while IFS= read -r -d '' assignment; do
-    name=${assignment%%=*}
-    if is_secret "$name"; then emit unit-env "$name" "$REDACTED"; else emit unit-env "$name" "${assignment#*=}"; fi
-  done < <(grep -E '^Environment=' <<<"$unit" | sed 's/^Environment=//' | xargs printf '%s\0' 2>/dev/null)
-fi
+      emit exec-arg "$word"
+    done < <(xargs printf '%s\0' <<<"$exec_start" 2>/dev/null)
+    while IFS= read -r line; do
+      file=${line#EnvironmentFile=}
+      file=${file#-}
+      file=${file//%N/k3s}
+      env_files+=("$file")
+      emit unit-env-file "$file"
+    done < <(grep -E '^EnvironmentFile=' <<<"$unit")
+    while IFS= read -r -d '' assignment; do
+      name=${assignment%%=*}
+      if is_secret "$name"; then emit unit-env "$name" "$REDACTED"; else emit unit-env "$name" "${assignment#*=}"; fi
+    done < <(grep -E '^Environment=' <<<"$unit" | sed 's/^Environment=//' | xargs printf '%s\0' 2>/dev/null)
+  fi
 
-# The unit's environment files that exist (systemd skips a missing one marked with "-").
-if [[ -n ${K3S_ENV_FILE:-} ]]; then env_files=("$K3S_ENV_FILE"); fi
-for env_file in "${env_files[@]}"; do
-  [[ -r $env_file ]] || continue
-  emit env-file "$env_file"
-  assignments=$(<"$env_file")
-  while IFS= read -r line; do
-    [[ $line =~ ^[[:space:]]*(export[[:space:]]+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || continue
-    name=${BASH_REMATCH[2]} value=${BASH_REMATCH[3]}
-    value=${value#[\"\']}
-    value=${value%[\"\']}
-    if is_secret "$name"; then emit env "$env_file" "$name" "$REDACTED"; else emit env "$env_file" "$name" "$value"; fi
-  done <<<"$assignments"
-done
-
-if [[ -r $config_file ]]; then
-  emit config-file "$config_file"
-  # A top-level key that names a secret loses its value, and so do the lines that continue it.
-  # Comments are left out: one may hold an old value.
-  awk -v pattern="$secret_name" -v redacted="\"$REDACTED\"" '
-    /^[[:space:]]*(#|$)/ { next }
-    /^[^[:space:]#-][^:]*:/ {
-      key = $0; sub(/:.*/, "", key); gsub(/["'\'']/, "", key)
-      hiding = (tolower(key) ~ pattern)
-      if (hiding) { print key ": " redacted; next }
-    }
-    /^[[:space:]]/ || /^-/ { if (hiding) next }
-    { print }' "$config_file" | while IFS= read -r line; do emit config-line "$line"; done
-else
-  emit config-file-absent "$config_file"
-fi
-
-if status=$("$k3s_bin" secrets-encrypt status 2>&1); then
-  while IFS= read -r line; do [[ -n $line ]] && emit secrets-encrypt "$line"; done <<<"$status"
-else
-  emit secrets-encrypt-error "$(head -n 1 <<<"$status")"
-fi
-
-manifests=$data_dir/server/manifests
-emit manifests-dir "$manifests"
-if [[ -d $manifests ]]; then
-  find "$manifests" -mindepth 1 \( -type f -o -type l \) -printf '%P\n' | LC_ALL=C sort | while IFS= read -r file; do
-    emit manifest "$file"
+  # The unit's environment files that exist (systemd skips a missing one marked with "-").
+  if [[ -n ${K3S_ENV_FILE:-} ]]; then env_files=("$K3S_ENV_FILE"); fi
+  for env_file in "${env_files[@]}"; do
+    [[ -r $env_file ]] || continue
+    emit env-file "$env_file"
+    assignments=$(<"$env_file")
+    while IFS= read -r line; do
+      [[ $line =~ ^[[:space:]]*(export[[:space:]]+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || continue
+      name=${BASH_REMATCH[2]} value=${BASH_REMATCH[3]}
+      value=${value#[\"\']}
+      value=${value%[\"\']}
+      if is_secret "$name"; then emit env "$env_file" "$name" "$REDACTED"; else emit env "$env_file" "$name" "$value"; fi
+    done <<<"$assignments"
   done
-fi
 
-# --- PostgreSQL ----------------------------------------------------------------------------------
+  if [[ -r $config_file ]]; then
+    emit config-file "$config_file"
+    # A top-level key that names a secret loses its value, and so do the lines that continue it.
+    # Comments are left out: one may hold an old value.
+    awk -v pattern="$secret_name" -v redacted="\"$REDACTED\"" '
+      /^[[:space:]]*(#|$)/ { next }
+      /^[^[:space:]#-][^:]*:/ {
+        key = $0; sub(/:.*/, "", key); gsub(/["'\'']/, "", key)
+        hiding = (tolower(key) ~ pattern)
+        if (hiding) { print key ": " redacted; next }
+      }
+      /^[[:space:]]/ || /^-/ { if (hiding) next }
+      { print }' "$config_file" | while IFS= read -r line; do emit config-line "$line"; done
+  else
+    emit config-file-absent "$config_file"
+  fi
 
-# As the postgres OS user over the local socket: the superuser, by peer authentication.
-sql() { runuser -u postgres -- "$pg_bin/psql" -X -A -t -q -F $'\t' -v ON_ERROR_STOP=1 -d postgres -c "$1"; }
+  if status=$("$k3s_bin" secrets-encrypt status 2>&1); then
+    while IFS= read -r line; do [[ -n $line ]] && emit secrets-encrypt "$line"; done <<<"$status"
+  else
+    emit secrets-encrypt-error "$(head -n 1 <<<"$status")"
+  fi
 
-if [[ ! -x $pg_bin/psql ]]; then
-  emit postgres-absent "$pg_bin/psql"
-elif ! sql 'SELECT 1' >/dev/null 2>&1; then
-  emit postgres-error "$(sql 'SELECT 1' 2>&1 | head -n 1)"
-else
-  sql "SELECT 'pg-version', current_setting('server_version'), current_setting('server_version_num')"
-  sql "SELECT 'pg-setting', name, current_setting(name) FROM pg_settings
-       WHERE name IN ('config_file', 'hba_file', 'data_directory', 'listen_addresses', 'port',
-                      'password_encryption', 'ssl', 'max_connections', 'shared_buffers')
-       ORDER BY name"
-  # The kind of each password hash, never the hash.
-  sql "SELECT 'pg-role', rolname, rolsuper, rolcanlogin, rolcreatedb, rolcreaterole,
-              CASE WHEN rolpassword IS NULL THEN 'none'
-                   WHEN rolpassword LIKE 'SCRAM-SHA-256\$%' THEN 'scram-sha-256'
-                   WHEN rolpassword ~ '^md5[0-9a-f]{32}\$' THEN 'md5'
-                   ELSE 'plaintext' END,
-              COALESCE(rolvaliduntil::text, '')
-       FROM pg_authid WHERE rolname !~ '^pg_' ORDER BY rolname"
-  sql "SELECT 'pg-database', datname, pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datallowconn
-       FROM pg_database WHERE NOT datistemplate ORDER BY datname"
-  # pg_hba options may carry a secret (ldapbindpasswd, radiussecrets).
-  sql "SELECT 'pg-hba', line_number, type, array_to_string(database, ','), array_to_string(user_name, ','),
-              COALESCE(address, ''), COALESCE(netmask, ''), COALESCE(auth_method, ''),
-              COALESCE(array_to_string(ARRAY(SELECT regexp_replace(o, '^(ldapbindpasswd|radiussecrets)=.*', '\\1=$REDACTED')
-                                             FROM unnest(options) o), ','), ''),
-              COALESCE(error, '')
-       FROM pg_hba_file_rules ORDER BY line_number"
-  # A setting changed in the files that only a restart applies: running value, then the files'.
-  sql "SELECT 'pg-pending-restart', s.name, current_setting(s.name),
-              COALESCE((SELECT f.setting FROM pg_file_settings f WHERE f.name = s.name ORDER BY f.seqno DESC LIMIT 1), '')
-       FROM pg_settings s WHERE s.pending_restart ORDER BY s.name"
-fi
+  manifests=$data_dir/server/manifests
+  emit manifests-dir "$manifests"
+  if [[ -d $manifests ]]; then
+    find "$manifests" -mindepth 1 \( -type f -o -type l \) -printf '%P\n' | LC_ALL=C sort | while IFS= read -r file; do
+      emit manifest "$file"
+    done
+  fi
+
+  # --- PostgreSQL ----------------------------------------------------------------------------------
+
+  # One psql session as the postgres OS user over the local socket: the superuser, by peer authentication.
+  queries="
+  SELECT 'pg-version', current_setting('server_version'), current_setting('server_version_num');
+  SELECT 'pg-setting', name, current_setting(name) FROM pg_settings
+   WHERE name IN ('config_file', 'hba_file', 'data_directory', 'listen_addresses', 'port',
+                  'password_encryption', 'ssl', 'max_connections', 'shared_buffers')
+   ORDER BY name;
+  -- The kind of each password hash, never the hash.
+  SELECT 'pg-role', rolname, rolsuper, rolcanlogin, rolcreatedb, rolcreaterole,
+         CASE WHEN rolpassword IS NULL THEN 'none'
+              WHEN rolpassword LIKE 'SCRAM-SHA-256\$%' THEN 'scram-sha-256'
+              WHEN rolpassword ~ '^md5[0-9a-f]{32}\$' THEN 'md5'
+              ELSE 'plaintext' END,
+         COALESCE(rolvaliduntil::text, '')
+   FROM pg_authid WHERE rolname !~ '^pg_' ORDER BY rolname;
+  SELECT 'pg-database', datname, pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datallowconn
+   FROM pg_database WHERE NOT datistemplate ORDER BY datname;
+  -- pg_hba options may carry a secret (ldapbindpasswd, radiussecrets).
+  SELECT 'pg-hba', line_number, type, array_to_string(database, ','), array_to_string(user_name, ','),
+         COALESCE(address, ''), COALESCE(netmask, ''), COALESCE(auth_method, ''),
+         COALESCE(array_to_string(ARRAY(SELECT regexp_replace(o, '^(ldapbindpasswd|radiussecrets)=.*', '\\1=$REDACTED')
+                                        FROM unnest(options) o), ','), ''),
+         COALESCE(error, '')
+   FROM pg_hba_file_rules ORDER BY line_number;
+  -- A setting changed in the files that only a restart applies: running value, then the files'.
+  SELECT 'pg-pending-restart', s.name, current_setting(s.name),
+         COALESCE((SELECT f.setting FROM pg_file_settings f WHERE f.name = s.name ORDER BY f.seqno DESC LIMIT 1), '')
+   FROM pg_settings s WHERE s.pending_restart ORDER BY s.name;
+  "
+  if [[ ! -x $pg_bin/psql ]]; then
+    emit postgres-absent "$pg_bin/psql"
+  elif ! facts=$(runuser -u postgres -- "$pg_bin/psql" -X -A -t -q -F $'\t' -v ON_ERROR_STOP=1 -d postgres \
+                   -c "$queries" 2>&1); then
+    emit postgres-error "$(head -n 1 <<<"$facts")"
+  else
+    printf '%s\n' "$facts"
+  fi
+}
+
+main </dev/null
 exit 0

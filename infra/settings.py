@@ -7,6 +7,8 @@ reader of `pulumi.Config`. A bad value stops the program with one `SettingsError
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import ipaddress
 import json
@@ -218,13 +220,14 @@ _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _EMAIL = re.compile(r"^[A-Za-z0-9._%+-]+@(.+)$")
 _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*[0-9][a-z0-9-]*\.(nano|micro|small|medium|large|metal|[0-9]*xlarge)$")
-_SSH_PUBLIC_KEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+=* ?.*$")
 _WIREGUARD_KEY = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
 _TIME = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 _GITHUB_REPO = re.compile(r"^[A-Za-z0-9-]+/[A-Za-z0-9._-]+$")
 _IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # the OCI distribution spec's tag grammar
 _AWS_ID = {"instance": re.compile(r"^i-[0-9a-f]{8,17}$"), "eip": re.compile(r"^eipalloc-[0-9a-f]{8,17}$")}
 
+# The key types EC2 imports as a key pair: "an RSA or ED25519 key pair" (EC2 API reference, ImportKeyPair).
+SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa")
 # k3s's default pod and service networks (k3s server flags --cluster-cidr, --service-cidr); the host's
 # k3s configuration keeps them.
 K3S_POD_CIDR = "10.42.0.0/16"
@@ -262,6 +265,34 @@ def is_ip(value: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def ssh_key_problem(line: str) -> Optional[str]:
+    """What is wrong with an OpenSSH public key line `<type> <base64 key> [comment]`, or None. The key
+    is in SSH wire format: strings, each a 4-byte big-endian length and its bytes, the first being the
+    type; then for ssh-rsa the exponent and the modulus (RFC 4253 section 6.6), for ssh-ed25519 the
+    32-byte key (RFC 8709). A line whose label and key disagree, or whose base64 was cut or wrapped,
+    is refused here rather than by AWS or by a failed login."""
+    parts = line.split(None, 2)
+    if not line.isprintable() or len(parts) < 2:
+        return "it is not one line of <type> <base64 key> [comment]"
+    if parts[0] not in SSH_KEY_TYPES:
+        return f"EC2 imports only {' and '.join(SSH_KEY_TYPES)} keys, not {parts[0]!r}"
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except binascii.Error:
+        blob = b""
+    fields = []
+    while len(blob) >= 4 and len(blob) >= 4 + (length := int.from_bytes(blob[:4], "big")):
+        fields.append(blob[4:4 + length])
+        blob = blob[4 + length:]
+    if not fields or blob:
+        return f"the base64 key after {parts[0]} is not whole (cut short, or wrapped?)"
+    if fields[0] != parts[0].encode():
+        return f"the key data is a {fields[0].decode('ascii', 'replace')!r} key, not {parts[0]}"
+    if len(fields) != (2 if parts[0] == "ssh-ed25519" else 3) or parts[0] == "ssh-ed25519" and len(fields[1]) != 32:
+        return f"the key data does not have the fields of a {parts[0]} key"
+    return None
 
 
 def _cidr_list(read: _Reader, key: str, form: str) -> tuple[str, ...]:
@@ -350,8 +381,9 @@ def _hosts(read: _Reader) -> HostSettings:
 def _ssh_public_key(read: _Reader) -> str:
     form = "an OpenSSH public key line such as 'ssh-ed25519 AAAA... ops@katforge.com'"
     value = read.required("sshPublicKey", form)
-    if not _SSH_PUBLIC_KEY.match(value):
-        raise invalid("sshPublicKey", value, form)
+    problem = ssh_key_problem(value)
+    if problem:
+        raise invalid("sshPublicKey", value, f"{form}, but {problem}")
     return value
 
 

@@ -1,5 +1,8 @@
 """Bad configuration stops the program before any resource, with one line naming file, key, value and form."""
+import base64
 import re
+import shutil
+import subprocess
 
 import pulumi
 import pytest
@@ -19,6 +22,13 @@ def error_of(stack: str = "prod", **config) -> str:
     message = str(caught.value)
     assert "\n" not in message
     return message
+
+
+def ssh_line(label: str, blob_type: str, size: int = 32) -> str:
+    """An OpenSSH public key line whose key data (SSH wire format) names `blob_type` and holds `size` bytes."""
+    def string(data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + data
+    return f"{label} {base64.b64encode(string(blob_type.encode()) + string(b'k' * size)).decode()} ops@katforge.com"
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -60,6 +70,12 @@ def error_of(stack: str = "prod", **config) -> str:
     ("k3sPrivateIp", "172.31.0.2", "reserves 172.31.0.2 for DNS"),
     ("k3sPrivateIp", "172.31.0.3", "reserves 172.31.0.3 for future use"),
     ("k3sPrivateIp", "172.31.15.255", "reserves 172.31.15.255 for its broadcast address"),
+    # The key data must be the key the line names.
+    ("sshPublicKey", ssh_line("ssh-ed25519", "ssh-rsa"), "but the key data is a 'ssh-rsa' key, not ssh-ed25519"),
+    ("sshPublicKey", ssh_line("ssh-ed25519", "ssh-ed25519")[:40] + " ops", "but the base64 key after ssh-ed25519 is not whole"),
+    ("sshPublicKey", ssh_line("ssh-ed25519", "ssh-ed25519", size=31), "does not have the fields of a ssh-ed25519 key"),
+    ("sshPublicKey", ssh_line("ssh-rsa", "ssh-rsa"), "does not have the fields of a ssh-rsa key"),
+    ("sshPublicKey", ssh_line("ecdsa-sha2-nistp256", "ecdsa-sha2-nistp256"), "EC2 imports only ssh-ed25519 and ssh-rsa keys"),
     # A peer line: which of its three parts is wrong, with the expected form.
     ("wireguardPeers", [f"laptop,{PEER_KEY}"], "2 comma-separated parts, not 3"),
     ("wireguardPeers", [f"Alice Laptop,{PEER_KEY},10.99.0.2/32"], "the name 'Alice Laptop' is not a lowercase label"),
@@ -99,6 +115,16 @@ def test_a_wide_private_range_opens_nothing_to_the_internet_and_is_accepted():
 def test_distinct_peers_are_accepted():
     peers = [f"a,{PEER_KEY},10.99.0.2/32", f"b,{OTHER_KEY},10.99.0.254/32"]
     assert evaluate("qa", {"katforge:wireguardPeers": peers}).stack == "qa"
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen (OpenSSH) is not installed")
+@pytest.mark.parametrize("kind", ["ed25519", "rsa"])
+def test_real_keys_from_ssh_keygen_are_accepted(kind, tmp_path):
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", "ops@katforge.com", "-f", tmp_path / "key"],
+                   check=True)
+    line = (tmp_path / "key.pub").read_text().strip()
+    planned = evaluate("prod", {"katforge:sshPublicKey": line})
+    assert planned.named("operators").raw_inputs["publicKey"] == line
 
 
 @pytest.mark.parametrize("stack, key", [("prod", "dbPassword"), ("prod", "sshPrivateKey"), ("prod", "ghcrToken"),

@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import pulumi
 import yaml
@@ -119,7 +119,7 @@ class BootstrapSettings:
 @dataclass(frozen=True)
 class ClusterSettings:
     acme_email: str
-    image_tag: str
+    image_tags: Mapping[str, str]  # app name -> the tag its Deployment is created with
     ghcr_username: str
     ghcr_token: pulumi.Output
 
@@ -224,6 +224,8 @@ _WIREGUARD_KEY = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
 _TIME = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 _GITHUB_REPO = re.compile(r"^[A-Za-z0-9-]+/[A-Za-z0-9._-]+$")
 _IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # the OCI distribution spec's tag grammar
+# Tags that move: they name whatever was pushed last, so a rebuilt cluster would not run what ran before.
+MOVING_TAGS = frozenset({"latest", "main", "master", "edge", "nightly", "stable"})
 _AWS_ID = {"instance": re.compile(r"^i-[0-9a-f]{8,17}$"), "eip": re.compile(r"^eipalloc-[0-9a-f]{8,17}$")}
 
 # The key types EC2 imports as a key pair: "an RSA or ED25519 key pair" (EC2 API reference, ImportKeyPair).
@@ -438,6 +440,40 @@ def _wireguard_peers(read: _Reader, vpn_client_cidr: str) -> tuple[WireguardPeer
     return tuple(peers)
 
 
+def _image_tags(read: _Reader, stage: str) -> Mapping[str, str]:
+    """The release each app's Deployment starts at, as "app=tag" lines: each app has its own repository
+    and its own releases. Every app the stage runs needs one; an app it does not run may have one."""
+    from infra.apps import APPS, apps_in  # here, not at the top: infra.apps imports this module
+
+    names = [app.name for app in APPS]
+    running = [app.name for app in apps_in(stage)]
+    form = f'"app=tag" lines, one per app {stage} runs ({", ".join(running)}), e.g. "{running[0]}=v1.4.2"'
+    if read.config.get("imageTags") is None:
+        raise invalid("imageTags", None, form, fix=f"pulumi config set --path '{PROJECT}:imageTags[0]' "
+                                                   f"{running[0]}=<tag> --stack {stage} (and [1], ... for the others)")
+    tags: dict[str, str] = {}
+    lines = read.strings("imageTags")
+    for line in lines:
+        app, _, tag = line.partition("=")
+        if app not in names:
+            close = difflib.get_close_matches(app, names, n=1)
+            raise invalid("imageTags", line, f"{form}, but {app!r} is not an app of infra/apps.py"
+                                             + (f"; did you mean {close[0]}?" if close else ""))
+        if not _IMAGE_TAG.match(tag):
+            raise invalid("imageTags", line, f"{form}, but {tag!r} is not an image tag")
+        if tag in MOVING_TAGS:
+            raise invalid("imageTags", line, f"{form}, but {tag} is a moving tag: name a release of {app}")
+        if app in tags:
+            raise invalid("imageTags", line, f"{form}, but {app} has a tag already ({tags[app]})")
+        tags[app] = tag
+    missing = [app for app in running if app not in tags]
+    if missing:
+        raise invalid("imageTags", list(lines), f"{form}, but {', '.join(missing)} has no tag",
+                      fix=f"pulumi config set --path '{PROJECT}:imageTags[{len(lines)}]' {missing[0]}=<tag> "
+                          f"--stack {stage}")
+    return tags
+
+
 def _refuse_unknown_keys() -> None:
     """A key of the project's namespace that Pulumi.yaml does not declare is a typo: the program would
     silently use the default of the key it meant. The CLI hands the program every key of the stack
@@ -483,7 +519,7 @@ def load() -> Settings:
         ),
         cluster=ClusterSettings(
             acme_email=read.string("acmeEmail", is_email, "an email address such as ops@katforge.com"),
-            image_tag=read.string("imageTag", lambda v: bool(_IMAGE_TAG.match(v)), "an image tag such as v1.2.3 or latest"),
+            image_tags=_image_tags(read, stack),
             ghcr_username=read.string("ghcrUsername", lambda v: bool(re.match(r"^[A-Za-z0-9-]{1,39}$", v)),
                                       "a GitHub user name"),
             ghcr_token=read.secret("ghcrToken"),

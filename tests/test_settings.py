@@ -1,5 +1,6 @@
 """Bad configuration stops the program before any resource, with one line naming file, key, value and form."""
 import base64
+import json
 import re
 import shutil
 import subprocess
@@ -125,6 +126,36 @@ def test_real_keys_from_ssh_keygen_are_accepted(kind, tmp_path):
     line = (tmp_path / "key.pub").read_text().strip()
     planned = evaluate("prod", {"katforge:sshPublicKey": line})
     assert planned.named("operators").raw_inputs["publicKey"] == line
+
+
+TAGS = ["api=v2.3.1", "web=v1.8.0", "lextris=v0.4.2", "stumper=v1.1.0"]
+
+
+@pytest.mark.parametrize("tags, bad, expected", [
+    (["api=latest", *TAGS[1:]], "api=latest", "but latest is a moving tag: name a release of api"),
+    (["wbe=v1.8.0", *TAGS], "wbe=v1.8.0", "but 'wbe' is not an app of infra/apps.py; did you mean web?"),
+    ([*TAGS, "web=v1.9.0"], "web=v1.9.0", "but web has a tag already (v1.8.0)"),
+    ([*TAGS, "web=:v1"], "web=:v1", "but ':v1' is not an image tag"),
+])
+def test_an_image_tag_must_name_a_release_of_a_known_app(tags, bad, expected):
+    message = error_of(imageTags=tags)
+    assert message == (f"Pulumi.prod.yaml: katforge:imageTags = {bad}: expected \"app=tag\" lines, one per app prod "
+                       f'runs (api, web, lextris, stumper), e.g. "api=v1.4.2", {expected}')
+
+
+def test_every_app_the_stage_runs_needs_a_tag_and_only_those():
+    message = error_of(imageTags=TAGS[:3])
+    assert message.startswith(f'Pulumi.prod.yaml: katforge:imageTags = {json.dumps(TAGS[:3])}: expected ')
+    assert "but stumper has no tag; set it with: pulumi config set --path 'katforge:imageTags[3]' stumper=<tag>" in message
+    planned = evaluate("qa", {"katforge:imageTags": ["web=v1.8.0", "api=v2.3.1"]})
+    images = {r.name: r.raw_inputs["spec"]["template"]["spec"]["containers"][0]["image"]
+              for r in planned.of_type("kubernetes:apps/v1:Deployment")}
+    assert images == {"apps-api": "ghcr.io/katforge/api.katforge.com:v2.3.1",
+                      "apps-web": "ghcr.io/katforge/katforge.com:v1.8.0"}
+
+
+def test_image_tags_have_no_default():
+    assert error_of(imageTags=None).startswith("Pulumi.prod.yaml: katforge:imageTags = (not set): expected ")
 
 
 @pytest.mark.parametrize("stack, key", [("prod", "dbPassword"), ("prod", "sshPrivateKey"), ("prod", "ghcrToken"),

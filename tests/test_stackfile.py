@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from infra.settings import SettingsError
-from tools import plan, stackfile
+from tools import offline, plan, stackfile
 from tools.offline import ROOT, evaluate, project_config_schema
 from tools.stackfile import StackFileError
 
@@ -162,3 +162,9 @@ def test_make_plan_stops_on_a_bad_stack_file_with_one_line_and_exit_2(tmp_path, 
     out, err = capfd.readouterr()
     assert err == "Pulumi.prod.yaml: line 4: katforge:backupTime is given twice (first on line 3)\n" and out == ""
 
+
+def test_the_offline_plan_reads_stack_files_with_this_reader(tmp_path, monkeypatch):
+    (tmp_path / "Pulumi.yaml").write_text((ROOT / "Pulumi.yaml").read_text())
+    (tmp_path / "Pulumi.prod.yaml").write_text("config:\n  aws:region: us-east-2\n  katforge:backupTime: 3:30\n")
+    monkeypatch.setattr("tools.offline.ROOT", tmp_path)
+    assert offline.stack_config("prod") == {"aws:region": "us-east-2", "katforge:backupTime": "3:30"}

@@ -479,7 +479,7 @@ class StageWorkloads(pulumi.ComponentResource):
             return pulumi.Output.unsecret(pulumi.Output.from_input(read).apply(secrets_digest))
 
         for app in apps:
-            manifest = deployment(app, stage=stage.name, namespace=ns, image_tag=settings.image_tag,
+            manifest = deployment(app, stage=stage.name, namespace=ns, image_tag=settings.image_tags[app.name],
                                   secrets_sha256=digest_for(app))
             k8s.apps.v1.Deployment(f"{name}-{app.name}", metadata=manifest["metadata"], spec=manifest["spec"],
                                    opts=opts_(*secrets, ignore_changes=list(IMAGE_FIELDS)))

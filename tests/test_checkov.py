@@ -13,11 +13,8 @@ import pytest
 import yaml
 
 from tests.shared import CHECKOV_VERSION, checkov
-from tools.offline import project_config_schema, unwrap
+from tools.offline import unwrap
 
-# CKV_K8S_14 refuses the `latest` tag, which Pulumi.yaml's imageTag still defaults to (the issue asks
-# for a real release there). Until then only that finding is let through, and only while it occurs.
-LATEST_DEFAULT = project_config_schema()["imageTag"]["default"] == "latest"
 
 
 def manifests(plan) -> list[dict]:
@@ -48,10 +45,6 @@ def test_the_pinned_checkov_read_every_file(report):
 
 def test_no_finding_is_left_unexplained(report):
     failed = [f"{f['check_id']} {f['resource']}: {f['check_name']}" for f in report["results"]["failed_checks"]]
-    if LATEST_DEFAULT:
-        pending = [f for f in failed if f.startswith("CKV_K8S_14 ")]
-        assert pending, "imageTag's default passes CKV_K8S_14 now: remove LATEST_DEFAULT"
-        failed = [f for f in failed if f not in pending]
     assert not failed, "fix these, or skip them in the object with the reason (infra/apps.py):\n" + "\n".join(failed)
 
 

@@ -31,6 +31,9 @@ from pulumi.runtime import mocks, rpc, settings as runtime_settings
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _ensure_event_loop, _sync_await
 
+from infra.apps import APPS
+from tools import stackfile
+
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT = "katforge"
 SECRET = "[secret]"
@@ -52,7 +55,8 @@ CLOUD = {
 # Values only an operator can set, which the committed stack files leave unset. Secrets get a
 # labelled placeholder (the plan shows them as [secret] anyway).
 OPERATOR_PLACEHOLDERS = {
-    "sshPublicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOfflinePlanPlaceholderKey0000000000000000 offline-plan",
+    "sshPublicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG9mZmxpbmUtcGxhbi1wbGFjZWhvbGRlci1rZXktMDAw offline-plan",
+    "imageTags": json.dumps([f"{app.name}=offline-plan" for app in APPS]),
 }
 
 
@@ -62,8 +66,7 @@ def project_config_schema() -> dict[str, dict]:
 
 
 def stack_config(stack: str) -> dict[str, Any]:
-    path = ROOT / f"Pulumi.{stack}.yaml"
-    return (yaml.safe_load(path.read_text()) or {}).get("config") or {} if path.exists() else {}
+    return stackfile.read(ROOT / f"Pulumi.{stack}.yaml", project_config_schema())
 
 
 def _as_config_string(value: Any) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from infra.settings import STAGES
-from tools.offline import ROOT, evaluate
+from tools.offline import KNOWN_AFTER_DEPLOY, ROOT, evaluate
 
 DOCS = ROOT / "docs"
 STACKS = tuple(STAGES)
@@ -217,7 +217,8 @@ class Drawing:
                           for record in estate.of(RECORD) for eip in estate.depends_on(record, EIP)}
         addresses = [(self.public_ip.get(eip["urn"]), urn) for urn, eip in self.eip_of.items()]
         addresses += [(i["inputs"].get("privateIp"), urn) for urn, i in self.hosts.items()]
-        self.host_of_ip = {address: urn for address, urn in addresses if address}
+        # A stand-in names no address: two new Elastic IPs both read `(known after deploy)`.
+        self.host_of_ip = {address: urn for address, urn in addresses if address and address != KNOWN_AFTER_DEPLOY}
         self.rules = estate.of(INGRESS_RULE)
         self.postgres_host = self.host_serving(POSTGRES)
         self.k3s_host = self.host_serving(K3S_API)

@@ -13,7 +13,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra.network import Network
-from infra.settings import HostSettings, HostSpec, SettingsError
+from infra.settings import HostSettings, HostSpec, invalid
 
 CANONICAL = "099720109477"  # the owner of the official Ubuntu AMIs
 UBUNTU_2404 = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*"  # ships postgresql-16
@@ -36,10 +36,9 @@ class HostRole:
 def check_adopted_address(role: str, spec: HostSpec, address: str) -> str:
     """An imported Elastic IP must be the one the DNS and the spec point at."""
     if spec.eip_allocation_id and address != spec.expected_public_ip:
-        raise SettingsError(
-            f"katforge:{role}EipAllocationId = {spec.eip_allocation_id!r} holds {address}, but "
-            f"katforge:{role}PublicIp expects {spec.expected_public_ip}: is this the right allocation?"
-        )
+        raise invalid(f"{role}EipAllocationId", spec.eip_allocation_id,
+                      f"the allocation of katforge:{role}PublicIp {spec.expected_public_ip}, but it holds {address}: "
+                      "is this the right allocation?")
     return address
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
-from infra.settings import NetworkSettings, SettingsError
+from infra.settings import NetworkSettings, invalid
 
 ANYWHERE = "0.0.0.0/0"
 VPN_SG = "vpn-security-group"  # a rule source: the VPN host's private address, which its clients are NATed behind
@@ -57,9 +57,7 @@ class Network(pulumi.ComponentResource):
         invoke = pulumi.InvokeOptions(parent=self)
         vpc = aws.ec2.get_vpc(default=True, opts=invoke)
         if vpc.cidr_block != net.vpc_cidr:
-            raise SettingsError(
-                f"katforge:vpcCidr = {net.vpc_cidr!r} does not match the default VPC {vpc.id} ({vpc.cidr_block})."
-            )
+            raise invalid("vpcCidr", net.vpc_cidr, f"the default VPC's CIDR: {vpc.id} is {vpc.cidr_block}")
         self.vpc_id = vpc.id
         self.subnet_id = aws.ec2.get_subnet(vpc_id=vpc.id, cidr_block=subnet_cidr_of(net.k3s_private_ip),
                                             opts=invoke).id

@@ -43,7 +43,7 @@ def test_the_default_vpc_is_looked_up_not_created(prod):
 
 
 def test_a_vpc_with_another_cidr_stops_the_program():
-    with pytest.raises(SettingsError, match="does not match the default VPC"):
+    with pytest.raises(SettingsError, match="katforge:vpcCidr = 10.0.0.0/16: expected the default VPC's CIDR"):
         evaluate("prod", {"katforge:vpcCidr": "10.0.0.0/16", "katforge:k3sPrivateIp": "10.0.14.98"})
 
 
@@ -109,7 +109,7 @@ def test_nothing_is_imported_unless_configured(prod):
 
 
 def test_adopting_an_elastic_ip_with_another_address_stops_the_deployment():
-    with pytest.raises(SettingsError, match="holds 3.19.192.157, but katforge:k3sPublicIp expects 3.19.192.1"):
+    with pytest.raises(SettingsError, match="katforge:k3sEipAllocationId = eipalloc-[0-9a-f]+: expected the allocation of katforge:k3sPublicIp 3.19.192.1, but it holds 3.19.192.157"):
         evaluate("prod", {"katforge:k3sEipAllocationId": "eipalloc-0123456789abcdef0",
                           "katforge:k3sInstanceId": "i-0abc12345def67890", "katforge:k3sPublicIp": "3.19.192.1"})
 

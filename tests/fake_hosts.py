@@ -9,8 +9,9 @@
   served by a real WireGuard interface (wireguard-go) in a network namespace this module creates, with
   one more peer added at run time only. Without root or the WireGuard tools the file alone is read.
 
-The scripts find all of it through the variables their headers document (`host_env`). Every secret
-planted is in `planted`: no discovery output may contain one.
+The scripts find all of it through the variables their headers document (`env`). Every secret
+planted is in `planted`: no discovery output may contain one. The session fixture `fake_hosts` comes
+with `pytest_plugins = ["tests.fake_hosts"]` in a test module.
 """
 from __future__ import annotations
 

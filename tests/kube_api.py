@@ -12,7 +12,8 @@ the four apps' Deployments and Services in `default`, two in `qa`, namespace `ci
 k3s's Traefik configured by the manifest file /var/lib/rancher/k3s/server/manifests/traefik-config.yaml
 (so HelmChartConfig kube-system/traefik carries the deploy controller's annotations and an Addon
 tracks it, with the DNS-challenge credentials inline, as the spec says), and Traefik's certificate PVC.
-Values in `PLANTED` are secrets planted in it: no discovery output may ever show one.
+Values in `PLANTED` are secrets planted in it: no discovery output may ever show one. The session
+fixture `kube_api` serves it, with `pytest_plugins = ["tests.kube_api"]` in a test module.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """A simulated AWS account as the live estate has it, in moto's server on 127.0.0.1, for the discovery
-and preflight tests. Use the session fixtures `live_account` and `empty_account` (import them and the
-server's from this module: `from tests.live_account import empty_account, live_account, moto_server`).
+and preflight tests. Its session fixtures `live_account` and `empty_account` come with
+`pytest_plugins = ["tests.live_account"]` in a test module (imported instead, each module would start
+a server of its own).
 
 The live account is built as ../shared/spec/deployment.md describes the estate, with what a hand-built
 estate really looks like rather than what the program would make:

@@ -1,7 +1,7 @@
 """A real OpenSSH server on 127.0.0.1 for tests that reach hosts over SSH: Debian's /usr/sbin/sshd with a
 throwaway host key, a throwaway client key and a configuration of its own (no PAM, key logins as root
-only), in the foreground on a free port, one per test session. Use the session fixture `sshd`
-(`from tests.sshd import sshd`); it skips, saying why, without sshd, ssh-keygen or root.
+only), in the foreground on a free port, one per test session: the fixture `sshd`, with
+`pytest_plugins = ["tests.sshd"]` in a test module. It skips, saying why, without sshd, ssh-keygen or root.
 """
 from __future__ import annotations
 

@@ -13,12 +13,13 @@ import pytest
 
 pytest.importorskip("lightkube", reason="lightkube is not installed: make test must install requirements-tools.txt")
 
-from tests.fake_hosts import fake_hosts  # noqa: F401 (fixture)
-from tests.kube_api import PLANTED, kube_api  # noqa: F401 (fixture)
-from tests.live_account import empty_account, live_account, moto_server  # noqa: F401 (fixtures)
-from tests.sshd import sshd  # noqa: F401 (fixture)
+from tests.kube_api import PLANTED
 from tools import discover
 from tools.offline import ROOT
+
+# Session fixtures (servers), shared by every module that names them here: imported, each module would
+# start its own.
+pytest_plugins = ["tests.fake_hosts", "tests.kube_api", "tests.live_account", "tests.sshd"]
 
 
 def use_account(monkeypatch, account) -> None:
@@ -28,7 +29,7 @@ def use_account(monkeypatch, account) -> None:
         monkeypatch.setenv(key, value)
 
 
-def host_args(sshd, fake_hosts) -> list[str]:  # noqa: F811
+def host_args(sshd, fake_hosts) -> list[str]:
     args = ["--ssh-key", str(sshd.key), "--ssh-user", sshd.user, "--ssh-port", str(sshd.port),
             "--k3s-host", sshd.host, "--vpn-host", sshd.host]
     args += [f"--ssh-option={option}" for option in sshd.options]
@@ -36,7 +37,7 @@ def host_args(sshd, fake_hosts) -> list[str]:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def everything(live_account, kube_api, sshd, fake_hosts, tmp_path_factory):  # noqa: F811
+def everything(live_account, kube_api, sshd, fake_hosts, tmp_path_factory):
     """Two runs of the whole discovery of prod: (exit status, stdout, file bytes) each."""
     monkeypatch = pytest.MonkeyPatch()
     use_account(monkeypatch, live_account)
@@ -55,7 +56,7 @@ def everything(live_account, kube_api, sshd, fake_hosts, tmp_path_factory):  # n
     return runs
 
 
-def test_every_source_is_read_into_one_file(everything, live_account):  # noqa: F811
+def test_every_source_is_read_into_one_file(everything, live_account):
     status, stdout, written = everything[0]
     assert status == 0, stdout
     document = json.loads(written)
@@ -73,7 +74,7 @@ def test_every_source_is_read_into_one_file(everything, live_account):  # noqa: 
     assert document["hosts"]["k3s"]["k3s"]["traefikManifest"]["present"] is True
 
 
-def test_live_secrets_are_commands_to_run_never_values(everything, sshd, fake_hosts, kube_api):  # noqa: F811
+def test_live_secrets_are_commands_to_run_never_values(everything, sshd, fake_hosts, kube_api):
     status, stdout, written = everything[0]
     commands = {s["configKey"]: s["command"] for s in json.loads(written)["secrets"] if s["command"]}
     assert commands == {"ghcrToken": "pulumi config set --secret katforge:ghcrToken --stack prod",
@@ -88,7 +89,7 @@ def test_a_second_run_writes_the_same_bytes(everything):
     assert everything[0][2] == everything[1][2]
 
 
-def test_an_empty_account_has_nothing_to_import(empty_account, monkeypatch, tmp_path):  # noqa: F811
+def test_an_empty_account_has_nothing_to_import(empty_account, monkeypatch, tmp_path):
     use_account(monkeypatch, empty_account)
     out = tmp_path / "empty.json"
     assert discover.main(["--stack", "prod", "--no-cluster", "--no-hosts", "--out", str(out)], io.StringIO()) == 0

@@ -11,9 +11,13 @@ import pytest
 from botocore.stub import Stubber
 
 from tests.live_account import (ADMIN_CIDR, DKIM_TTL, K3S_PRIVATE_IP, K3S_PUBLIC_IP, LIVE_TTL, VPN_PUBLIC_IP,
-                                UBUNTU_AMI, VPN_SUBNET, empty_account, live_account, moto_server)  # noqa: F401
+                                UBUNTU_AMI, VPN_SUBNET)
 from tools import discover_aws
 from tools.discover_targets import targets
+
+# Session fixtures (servers), shared by every module that names them here: imported, each module would
+# start its own.
+pytest_plugins = ["tests.live_account"]
 
 
 @contextlib.contextmanager
@@ -37,16 +41,16 @@ def discover_in(account, stack: str = "prod") -> dict:
 
 
 @pytest.fixture(scope="module")
-def live(live_account):  # noqa: F811
+def live(live_account):
     return discover_in(live_account)
 
 
 @pytest.fixture(scope="module")
-def empty(empty_account):  # noqa: F811
+def empty(empty_account):
     return discover_in(empty_account)
 
 
-def test_both_hosts_are_found_by_the_configured_addresses_with_their_import_ids(live, live_account):  # noqa: F811
+def test_both_hosts_are_found_by_the_configured_addresses_with_their_import_ids(live, live_account):
     made = live_account.made
     for role in ("k3s", "vpn"):
         host = live["instances"][role]
@@ -60,7 +64,7 @@ def test_both_hosts_are_found_by_the_configured_addresses_with_their_import_ids(
     assert live["instances"]["vpn"]["publicIp"] == VPN_PUBLIC_IP
 
 
-def test_the_awkward_realities_of_the_hosts(live, live_account):  # noqa: F811
+def test_the_awkward_realities_of_the_hosts(live, live_account):
     k3s, vpn = live["instances"]["k3s"], live["instances"]["vpn"]
     assert k3s["rootVolume"]["encrypted"] is False and vpn["rootVolume"]["encrypted"] is False
     assert k3s["rootVolume"]["deleteOnTermination"] is True
@@ -72,7 +76,7 @@ def test_the_awkward_realities_of_the_hosts(live, live_account):  # noqa: F811
     assert k3s["instanceProfile"] is None and k3s["keyName"] == "katforge-operators"
 
 
-def test_every_live_security_group_rule_is_read(live, live_account):  # noqa: F811
+def test_every_live_security_group_rule_is_read(live, live_account):
     group = live["instances"]["k3s"]["securityGroups"][live_account.made["k3s"]["group"]]
     assert group["import"] == {"type": "aws:ec2/securityGroup:SecurityGroup", "id": live_account.made["k3s"]["group"]}
     rules = {(r["protocol"], r["fromPort"], r.get("cidrIpv4") or r.get("securityGroupId")) for r in group["ingress"]}
@@ -83,7 +87,7 @@ def test_every_live_security_group_rule_is_read(live, live_account):  # noqa: F8
                and r["import"]["id"].startswith("sgr-") for r in group["ingress"])
 
 
-def test_account_unique_names_that_exist_live(live, live_account):  # noqa: F811
+def test_account_unique_names_that_exist_live(live, live_account):
     users = live["iam"]["users"]
     assert users["traefik-dns-challenge"]["import"] == {"type": "aws:iam/user:User", "id": "traefik-dns-challenge"}
     assert users["traefik-dns-challenge"]["accessKeys"] == 1
@@ -105,7 +109,7 @@ def test_names_the_program_declares_that_do_not_exist(live):
     assert live["iam"]["policies"] == {"katforge-backup-restore": {"exists": False}}
 
 
-def test_ses_identity_with_dkim_and_no_mail_from(live, live_account):  # noqa: F811
+def test_ses_identity_with_dkim_and_no_mail_from(live, live_account):
     identity = live["ses"]["identities"]["katforge.com"]
     assert identity["import"] == {"type": "aws:ses/domainIdentity:DomainIdentity", "id": "katforge.com"}
     assert identity["verification"] == "Success"
@@ -113,7 +117,7 @@ def test_ses_identity_with_dkim_and_no_mail_from(live, live_account):  # noqa: F
     assert identity["mailFrom"] == {"exists": False}
 
 
-def test_records_at_managed_names_with_their_live_ttls(live, live_account):  # noqa: F811
+def test_records_at_managed_names_with_their_live_ttls(live, live_account):
     zones = live_account.made["zones"]
     assert live["route53"]["zones"] == {name: {"exists": True, "id": zone} for name, zone in zones.items()}
     records = {(r["name"], r["type"]): r for r in live["route53"]["records"]}
@@ -130,14 +134,14 @@ def test_records_at_managed_names_with_their_live_ttls(live, live_account):  # n
     assert not [key for key in records if key[1] in ("NS", "SOA")]
 
 
-def test_qa_reads_only_its_own_records(live_account):  # noqa: F811
+def test_qa_reads_only_its_own_records(live_account):
     found = discover_in(live_account, "qa")
     assert sorted((r["name"], r["ttl"]) for r in found["route53"]["records"]) == [
         ("qa.api.katforge.com", LIVE_TTL), ("qa.katforge.com", LIVE_TTL)]
     assert found["instances"] == {} and found["iam"]["users"] == {}
 
 
-def test_an_empty_account_has_nothing_to_import(empty, empty_account):  # noqa: F811
+def test_an_empty_account_has_nothing_to_import(empty, empty_account):
     assert empty["instances"] == {"k3s": {"exists": False, "lookup": {"by": "private-ip-address",
                                                                        "value": K3S_PRIVATE_IP}},
                                   "vpn": {"exists": False, "lookup": {"by": "public-ip-address",
@@ -161,7 +165,7 @@ def test_a_refused_call_costs_one_fact_not_the_run():
         assert discover_aws.read(lambda: iam.get_user(UserName="ses-sender")) == {"exists": False}
 
 
-def test_a_vpn_host_without_an_elastic_ip_is_found_by_its_public_address(moto_server):  # noqa: F811
+def test_a_vpn_host_without_an_elastic_ip_is_found_by_its_public_address(moto_server):
     account = moto_server.account("222222222222")
     ec2 = account.client("ec2")
     [ami] = ec2.describe_images(ImageIds=[UBUNTU_AMI["ami_id"]])["Images"]

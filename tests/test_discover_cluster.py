@@ -11,16 +11,19 @@ import urllib.request
 
 import pytest
 
-from tests.kube_api import (PLANTED, TRAEFIK_ADDON, TRAEFIK_MANIFEST, KubeApi, Reply, kube_api,  # noqa: F401
-                            live_estate, selector, serve)
+from tests.kube_api import PLANTED, TRAEFIK_ADDON, TRAEFIK_MANIFEST, KubeApi, Reply, live_estate, selector, serve
 
 pytest.importorskip("lightkube", reason="lightkube is not installed: make test must install requirements-tools.txt")
 from tools import discover_cluster  # noqa: E402
 from tools.discover_targets import targets
 
+# Session fixtures (servers), shared by every module that names them here: imported, each module would
+# start its own.
+pytest_plugins = ["tests.kube_api"]
+
 
 @pytest.fixture(scope="module")
-def kubeconfig(kube_api, tmp_path_factory):  # noqa: F811
+def kubeconfig(kube_api, tmp_path_factory):
     return kube_api.kubeconfig(tmp_path_factory.mktemp("kube") / "katforge-config")
 
 
@@ -84,7 +87,7 @@ def test_traefiks_pvc(prod):
         "accessModes": ["ReadWriteOnce"], "volumeName": "pvc-3b7c2d4e-5f60-4a1b-8c9d-0e1f2a3b4c5d"}
 
 
-def test_no_secret_value_is_kept_only_where_secrets_are(prod, kube_api):  # noqa: F811
+def test_no_secret_value_is_kept_only_where_secrets_are(prod, kube_api):
     text = json.dumps(prod)
     applied = kube_api.objects[(kube_api.kind_of("helm.cattle.io/v1", "HelmChartConfig"), "kube-system", "traefik")]
     encoded = [applied["metadata"]["annotations"]["objectset.rio.cattle.io/applied"], kube_api.token,
@@ -113,13 +116,13 @@ def test_the_server_refuses_an_object_kubernetes_would_not_accept():
         api.add(bad)
 
 
-def test_the_server_wants_the_kubeconfigs_token(kube_api):  # noqa: F811
+def test_the_server_wants_the_kubeconfigs_token(kube_api):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{kube_api.url}/api/v1/namespaces/default")
     assert refused.value.code == 401
 
 
-def test_the_applied_annotation_is_wranglers_encoding_of_the_object(kube_api):  # noqa: F811
+def test_the_applied_annotation_is_wranglers_encoding_of_the_object(kube_api):
     config = kube_api.objects[(kube_api.kind_of("helm.cattle.io/v1", "HelmChartConfig"), "kube-system", "traefik")]
     applied = json.loads(gzip.decompress(base64.b64decode(config["metadata"]["annotations"]["objectset.rio.cattle.io/applied"])))
     assert applied["spec"] == config["spec"]
@@ -134,7 +137,7 @@ def test_label_selectors_as_kubernetes_reads_them(text, labels, matches):
     assert selector(text)(labels) is matches
 
 
-def test_lists_filter_by_label_across_namespaces(kube_api):  # noqa: F811
+def test_lists_filter_by_label_across_namespaces(kube_api):
     request = urllib.request.Request(f"{kube_api.url}/apis/apps/v1/deployments?labelSelector=app%20in%20(web)",
                                      headers={"Authorization": f"Bearer {kube_api.token}"})
     listed = json.load(urllib.request.urlopen(request))

@@ -9,15 +9,18 @@ import subprocess
 
 import pytest
 
-from tests.fake_hosts import K3S_VERSION, WG_ADDRESS, fake_hosts  # noqa: F401 (fixture)
-from tests.sshd import sshd  # noqa: F401 (fixture)
+from tests.fake_hosts import K3S_VERSION, WG_ADDRESS
 from tools import discover_hosts
 from tools.discover_targets import targets
+
+# Session fixtures (servers), shared by every module that names them here: imported, each module would
+# start its own.
+pytest_plugins = ["tests.fake_hosts", "tests.sshd"]
 
 pytestmark = pytest.mark.usefixtures("sshd", "fake_hosts")
 
 
-def ssh_of(sshd, fake_hosts, **env) -> discover_hosts.Ssh:  # noqa: F811
+def ssh_of(sshd, fake_hosts, **env) -> discover_hosts.Ssh:
     return discover_hosts.Ssh(user=sshd.user, key=str(sshd.key), port=sshd.port, options=sshd.options,
                               host_env=tuple({**fake_hosts.env, **env}.items()),
                               addresses={"k3s": sshd.host, "vpn": sshd.host})
@@ -28,23 +31,23 @@ def k3s_only(t):
 
 
 @pytest.fixture(scope="module")
-def prod_targets(fake_hosts):  # noqa: F811
+def prod_targets(fake_hosts):
     # The stage's role is one of the test's own: the shared server must not get a role named katforge.
     return dataclasses.replace(targets("prod"), db_role=fake_hosts.roles["md5"])
 
 
 @pytest.fixture(scope="module")
-def found(sshd, fake_hosts, prod_targets):  # noqa: F811
+def found(sshd, fake_hosts, prod_targets):
     return discover_hosts.discover(prod_targets, ssh_of(sshd, fake_hosts))
 
 
-def test_both_hosts_are_reached_over_ssh_as_the_given_user(found, sshd):  # noqa: F811
+def test_both_hosts_are_reached_over_ssh_as_the_given_user(found, sshd):
     hosts, _ = found
     assert {role: (h["address"], h["reached"]) for role, h in hosts.items()} == {
         "k3s": (sshd.host, True), "vpn": (sshd.host, True)}
 
 
-def test_k3s_version_unit_flags_env_and_config(found, fake_hosts):  # noqa: F811
+def test_k3s_version_unit_flags_env_and_config(found, fake_hosts):
     k3s = found[0]["k3s"]["k3s"]
     assert k3s["version"] == K3S_VERSION
     assert k3s["execStart"] == ["/usr/local/bin/k3s", "server", "--disable", "servicelb", "--token", "[redacted]",
@@ -58,7 +61,7 @@ def test_k3s_version_unit_flags_env_and_config(found, fake_hosts):  # noqa: F811
     assert k3s["secretsEncryption"]["status"] == "Disabled"
 
 
-def test_the_traefik_manifest_file_is_found_and_its_absence_too(found, sshd, fake_hosts, prod_targets):  # noqa: F811
+def test_the_traefik_manifest_file_is_found_and_its_absence_too(found, sshd, fake_hosts, prod_targets):
     k3s = found[0]["k3s"]["k3s"]
     assert k3s["manifests"] == ["ccm.yaml", "traefik-config.yaml"]
     assert k3s["traefikManifest"] == {"path": str(fake_hosts.manifest), "present": True}
@@ -71,7 +74,7 @@ def test_the_traefik_manifest_file_is_found_and_its_absence_too(found, sshd, fak
     assert hosts["k3s"]["k3s"]["traefikManifest"]["present"] is False
 
 
-def test_postgres_roles_show_the_kind_of_hash_and_databases_their_owner(found, fake_hosts):  # noqa: F811
+def test_postgres_roles_show_the_kind_of_hash_and_databases_their_owner(found, fake_hosts):
     pg = found[0]["k3s"]["postgres"]
     assert pg["version"].startswith("16.") and pg["versionNum"] // 10000 == 16
     roles = fake_hosts.roles
@@ -85,7 +88,7 @@ def test_postgres_roles_show_the_kind_of_hash_and_databases_their_owner(found, f
     assert pg["hba"] and all({"line", "type", "databases", "users", "method"} <= set(rule) for rule in pg["hba"])
 
 
-def test_a_setting_waiting_for_a_restart_is_reported(sshd, fake_hosts, prod_targets, pg):  # noqa: F811
+def test_a_setting_waiting_for_a_restart_is_reported(sshd, fake_hosts, prod_targets, pg):
     pending = pg.conf_dir / "conf.d" / "zz-discover-test.conf"
     current = int(pg.psql("SHOW max_locks_per_transaction"))
     pending.write_text(f"max_locks_per_transaction = {current + 1}\n")
@@ -103,7 +106,7 @@ def test_a_setting_waiting_for_a_restart_is_reported(sshd, fake_hosts, prod_targ
         "running": str(current), "configured": str(current + 1)}
 
 
-def test_wireguard_address_port_key_location_and_peers(found, fake_hosts):  # noqa: F811
+def test_wireguard_address_port_key_location_and_peers(found, fake_hosts):
     wg = found[0]["vpn"]["wireguard"]
     assert wg["config"]["address"] == WG_ADDRESS and wg["config"]["listenPort"] == 51820
     assert wg["config"]["managed"] is False
@@ -115,7 +118,7 @@ def test_wireguard_address_port_key_location_and_peers(found, fake_hosts):  # no
     assert peers[bob]["name"] is None and peers[bob]["presharedKey"] is True
 
 
-def test_the_running_interface_is_read_in_its_network_namespace(found, fake_hosts):  # noqa: F811
+def test_the_running_interface_is_read_in_its_network_namespace(found, fake_hosts):
     if not fake_hosts.wg["netns"]:
         pytest.skip(f"no WireGuard interface ({fake_hosts.wg['why_not_running']}): only wg0.conf was read")
     wg = found[0]["vpn"]["wireguard"]
@@ -127,7 +130,7 @@ def test_the_running_interface_is_read_in_its_network_namespace(found, fake_host
     assert peers[fake_hosts.wg["peers"]["alice-laptop"]]["in"] == ["config", "interface"]
 
 
-def test_secrets_are_located_never_shown(found, fake_hosts):  # noqa: F811
+def test_secrets_are_located_never_shown(found, fake_hosts):
     hosts, secrets = found
     text = json.dumps([hosts, secrets])
     leaked = [value for value in fake_hosts.planted if value in text]
@@ -143,14 +146,14 @@ def test_secrets_are_located_never_shown(found, fake_hosts):  # noqa: F811
 
 
 @pytest.mark.parametrize("role", ["k3s", "vpn"])
-def test_the_scripts_send_no_secret_over_the_wire(role, sshd, fake_hosts):  # noqa: F811
+def test_the_scripts_send_no_secret_over_the_wire(role, sshd, fake_hosts):
     lines, error = discover_hosts.run(ssh_of(sshd, fake_hosts), role, sshd.host)
     assert error is None and lines
     text = "\n".join("\t".join(line) for line in lines)
     assert not [value for value in fake_hosts.planted if value in text]
 
 
-def test_an_unreachable_host_is_an_error_not_a_crash(sshd, fake_hosts, prod_targets):  # noqa: F811
+def test_an_unreachable_host_is_an_error_not_a_crash(sshd, fake_hosts, prod_targets):
     ssh = dataclasses.replace(ssh_of(sshd, fake_hosts), port=1)  # nothing listens on port 1
     hosts, secrets = discover_hosts.discover(prod_targets, ssh)
     assert {role: h["reached"] for role, h in hosts.items()} == {"k3s": False, "vpn": False}

@@ -93,7 +93,7 @@ def kubelet_args() -> list[str]:
             f"kube-reserved=memory={K3S_MEMORY_MIB}Mi"]
 
 
-def render_k3s_config(*, public_ip: str, private_ip: str) -> str:
+def render_k3s_config(*, public_ip: str, private_ip: str, secrets_encryption: bool = True) -> str:
     """/etc/rancher/k3s/config.yaml: the API's certificate names its public name and address, and the
     kubelet reserves the host's memory outside the pods."""
     config = {
@@ -101,7 +101,7 @@ def render_k3s_config(*, public_ip: str, private_ip: str) -> str:
         "node-ip": private_ip,
         "node-external-ip": public_ip,
         "write-kubeconfig-mode": "0600",
-        "secrets-encryption": True,
+        **({"secrets-encryption": True} if secrets_encryption else {}),
         "kubelet-arg": kubelet_args(),
     }
     return "# Managed by katforge (infra/bootstrap.py).\n" + yaml.safe_dump(config, sort_keys=False)
@@ -129,6 +129,11 @@ def run_line(path: str, environment: Mapping[str, str]) -> str:
     """The command line that runs an installed script as root; plain values only, never a secret."""
     assignments = " ".join(f"{name}={shlex.quote(value)}" for name, value in sorted(environment.items()))
     return f"sudo env {assignments} bash {path}" if assignments else f"sudo bash {path}"
+
+
+def flag(on: bool) -> str:
+    """A yes/no input of a host script, as its environment reads it."""
+    return "1" if on else "0"
 
 
 def content_hash(*parts: Optional[str]) -> str:
@@ -193,9 +198,12 @@ class HostBootstrap(pulumi.ComponentResource):
         k3s_baseline = run("k3s-baseline", k3s, "host-baseline.sh")
         vpn_baseline = run("vpn-baseline", vpn, "host-baseline.sh")
 
-        k3s_config = k3s_host.public_ip.apply(
-            lambda ip: render_k3s_config(public_ip=ip, private_ip=network.k3s_private_ip))
-        k3s_install = run("k3s", k3s, "k3s-install.sh", environment={"K3S_VERSION": bootstrap.k3s_version},
+        k3s_config = k3s_host.public_ip.apply(lambda ip: render_k3s_config(
+            public_ip=ip, private_ip=network.k3s_private_ip, secrets_encryption=bootstrap.k3s_secrets_encryption))
+        k3s_install = run("k3s", k3s, "k3s-install.sh",
+                          environment={"K3S_VERSION": bootstrap.k3s_version,
+                                       "K3S_REPLACE_LIVE_FLAGS": flag(bootstrap.k3s_replace_live_flags),
+                                       "K3S_ENCRYPT_EXISTING_SECRETS": flag(bootstrap.k3s_encrypt_existing_secrets)},
                           stdin=k3s_config, after=[k3s_baseline])
         # k3s.yaml holds the cluster's admin credentials: never logged, stored only as a secret.
         read_kubeconfig = command.remote.Command(
@@ -210,13 +218,16 @@ class HostBootstrap(pulumi.ComponentResource):
         self.postgres = run(
             "postgres-config", k3s, "pg-configure.sh",
             environment={"PG_LISTEN_ADDRESSES": f"localhost,{network.k3s_private_ip}",
-                         "PG_CLIENT_CIDRS": " ".join(postgres_client_cidrs(network.vpc_cidr))},
-            stdin=(HOST_FILES / "postgresql-katforge.conf").read_text(), after=[postgres_install])
+                         "PG_CLIENT_CIDRS": " ".join(postgres_client_cidrs(network.vpc_cidr)),
+                         "PG_ALLOW_RESTART": flag(bootstrap.postgres_allow_restart)},
+            # After k3s: the two restarts already take one host-wide lock; Pulumi need not race them.
+            stdin=(HOST_FILES / "postgresql-katforge.conf").read_text(), after=[postgres_install, k3s_install])
 
         # Clients reach the VPC and the k3s host's public name (kubectl) as the VPN host itself.
         wireguard = run(
             "wireguard", vpn, "wireguard.sh",
             environment={"WG_ADDRESS": wireguard_address(network.vpn_client_cidr),
+                         "WG_PORT": str(network.wireguard_port),
                          "WG_NAT_CIDRS": k3s_host.public_ip.apply(lambda ip: f"{network.vpc_cidr} {ip}/32")},
             stdin=wireguard_peer_lines(bootstrap.wireguard_peers), after=[vpn_baseline])
         self.vpn_public_key = wireguard.stdout

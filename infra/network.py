@@ -40,7 +40,7 @@ def k3s_rules(net: NetworkSettings, vpn_public_ip: str) -> tuple[Rule, ...]:
 
 def vpn_rules(net: NetworkSettings) -> tuple[Rule, ...]:
     return (
-        Rule("udp", 51820, (ANYWHERE,), "WireGuard clients connect from anywhere"),
+        Rule("udp", net.wireguard_port, (ANYWHERE,), "WireGuard clients connect from anywhere"),
         Rule("tcp", 22, net.admin_cidrs, "SSH for operators to administer the VPN host"),
     )
 

@@ -75,6 +75,7 @@ class NetworkSettings:
     admin_cidrs: tuple[str, ...]
     k3s_api_cidrs: tuple[str, ...]
     vpn_client_cidr: str
+    wireguard_port: int
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,11 @@ class BootstrapSettings:
     k3s_version: str
     wireguard_peers: tuple[WireguardPeer, ...]
     ssh_private_key: pulumi.Output
+    # What a host script may do to a live host only when an operator says so (infra/host/*.sh).
+    k3s_secrets_encryption: bool
+    k3s_encrypt_existing_secrets: bool  # the one-time encryption of a running cluster's Secrets
+    k3s_replace_live_flags: bool  # config.yaml may override a live unit flag that differs
+    postgres_allow_restart: bool  # a changed setting that needs it may restart PostgreSQL
 
 
 @dataclass(frozen=True)
@@ -193,6 +199,12 @@ class _Reader:
         if not low <= value <= high:
             raise invalid(key, raw, expected)
         return value
+
+    def boolean(self, key: str) -> bool:
+        raw = self.string(key, expected="true or false")
+        if raw not in ("true", "false"):
+            raise invalid(key, raw, "true or false")
+        return raw == "true"
 
     def strings(self, key: str, check: Callable[[str], bool] = lambda v: True,
                 expected: str = "a list of text") -> tuple[str, ...]:
@@ -341,6 +353,7 @@ def _network(read: _Reader) -> NetworkSettings:
         admin_cidrs=_cidr_list(read, "adminCidrs", cidr_form),
         k3s_api_cidrs=_cidr_list(read, "k3sApiCidrs", cidr_form),
         vpn_client_cidr=vpn_client_cidr,
+        wireguard_port=read.integer("wireguardPort", 1, 65535),
     )
 
 
@@ -516,6 +529,10 @@ def load() -> Settings:
                                     f"(infra/settings.py): {', '.join(K3S_TRAEFIK_CHART)}"),
             wireguard_peers=_wireguard_peers(read, network.vpn_client_cidr),
             ssh_private_key=read.secret("sshPrivateKey"),
+            k3s_secrets_encryption=read.boolean("k3sSecretsEncryption"),
+            k3s_encrypt_existing_secrets=read.boolean("k3sEncryptExistingSecrets"),
+            k3s_replace_live_flags=read.boolean("k3sReplaceLiveFlags"),
+            postgres_allow_restart=read.boolean("postgresAllowRestart"),
         ),
         cluster=ClusterSettings(
             acme_email=read.string("acmeEmail", is_email, "an email address such as ops@katforge.com"),

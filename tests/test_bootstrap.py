@@ -208,7 +208,8 @@ def test_both_hosts_get_the_baseline_over_ssh_as_ubuntu(prod):
 def test_postgres_listens_on_the_node_and_admits_exactly_the_three_networks(prod):
     configure = prod.named("bootstrap-postgres-config", COMMAND)
     assert command_line(configure) == {"PG_LISTEN_ADDRESSES": f"localhost,{PRIVATE_IP}",
-                                       "PG_CLIENT_CIDRS": "10.0.0.0/8 172.16.0.0/12 172.31.0.0/16"}
+                                       "PG_CLIENT_CIDRS": "10.0.0.0/8 172.16.0.0/12 172.31.0.0/16",
+                                       "PG_ALLOW_RESTART": "0"}
     assert configure.raw_inputs["stdin"] == (bootstrap.HOST_FILES / "postgresql-katforge.conf").read_text()
 
 
@@ -216,9 +217,33 @@ def test_wireguard_gets_its_peers_and_nats_into_the_vpc_and_the_k3s_address():
     peer = "laptop,YWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXoxMjM0NTY=,10.99.0.2/32"
     plan = evaluate("prod", {"katforge:wireguardPeers": [peer]})
     wireguard = plan.named("bootstrap-wireguard", COMMAND)
-    assert command_line(wireguard) == {"WG_ADDRESS": "10.99.0.1/24", "WG_NAT_CIDRS": f"172.31.0.0/16 {PUBLIC_IP}/32"}
+    assert command_line(wireguard) == {"WG_ADDRESS": "10.99.0.1/24", "WG_PORT": "51820",
+                                       "WG_NAT_CIDRS": f"172.31.0.0/16 {PUBLIC_IP}/32"}
     assert wireguard.raw_inputs["stdin"] == peer + "\n"
     assert unwrap(wireguard.raw_inputs["connection"])["host"] == VPN_IP
+
+
+def test_what_a_script_may_do_to_a_live_host_only_an_operator_allows(prod):
+    """Restarting PostgreSQL, overriding a live k3s flag and encrypting a running cluster's Secrets are
+    each off until config says otherwise; the port and encryption follow what discovery found live."""
+    assert command_line(prod.named("bootstrap-k3s", COMMAND))["K3S_REPLACE_LIVE_FLAGS"] == "0"
+    assert command_line(prod.named("bootstrap-k3s", COMMAND))["K3S_ENCRYPT_EXISTING_SECRETS"] == "0"
+    plan = evaluate("prod", {"katforge:postgresAllowRestart": "true", "katforge:k3sReplaceLiveFlags": "true",
+                             "katforge:k3sEncryptExistingSecrets": "true", "katforge:k3sSecretsEncryption": "false",
+                             "katforge:wireguardPort": "41820"})
+    k3s = plan.named("bootstrap-k3s", COMMAND)
+    assert command_line(k3s)["K3S_REPLACE_LIVE_FLAGS"] == command_line(k3s)["K3S_ENCRYPT_EXISTING_SECRETS"] == "1"
+    assert "secrets-encryption" not in yaml.safe_load(k3s.raw_inputs["stdin"])
+    assert command_line(plan.named("bootstrap-postgres-config", COMMAND))["PG_ALLOW_RESTART"] == "1"
+    assert command_line(plan.named("bootstrap-wireguard", COMMAND))["WG_PORT"] == "41820"
+    [rule] = [r for r in plan.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")
+              if r.inputs["ipProtocol"] == "udp"]
+    assert rule.inputs["fromPort"] == rule.inputs["toPort"] == 41820
+
+
+def test_postgres_and_k3s_never_restart_together(prod):
+    """Both restarts take one host lock (infra/host/*.sh); Pulumi also runs the two one after the other."""
+    assert depends_on(prod, "bootstrap-postgres-config", "bootstrap-k3s")
 
 
 def test_a_replaced_hosts_old_file_installs_go_before_the_new_ones_land(prod):

@@ -85,6 +85,9 @@ def ssh_line(label: str, blob_type: str, size: int = 32) -> str:
     ("wireguardPeers", [f"laptop,{PEER_KEY},10.99.0.2/24"], "is not a /32 inside"),
     ("wireguardPeers", [f"laptop,{PEER_KEY},10.99.0.1/32"], "the address 10.99.0.1/32 is the VPN server's own"),
     ("wireguardPeers", [f"laptop,{PEER_KEY},10.99.0.255/32"], "network or broadcast address of 10.99.0.0/24"),
+    # What a host script may do to a live host is a yes or a no, nothing in between.
+    ("postgresAllowRestart", "yes", "true or false"),
+    ("wireguardPort", "0", "whole number from 1 to 65535"),
 ])
 def test_bad_value_names_file_key_value_and_form(key, value, expected):
     message = error_of(**{key: value})

@@ -3,6 +3,20 @@
 Orchestrates the three sources (tools/discover_aws.py, discover_cluster.py, discover_hosts.py), each
 looking for the names tools/discover_targets.py takes from the stack's config and offline plan, and
 writes one deterministic JSON file: the same live estate gives the same bytes.
+
+The file (schema 1; keys sorted):
+  sources   {aws|cluster|hosts: {"status": "read"|"skipped"|"error", "why"|"error": ...}}
+  aws       region, account; instances.{k3s,vpn} (lookup, subnet, rootVolume, securityGroups.<sg>.ingress[],
+            metadataOptions, elasticIp.association, ...); iam.{users,roles,instanceProfiles,policies,
+            oidcProviders}; keyPairs; buckets; ses.{identities.<domain>.{dkim,mailFrom},configurationSets};
+            route53.{zones.<name>.id, records[]}        (null when skipped)
+  cluster   server; objects["<Kind> <namespace>/<name>"] (kind facts; HelmChartConfig: deployController)
+  hosts     k3s.{k3s,postgres}, vpn.wireguard; each with address and reached (or error)
+  secrets   [{where, configKey|null, command|null}]: where a secret lives, never its value
+  imports   [{at, type, id}]: every `import` above, `at` its path in the file
+Every object that exists has "exists": true and "import": {"type": <Pulumi type token>, "id": <import ID>}
+(null for what is never imported: a *Patch, an object the stack does not declare); a declared name
+not found is {"exists": false}; a fact the credentials could not read is {"error": "..."}.
 """
 from __future__ import annotations
 

@@ -47,10 +47,6 @@ class Kind:
     namespaced: bool = True
     builtin: bool = True  # in Kubernetes' own schema, so validated before it is served
 
-    @property
-    def prefix(self) -> str:
-        return f"/api/{self.api_version}" if "/" not in self.api_version else f"/apis/{self.api_version}"
-
 
 KINDS = (
     Kind("v1", "Namespace", "namespaces", namespaced=False),

@@ -266,7 +266,3 @@ def empty_account(moto_server):
     """An account with the two hosted zones and nothing else, reached with assumed-role credentials."""
     return build_empty(moto_server.account(EMPTY_ACCOUNT))
 
-
-def aws_env(account: Account) -> dict[str, str]:
-    """The process environment with only this account's AWS settings."""
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **account.env()}

@@ -113,7 +113,7 @@ def k3s_facts(lines: list[list[str]], t: Targets, secrets: list[dict]) -> dict:
                               "error": error or None})
         elif kind == "pg-pending-restart":
             pg["pendingRestart"][f[0]] = {"running": f[1], "configured": f[2]}
-    if config_lines:
+    if k3s.get("config", {}).get("present"):
         k3s["config"]["settings"] = yaml.safe_load("\n".join(config_lines)) or {}
     if encryption:
         status = next((line.split(":", 1)[1].strip() for line in encryption if line.startswith("Encryption Status:")), None)

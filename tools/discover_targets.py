@@ -80,8 +80,8 @@ def kube_object(resource) -> KubeObject:
 
 
 def kube_objects(plan: Plan) -> tuple[KubeObject, ...]:
-    declared = {kube_object(r) for r in plan.resources if r.type.startswith("kubernetes:") and r.custom
-                and not r.type.startswith("kubernetes:pulumi:") and "name" in (r.raw_inputs.get("metadata") or {})}
+    declared = {kube_object(r) for r in plan.resources
+                if r.type.startswith("kubernetes:") and r.custom and "name" in (r.raw_inputs.get("metadata") or {})}
     names = {(o.kind, o.namespace, o.name) for o in declared}
     extra = {KubeObject("v1", "Namespace", None, ns, "") for ns in SPEC_NAMESPACES if ("Namespace", None, ns) not in names}
     if any(o.kind == "HelmChartConfig" and (o.namespace, o.name) == TRAEFIK_PVC for o in declared):

@@ -1,6 +1,7 @@
 """The AWS half of `make discover`: read-only calls with the operator's own credentials (boto3's usual
-chain: environment, profile, SSO), in the program's region. boto3 honours AWS_ENDPOINT_URL (botocore
->= 1.31's service endpoint configuration), so the same code reads any AWS-API-compatible endpoint.
+chain: environment, profile, SSO), in the program's region. boto3 honours AWS_ENDPOINT_URL (the pinned
+botocore reads it in botocore/configprovider.py, with AWS_ENDPOINT_URL_<SERVICE> and the profile's
+endpoint_url), so the same code reads any AWS-API-compatible endpoint: the tests reach moto that way.
 
 Every object found carries `import`: the Pulumi type token and the ID `pulumi import` expects for it.
 A name the program declares that does not exist live is `{"exists": false}`. A call the credentials

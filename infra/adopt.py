@@ -1,0 +1,50 @@
+"""Adopting what already runs: which resources of this program take over a live object, by import.
+
+`katforge:imports` (written by `make discover`, reviewed by an operator) lists lines
+`<Type>:<name>=<import ID>`: `<Type>` is the last part of the resource's type token (`Instance`, `Eip`,
+`User`, `Deployment`, ...), `<name>` its logical name in this program, and the ID what `pulumi import`
+takes for that type (an instance ID, an allocation ID, a user name, `namespace/name`, ...). A resource
+that can take over a live object asks for its ID with `import_id`; a line that no resource asks for is a
+typo or a stale line, and `check_all_claimed` stops the program naming it.
+
+Pulumi imports a resource whose `import` option is set and then updates whatever differs; a difference
+in a force-new property becomes a replacement instead, so the live facts that cannot change in place
+(a root volume's encryption, a subnet) have config keys of their own (see Pulumi.yaml), and
+`make preflight` checks every import before `up`. Once a resource is in the state, Pulumi ignores its
+`import` option, so the lines may stay.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+from infra.settings import invalid
+
+_lines: dict[str, str] = {}
+_claimed: set[str] = set()
+
+
+def key(type_: str, name: str) -> str:
+    return f"{type_}:{name}"
+
+
+def use(imports: Mapping[str, str]) -> None:
+    """Start a program run with the stack's import lines (`Settings.imports`)."""
+    _lines.clear()
+    _lines.update(imports)
+    _claimed.clear()
+
+
+def import_id(type_: str, name: str) -> Optional[str]:
+    """The live ID the resource `<type_>:<name>` takes over, or None to create it."""
+    wanted = key(type_, name)
+    _claimed.add(wanted)
+    return _lines.get(wanted)
+
+
+def check_all_claimed() -> None:
+    """After every resource is declared: each import line must have named one of them."""
+    unclaimed = sorted(set(_lines) - _claimed)
+    if unclaimed:
+        known = ", ".join(sorted(_claimed))
+        raise invalid("imports", f"{unclaimed[0]}={_lines[unclaimed[0]]}",
+                      f"a line naming a resource of this stack that can be adopted (<Type>:<name>=<id>): {known}")

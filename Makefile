@@ -9,12 +9,12 @@ STACK ?= prod
 RESTORE_USAGE := make restore STAGE=prod|qa AT=latest|YYYYMMDDTHHMMSSZ TARGET=<database> [FORCE=1] [DATABASE=<dumped database>]
 
 .DEFAULT_GOAL := help
-.PHONY: help plan test plan-diff diagram restore clean
+.PHONY: help plan test plan-diff diagram discover restore clean
 
 help: ## list the targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-z-]+:.*## / { printf "  make %-10s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
-# One virtualenv, filled in two steps, each with its own stamp: the plan's SDKs, then the test toolchain.
+# One virtualenv, filled in steps, each with its own stamp: the plan's SDKs, the operator tools, the tests.
 $(PY):
 	@test -n "$(PYTHON)" || { echo "Python 3.11 is needed: install python3.11 (with its venv module)" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,11 @@ $(VENV)/.plan-installed: requirements.txt | $(PY)
 	$(PIP) -r requirements.txt
 	@touch $@
 
-$(VENV)/.test-installed: requirements-test.txt $(VENV)/.plan-installed
+$(VENV)/.tools-installed: requirements-tools.txt $(VENV)/.plan-installed
+	$(PIP) -r requirements-tools.txt
+	@touch $@
+
+$(VENV)/.test-installed: requirements-test.txt $(VENV)/.tools-installed
 	$(PIP) -r requirements-test.txt
 	@touch $@
 
@@ -35,6 +39,11 @@ test: $(VENV)/.test-installed ## the whole test suite
 
 plan-diff: $(VENV)/.plan-installed ## the offline plans of BASE (a git ref) and of the working tree compared, as markdown
 	@$(PY) -m tools.plan_diff --base "$(BASE)"
+
+# Read-only, with the operator's own credentials: AWS (environment or profile), the cluster
+# (~/.kube/katforge-config or KUBECONFIG), the hosts over SSH. ARGS passes options, e.g. ARGS=--no-hosts.
+discover: $(VENV)/.tools-installed ## what runs live, for STACK: build/discovered-STACK.json (ARGS=--help)
+	@$(PY) -m tools.discover --stack $(STACK) $(ARGS)
 
 diagram: $(VENV)/.plan-installed ## docs/estate.svg and docs/estate.png from both stacks' plans (needs Graphviz)
 	@$(PY) -m tools.diagram

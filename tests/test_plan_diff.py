@@ -301,6 +301,16 @@ def test_a_new_k3s_private_ip_replaces_the_protected_host_and_says_so_first():
     assert "`privateIp`: `\"172.31.14.98\"` → `\"172.31.14.99\"`" in attention
 
 
+def test_a_rotated_ssh_key_replaces_the_key_pair_and_no_host():
+    """keyName is a launch-only input the hosts ignore: a new key pair must not read as a new host."""
+    base = json.loads(evaluate_cached("prod").to_json())
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJvdGF0ZWQtb3BlcmF0b3JzLWtleS1mb3ItdGVzdHMh rotated"
+    diff = diff_plans(base, json.loads(evaluate("prod", config={"katforge:sshPublicKey": key}).to_json()))
+    assert diff.step("operators").op == "replace"
+    assert not any(step.resource["type"] == INSTANCE for step in diff.steps), [s.resource["name"] for s in diff.steps]
+    assert not any(step.warnings for step in diff.steps)
+
+
 # --- real revisions -------------------------------------------------------------------------------
 
 def git(repo, *args):

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from infra.settings import STAGES
-from tools.force_new import ABSENT, SECRET_MARK, host_stops, replaced_if_unknown, replacement_reasons, same, \
-    with_ignored
+from tools.force_new import ABSENT, SECRET_MARK, covers, host_stops, parse, replaced_if_unknown, \
+    replacement_reasons, same, with_ignored
 from tools.offline import KNOWN_AFTER_DEPLOY, ROOT
 
 STACKS = tuple(STAGES)
@@ -137,7 +137,10 @@ def _cascade(steps: dict[str, Step], after: dict[str, dict], providers: dict[str
             if step is not None and step.op in ("create", "replace"):
                 continue
             options = resource["options"]
-            properties = [p for p, urns in options.get("property_dependencies", {}).items() if replaced in urns]
+            # An ignored input keeps its old value whatever its source becomes (a host's keyName).
+            ignored = [parse(p) for p in options.get("ignore_changes", ())]
+            properties = [p for p, urns in options.get("property_dependencies", {}).items()
+                          if replaced in urns and not any(covers(i, parse(p)) for i in ignored)]
             via_provider = provider_urns.get(options.get("provider")) == replaced
             if not properties and not via_provider:
                 continue

@@ -74,14 +74,14 @@ def test_a_top_level_scalar_is_its_text_as_written(tmp_path):
 @pytest.mark.parametrize("line, message", [
     ("katforge:acmeEmail: 1.10", 'katforge:acmeEmail = 1.10: expected a quoted string, e.g. "1.10"; '
                                  "unquoted, YAML reads a number (line 3)"),
-    ("katforge:sesIdentityId: true", 'katforge:sesIdentityId = true: expected a quoted string, e.g. "true"; '
+    ("katforge:mailFromSubdomain: true", 'katforge:mailFromSubdomain = true: expected a quoted string, e.g. "true"; '
                                      "unquoted, YAML reads a boolean (line 3)"),
-    ("katforge:sesIdentityId:", 'katforge:sesIdentityId = (nothing): expected a quoted string, e.g. ""; '
+    ("katforge:mailFromSubdomain:", 'katforge:mailFromSubdomain = (nothing): expected a quoted string, e.g. ""; '
                                 "unquoted, YAML reads null (line 3)"),
     ("katforge:vpcCidr: [172.31.0.0/16]", "katforge:vpcCidr = (a list): expected a single string, not a list or a "
                                           "map (line 3)"),
-    ("katforge:rootVolumeGb: 30GB", "katforge:rootVolumeGb = 30GB: expected a whole number, e.g. 30 (line 3)"),
-    ("katforge:rootVolumeGb: 3.5", "katforge:rootVolumeGb = 3.5: expected a whole number, e.g. 30 (line 3)"),
+    ("katforge:backupRetentionDays: 30GB", "katforge:backupRetentionDays = 30GB: expected a whole number, e.g. 30 (line 3)"),
+    ("katforge:backupRetentionDays: 3.5", "katforge:backupRetentionDays = 3.5: expected a whole number, e.g. 30 (line 3)"),
     ("katforge:adminCidrs: 203.0.113.7/32", "katforge:adminCidrs = 203.0.113.7/32: expected a list, one item per "
                                             "line starting with '- ' (line 3)"),
     ("katforge:adminCidrs: [203.0.113.7/32, 1.5]", 'katforge:adminCidrs[1] = 1.5: expected a quoted string, '
@@ -168,3 +168,80 @@ def test_the_offline_plan_reads_stack_files_with_this_reader(tmp_path, monkeypat
     (tmp_path / "Pulumi.prod.yaml").write_text("config:\n  aws:region: us-east-2\n  katforge:backupTime: 3:30\n")
     monkeypatch.setattr("tools.offline.ROOT", tmp_path)
     assert offline.stack_config("prod") == {"aws:region": "us-east-2", "katforge:backupTime": "3:30"}
+
+
+# --- writing (make discover sets keys in a file that people edit too) ---------------------------------
+
+EDITED = """# The prod stack, as an operator left it.
+config:
+  aws:region: us-east-2   # the only region
+  katforge:dbPassword:
+    secure: v1:AAAA
+  # peers, one per person
+  katforge:wireguardPeers:
+    - alice,jbKegdqZ9bTAuaBOlP5tCHsJKcL8EV2x52OMJPIJDj8=,10.99.0.2/32  # alice's laptop
+  katforge:k3sRootVolumeGb: 30  # live size
+  katforge:dmarcPolicy: none
+
+# after the config
+"""
+LIVE_FACTS = {"katforge:k3sRootVolumeGb": 20, "katforge:k3sRootVolumeEncrypted": False,
+              "katforge:imports": ["Instance:k3s=i-0123456789abcdef0", "User:ses-sender=ses-sender"],
+              "katforge:wireguardPeers": ["alice,jbKegdqZ9bTAuaBOlP5tCHsJKcL8EV2x52OMJPIJDj8=,10.99.0.2/32",
+                                          "live-1,+82STPER9MA4Ina4dafvoJsejMelCaX6siPBLKK41/k=,10.99.0.3/32"],
+              "katforge:vpnRootVolumeType": "1.10", "katforge:vpnSubnetId": "subnet-0a1b2c3d4e5f60002"}
+
+
+def written(tmp_path, text: str, values: dict) -> tuple[list, str]:
+    path = tmp_path / "Pulumi.prod.yaml"
+    path.write_text(text)
+    return stackfile.write(path, values, SCHEMA), path.read_text()
+
+
+def test_a_write_sets_the_keys_and_keeps_every_other_byte(tmp_path):
+    changed, text = written(tmp_path, EDITED, LIVE_FACTS)
+    assert changed == sorted(set(LIVE_FACTS))
+    assert stackfile.read(tmp_path / "Pulumi.prod.yaml", SCHEMA) == {
+        "aws:region": "us-east-2", "katforge:dmarcPolicy": "none", "katforge:k3sRootVolumeGb": "20",
+        "katforge:k3sRootVolumeEncrypted": "false", "katforge:imports": LIVE_FACTS["katforge:imports"],
+        "katforge:wireguardPeers": LIVE_FACTS["katforge:wireguardPeers"], "katforge:vpnRootVolumeType": "1.10",
+        "katforge:vpnSubnetId": "subnet-0a1b2c3d4e5f60002"}
+    # Every line of the original is still there, in order: comments, the encrypted value, other keys.
+    lines = iter(text.splitlines())
+    missing = [line for line in EDITED.splitlines()
+               if line != "  katforge:k3sRootVolumeGb: 30  # live size" and line not in lines]
+    assert missing == []
+    assert "  katforge:k3sRootVolumeGb: 20  # live size\n" in text  # the value changes, its comment stays
+    assert "    - live-1,+82STPER9MA4Ina4dafvoJsejMelCaX6siPBLKK41/k=,10.99.0.3/32\n" in text  # appended
+    assert '  katforge:vpnRootVolumeType: "1.10"\n' in text  # a number to YAML, so quoted
+    assert text.endswith("# after the config\n")
+
+
+def test_a_second_write_of_the_same_values_changes_no_byte(tmp_path):
+    path = tmp_path / "Pulumi.prod.yaml"
+    path.write_text(EDITED)
+    stackfile.write(path, LIVE_FACTS, SCHEMA)
+    before = path.read_bytes()
+    assert stackfile.write(path, LIVE_FACTS, SCHEMA) == []
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("text", ["", "config:\n", "# a comment\nconfig: ~  # empty\n", "encryptionsalt: v1:abc"])
+def test_a_file_without_config_gets_a_section(tmp_path, text):
+    changed, result = written(tmp_path, text, {"katforge:wireguardPort": 51821, "katforge:adminCidrs": ["198.51.100.7/32"]})
+    assert changed == ["katforge:adminCidrs", "katforge:wireguardPort"]
+    assert stackfile.read(tmp_path / "Pulumi.prod.yaml", SCHEMA) == {
+        "katforge:wireguardPort": "51821", "katforge:adminCidrs": ["198.51.100.7/32"]}
+    assert result.count("config:") == 1
+
+
+def test_a_key_set_to_none_is_removed_with_its_lines(tmp_path):
+    changed, text = written(tmp_path, EDITED, {"katforge:wireguardPeers": None, "katforge:acmeEmail": None})
+    assert changed == ["katforge:wireguardPeers"]
+    assert "wireguardPeers" not in text and "alice" not in text and "# peers, one per person" in text
+
+
+def test_secrets_are_never_written(tmp_path):
+    with pytest.raises(StackFileError, match="pulumi config set --secret katforge:dbPassword"):
+        written(tmp_path, EDITED, {"katforge:dbPassword": "hunter2"})
+    assert (tmp_path / "Pulumi.prod.yaml").read_text() == EDITED

@@ -1,4 +1,5 @@
-"""Read a stack file (Pulumi.<stack>.yaml) as the Pulumi CLI does, and check it against Pulumi.yaml.
+"""Read a stack file (Pulumi.<stack>.yaml) as the Pulumi CLI does, and check it against Pulumi.yaml;
+set keys in one (`write`, for `make discover`) changing no other byte.
 
 The CLI parses stack files with Go's go-yaml, which reads scalars by YAML 1.2's core schema: `3:30`
 is the text "3:30" (PyYAML, a YAML 1.1 reader, makes it the base-60 number 210) and `yes`, `no`,
@@ -225,3 +226,136 @@ def read(path: Path, schema: dict[str, dict]) -> dict[str, Any]:
             reader.check(key, node, schema[name])
         config[key] = value
     return config
+
+
+# --- writing -------------------------------------------------------------------------------------
+# `make discover` sets keys in a stack file that people also edit and review, so a write changes the
+# lines of the keys it sets and nothing else: comments, blank lines, the order of keys, other keys and
+# encrypted values stay byte for byte, and setting a key to the value it has leaves the file untouched.
+# The nodes' positions come from PyYAML's composer; a list that only grows keeps its lines (and the
+# comments among them) and gets the new items after them.
+
+_PLAIN_SAFE = re.compile(r"[A-Za-z0-9_./=+@,~-][A-Za-z0-9_./=+@,~ :-]*")
+
+
+def scalar_text(value: Any) -> str:
+    """A value as the stack file writes it: plain where every YAML reader takes it as the same text,
+    otherwise double-quoted (JSON's escapes are YAML's)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if not isinstance(value, str):
+        raise TypeError(f"a stack file value is text, a whole number or a boolean, not {value!r}")
+    plain = (_PLAIN_SAFE.fullmatch(value) and not value.endswith((" ", ":")) and ": " not in value
+             and " #" not in value and not value.startswith(("- ", "? ", ": ")) and plain_scalar(value) == value
+             and yaml.safe_load(f"k: {value}") == {"k": value})
+    return value if plain else json.dumps(value)
+
+
+def _end(node: Node) -> int:
+    """Where a value's text ends: a block list ends with its last item, not at the next key."""
+    if isinstance(node, SequenceNode) and node.flow_style is False and node.value:
+        return _end(node.value[-1])
+    if isinstance(node, MappingNode) and node.flow_style is False and node.value:
+        return _end(node.value[-1][1])
+    return node.end_mark.index
+
+
+def _block(key: str, value: Any, indent: int) -> str:
+    """`key: value` (or the key and its list) at `indent`, without a final newline."""
+    pad = " " * indent
+    if isinstance(value, list):
+        if not value:
+            return f"{pad}{key}: []"
+        return f"{pad}{key}:" + "".join(f"\n{pad}  - {scalar_text(item)}" for item in value)
+    return f"{pad}{key}: {scalar_text(value)}"
+
+
+def _cli_value(value: Any) -> Any:
+    """What `read` gives back for a value written here: a top-level scalar as its text."""
+    if isinstance(value, list):
+        return value
+    return scalar_text(value) if not isinstance(value, str) else value
+
+
+def _config_key(document: Optional[Node]) -> Optional[ScalarNode]:
+    if not isinstance(document, MappingNode):
+        return None
+    return next((key for key, _ in document.value if isinstance(key, ScalarNode) and key.value == "config"), None)
+
+
+def write(path: Path, values: dict[str, Any], schema: dict[str, dict]) -> list[str]:
+    """Set each `<namespace>:<name>` of `values` in the stack file (a list of text, text, a whole
+    number or a boolean; None removes the key) and return the keys whose value changed. Keys that
+    are declared secret are refused: their values belong in `pulumi config set --secret`."""
+    for key in values:
+        namespace, _, name = key.partition(":")
+        if namespace == PROJECT and schema.get(name, {}).get("secret"):
+            raise StackFileError(f"{path.name}: {key} is a secret: set it with pulumi config set --secret {key}")
+    current = read(path, schema)
+    wanted = {key: value for key, value in values.items()
+              if (current.get(key) if key in current else None) != (None if value is None else _cli_value(value))}
+    if not wanted:
+        return []
+    text = path.read_text(encoding="utf-8-sig") if path.exists() else ""
+    document = yaml.compose(text, Loader=yaml.SafeLoader)
+    config = _Reader(path).config(document)
+    if config is not None and config.flow_style:
+        raise StackFileError(f"{path.name}: `config:` is written as a flow map ({{...}}): write it as one key a line")
+    pairs = {key.value: (key, node) for key, node in config.value} if config is not None else {}
+    edits: list[tuple[int, int, str]] = []  # (start, end, replacement), applied from the end
+    for key, value in wanted.items():
+        if key not in pairs:
+            continue
+        key_node, node = pairs[key]
+        if _is_secure(_Reader(path).value(node)):
+            raise StackFileError(f"{path.name}: {key} holds an encrypted value: set it with pulumi config set")
+        if value is None:
+            start = text.rfind("\n", 0, key_node.start_mark.index) + 1
+            end = text.find("\n", _end(node))
+            edits.append((start, len(text) if end < 0 else end + 1, ""))
+            continue
+        old = current.get(key)
+        if (isinstance(value, list) and isinstance(old, list) and isinstance(node, SequenceNode)
+                and not node.flow_style and node.value and value[:len(old)] == old):
+            # A list that only grows: the new items go after the last one, at its indentation.
+            dash = " " * (node.value[0].start_mark.column - 2)
+            line_end = text.find("\n", _end(node))
+            at = len(text) if line_end < 0 else line_end  # after the last item's comment, if any
+            edits.append((at, at, "".join(f"\n{dash}- {scalar_text(item)}" for item in value[len(old):])))
+            continue
+        indent = key_node.start_mark.column
+        new = _block(key, value, indent)[indent + len(key):]
+        edits.append((key_node.end_mark.index, _end(node), new))
+    added = [key for key, value in wanted.items() if key not in pairs and value is not None]
+    if added and config is not None and config.value:
+        # After the last key's value (and anything on its line), at the keys' indentation.
+        indent = config.value[0][0].start_mark.column
+        line_end = text.find("\n", _end(config.value[-1][1]))
+        at = len(text) if line_end < 0 else line_end
+        edits.append((at, at, "".join("\n" + _block(key, wanted[key], indent) for key in added)))
+    elif added:
+        block = "".join(_block(key, wanted[key], 2) + "\n" for key in added)
+        key_node = _config_key(document)
+        if key_node is None:  # no `config:` at all: a new section at the end
+            edits.append((len(text), len(text), ("" if not text or text.endswith("\n") else "\n") + "config:\n" + block))
+        else:  # `config:` with nothing under it: the keys go on the lines after it
+            value = next(node for key, node in document.value if key is key_node)
+            edits.append((key_node.end_mark.index, value.end_mark.index, ":"))
+            line_end = text.find("\n", value.end_mark.index)
+            at = len(text) if line_end < 0 else line_end + 1
+            edits.append((at, at, ("" if line_end >= 0 else "\n") + block))
+    for start, end, replacement in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
+        text = text[:start] + replacement + text[end:]
+    temporary = path.with_name(f".{path.name}.katforge-tmp")
+    temporary.write_text(text, encoding="utf-8")
+    if path.exists():
+        temporary.chmod(path.stat().st_mode & 0o7777)
+    temporary.replace(path)
+    written = read(path, schema)
+    wrong = [key for key, value in wanted.items()
+             if written.get(key) != (None if value is None else _cli_value(value))]
+    if wrong:  # a bug here, not a user error: say which key
+        raise StackFileError(f"{path.name}: {wrong[0]} did not read back as written")
+    return sorted(wanted)

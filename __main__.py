@@ -4,7 +4,8 @@ from typing import NamedTuple
 
 import pulumi
 
-from infra import capacity, dns
+from infra import adopt, capacity, dns
+from infra.addresses import Addresses
 from infra.apps import StageWorkloads, routed_hosts
 from infra.backups import BackupSchedule, BackupStorage
 from infra.bootstrap import HostBootstrap, StageDatabase, host_target, kubernetes_provider
@@ -31,11 +32,14 @@ class StageBase(NamedTuple):
 
 def prod_estate(settings: Settings) -> StageBase:
     """The hosts, DNS, mail, IAM, bootstrap, backups, cluster-wide objects and the CI roles."""
-    network = Network("network", settings.network, settings.hosts.vpn.expected_public_ip)
+    # The addresses first: the k3s host's rules trust the VPN's real address.
+    addresses = Addresses("addresses", settings.hosts)
+    network = Network("network", settings.network, addresses.vpn.public_ip, settings.hosts.vpn_subnet_id)
     backups = BackupStorage("backups", settings.backups, STAGES.values())
-    hosts = Hosts("hosts", settings.hosts, settings.network.k3s_private_ip, network,
+    hosts = Hosts("hosts", settings.hosts, settings.network.k3s_private_ip, network, addresses,
                   instance_profile=backups.instance_profile_name)
-    records = Dns("dns", settings.stage, {dns.K3S_PUBLIC: hosts.k3s.public_ip, dns.VPN_PUBLIC: hosts.vpn.public_ip})
+    records = Dns("dns", settings.stage, settings.zone_ids,
+                  {dns.K3S_PUBLIC: hosts.k3s.public_ip, dns.VPN_PUBLIC: hosts.vpn.public_ip})
     email = Email("email", settings.email, records.zones)
     dns_challenge = DnsChallengeUser("dns-challenge", records.zones.arns, routed_hosts())
     bootstrap = HostBootstrap("bootstrap", settings.bootstrap, settings.network, settings.stage, hosts.k3s, hosts.vpn)
@@ -70,7 +74,7 @@ def prod_estate(settings: Settings) -> StageBase:
 def qa_estate(settings: Settings) -> StageBase:
     """qa's DNS names and database; the host, kubeconfig and mail credentials come from prod."""
     prod = pulumi.StackReference("prod", stack_name=settings.prod_stack)
-    records = Dns("dns", settings.stage, {dns.K3S_PRIVATE: prod.require_output("k3sPrivateIp")})
+    records = Dns("dns", settings.stage, settings.zone_ids, {dns.K3S_PRIVATE: prod.require_output("k3sPrivateIp")})
     host = host_target(prod.require_output("k3sPublicIp"), prod.require_output("k3sInstanceId"),
                        settings.bootstrap.ssh_private_key)
     database = StageDatabase("database", settings.stage_facts, settings.db_password, host)
@@ -85,11 +89,14 @@ def qa_estate(settings: Settings) -> StageBase:
 
 settings = load()
 capacity.check(capacity.estate_report())  # an over-committed host stops the preview
+adopt.use(settings.imports)  # before any resource: each asks whether it takes over a live object
 base = prod_estate(settings) if settings.is_prod else qa_estate(settings)
 StageWorkloads("apps", stage=settings.stage_facts, network=settings.network, settings=settings.cluster,
                db_password=settings.db_password, smtp_username=base.smtp_username,
                smtp_password=base.smtp_password, provider=base.provider, vpn_private_ip=base.vpn_private_ip,
                opts=pulumi.ResourceOptions(depends_on=[base.database]))
+
+adopt.check_all_claimed()  # every import line named a resource of this stack
 
 for name, value in base.exports.items():
     pulumi.export(name, value)

@@ -15,6 +15,7 @@ in a force-new property becomes a replacement instead, so the live facts that ca
 """
 from __future__ import annotations
 
+import difflib
 from typing import Mapping, Optional
 
 from infra.settings import invalid
@@ -41,10 +42,20 @@ def import_id(type_: str, name: str) -> Optional[str]:
     return _lines.get(wanted)
 
 
+def claimed() -> tuple[str, ...]:
+    """Every `<Type>:<name>` of the last run that can take over a live object: what an import line may name."""
+    return tuple(sorted(_claimed))
+
+
 def check_all_claimed() -> None:
     """After every resource is declared: each import line must have named one of them."""
     unclaimed = sorted(set(_lines) - _claimed)
     if unclaimed:
-        known = ", ".join(sorted(_claimed))
-        raise invalid("imports", f"{unclaimed[0]}={_lines[unclaimed[0]]}",
-                      f"a line naming a resource of this stack that can be adopted (<Type>:<name>=<id>): {known}")
+        wrong = unclaimed[0]
+        close = difflib.get_close_matches(wrong, _claimed, n=1, cutoff=0.6)
+        same_type = sorted(k for k in _claimed if k.startswith(wrong.split(":")[0] + ":"))
+        hint = (f"; did you mean {close[0]}?" if close else
+                f"; this stack's {wrong.split(':')[0]} resources: {', '.join(same_type)}" if same_type else
+                f"; this stack adopts no {wrong.split(':')[0]} (is the line in the right stack's file?)")
+        raise invalid("imports", f"{wrong}={_lines[wrong]}",
+                      f"a line naming a resource of this stack that can be adopted (<Type>:<name>=<id>){hint}")

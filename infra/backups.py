@@ -16,6 +16,7 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_command as command
 
+from infra import adopt
 from infra.bootstrap import Target, install_file
 from infra.policies import document
 from infra.settings import REGION, BackupSettings, Stage
@@ -98,9 +99,17 @@ class BackupStorage(pulumi.ComponentResource):
                  opts: pulumi.ResourceOptions | None = None):
         super().__init__("katforge:backups:BackupStorage", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
+
+        def adopted(type_: str, resource: str, **more) -> pulumi.ResourceOptions:
+            """Options of a resource whose name is unique in the account: a live one is imported."""
+            return pulumi.ResourceOptions(parent=self, import_=adopt.import_id(type_, resource), **more)
+
         # The only copy of production data outside the host: never deleted by a stack change.
-        self.bucket = aws.s3.Bucket(name, bucket=backups.bucket,
-                                    opts=pulumi.ResourceOptions(parent=self, protect=True))
+        self.bucket = aws.s3.Bucket(name, bucket=backups.bucket, opts=adopted("Bucket", name, protect=True))
+        # The bucket's settings below are resources of their own whose create only PUTs the setting on the
+        # bucket, so on an imported bucket they take over (and replace) the live settings without any
+        # import or collision: versioning, encryption and the public access block; the policy and the
+        # lifecycle rules are the program's whole policy and whole rule set.
         aws.s3.BucketVersioning(name, bucket=self.bucket.id,
                                 versioning_configuration={"status": "Enabled"}, opts=child)
         aws.s3.BucketServerSideEncryptionConfiguration(
@@ -126,13 +135,15 @@ class BackupStorage(pulumi.ComponentResource):
 
         stage_names = [stage.name for stage in stages]
         role = aws.iam.Role(f"{name}-writer", name="katforge-backup-writer",
-                            assume_role_policy=ec2_trust_policy(), opts=child)
+                            assume_role_policy=ec2_trust_policy(), opts=adopted("Role", f"{name}-writer"))
+        # Named by Pulumi (a suffix of its own): it never meets an inline policy the live role has.
         aws.iam.RolePolicy(f"{name}-writer", role=role.id,
                            policy=self.bucket.arn.apply(lambda arn: writer_policy(arn, stage_names)), opts=child)
-        profile = aws.iam.InstanceProfile(f"{name}-writer", name="katforge-k3s-host", role=role.name, opts=child)
+        profile = aws.iam.InstanceProfile(f"{name}-writer", name="katforge-k3s-host", role=role.name,
+                                          opts=adopted("InstanceProfile", f"{name}-writer"))
         restore = aws.iam.Policy(f"{name}-restore", name="katforge-backup-restore",
                                  description="Attach to an operator to run `make restore`.",
-                                 policy=self.bucket.arn.apply(restore_policy), opts=child)
+                                 policy=self.bucket.arn.apply(restore_policy), opts=adopted("Policy", f"{name}-restore"))
 
         self.bucket_name = self.bucket.bucket
         self.instance_profile_name = profile.name

@@ -1,20 +1,22 @@
 """Route53: the spec's domain routing table as data, one record per row, in the stack of its stage.
 
 The hosted zones already exist and are only looked up: creating a zone would hand out new name
-servers and take the sites down.
+servers and take the sites down. A zone whose ID is configured (`katforge:zoneIds`) is looked up by
+that ID and must carry its name, so records never land in a stray duplicate zone; a zone without one
+is looked up by name, which works in any account that has it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import pulumi
 import pulumi_aws as aws
 
-from infra.settings import SettingsError
+from infra.settings import invalid
 
-# The hosted zones; katforge.com's ID is the one the spec names, so a lookup that finds another zone
-# of that name (a stray duplicate) stops the program instead of writing records nobody serves.
-ZONES = {"katforge.com": "Z0292557263L1FJT7JXXS", "stumper.gg": None}
+# The hosted zones the records go into (their IDs, where known, are config: katforge:zoneIds).
+ZONES = ("katforge.com", "stumper.gg")
 TTL = 300
 
 # Record targets that are addresses known only at run time.
@@ -53,15 +55,20 @@ def resource_name(name: str, type_: str) -> str:
 
 
 class Zones:
-    """The existing hosted zones, looked up by name."""
+    """The existing public hosted zones: by ID where configured, otherwise by name."""
 
-    def __init__(self, parent: pulumi.Resource):
-        found = {zone: aws.route53.get_zone(name=zone, private_zone=False, opts=pulumi.InvokeOptions(parent=parent))
+    def __init__(self, parent: pulumi.Resource, zone_ids: Mapping[str, str]):
+        invoke = pulumi.InvokeOptions(parent=parent)
+        found = {zone: aws.route53.get_zone(zone_id=zone_ids[zone], opts=invoke) if zone in zone_ids
+                 else aws.route53.get_zone(name=zone, private_zone=False, opts=invoke)
                  for zone in ZONES}
-        for zone, expected in ZONES.items():
-            if expected and found[zone].zone_id != expected:
-                raise SettingsError(f"the public hosted zone {zone} is {found[zone].zone_id}, not {expected} as the "
-                                    "spec says: check for a duplicate zone before any record is written.")
+        for zone, result in found.items():
+            # Route53 may report the name with its final dot.
+            if result.name.rstrip(".") != zone or result.private_zone:
+                raise invalid("zoneIds", f"{zone}={zone_ids.get(zone, '')}",
+                              f"the ID of the public hosted zone {zone}, but {result.zone_id} is "
+                              f"{'a private zone' if result.private_zone else 'zone ' + result.name}: "
+                              "check the ID in the Route53 console")
         self.ids = {zone: result.zone_id for zone, result in found.items()}
         self.arns = {zone: result.arn for zone, result in found.items()}
 
@@ -74,10 +81,10 @@ class Zones:
 
 
 class Dns(pulumi.ComponentResource):
-    def __init__(self, name: str, stage: str, targets: dict[str, pulumi.Input[str]],
+    def __init__(self, name: str, stage: str, zone_ids: Mapping[str, str], targets: dict[str, pulumi.Input[str]],
                  opts: pulumi.ResourceOptions | None = None):
         super().__init__("katforge:dns:Dns", name, None, opts)
-        self.zones = Zones(self)
+        self.zones = Zones(self, zone_ids)
         self.records = {
             row.name: self.zones.record(row.name, row.type,
                                         [row.target if row.type == "CNAME" else targets[row.target]], self)

@@ -1,10 +1,18 @@
 """SES in us-east-2: the katforge.com identity with Easy DKIM, a custom MAIL FROM domain, DMARC,
-a configuration set, and the one IAM user allowed to send (whose SMTP credentials the api uses)."""
+a configuration set, and the one IAM user allowed to send (whose SMTP credentials the api uses).
+
+The identity, the configuration set and the user have account-unique names: a live one is imported
+(`katforge:imports`), since creating it would collide. The rest takes over the live settings without
+an import: DKIM and MAIL FROM are settings of the identity, which a create just sets (the provider
+calls VerifyDomainDkim, then reads the identity's live tokens; SetIdentityMailFromDomain); the records
+are UPSERTs; the user's inline policy gets a name of Pulumi's own, so it never meets a live one.
+"""
 from __future__ import annotations
 
 import pulumi
 import pulumi_aws as aws
 
+from infra import adopt
 from infra.dns import Zones
 from infra.policies import ses_send_policy
 from infra.settings import REGION, EmailSettings
@@ -26,7 +34,7 @@ class Email(pulumi.ComponentResource):
         # Protected: a new identity must be verified again, and mail stops until it is.
         identity = aws.ses.DomainIdentity(
             domain, domain=domain,
-            opts=pulumi.ResourceOptions(parent=self, protect=True, import_=email.identity_id or None))
+            opts=pulumi.ResourceOptions(parent=self, protect=True, import_=adopt.import_id("DomainIdentity", domain)))
         zones.record(f"_amazonses.{domain}", "TXT", [identity.verification_token], self)
 
         dkim = aws.ses.DomainDkim(domain, domain=identity.domain, opts=child)
@@ -38,8 +46,11 @@ class Email(pulumi.ComponentResource):
                                opts=child)
 
         mail_from = f"{email.mail_from_subdomain}.{domain}"
+        # Until SES has seen the MX record below, RejectMessage would refuse every send; UseDefaultValue
+        # sends from SES's own MAIL FROM domain meanwhile (the SES Developer Guide, "Using a custom MAIL
+        # FROM domain"). The README says when to switch.
         aws.ses.MailFrom(domain, domain=identity.domain, mail_from_domain=mail_from,
-                         behavior_on_mx_failure="RejectMessage", opts=child)
+                         behavior_on_mx_failure=email.mail_from_mx_failure, opts=child)
         zones.record(mail_from, "MX", [f"10 feedback-smtp.{REGION}.amazonses.com"], self)
         zones.record(mail_from, "TXT", ["v=spf1 include:amazonses.com -all"], self)
         zones.record(f"_dmarc.{domain}", "TXT", [dmarc_record(email.dmarc_policy)], self)
@@ -47,9 +58,11 @@ class Email(pulumi.ComponentResource):
         configuration_set = aws.ses.ConfigurationSet(
             "katforge", name="katforge",
             delivery_options=aws.ses.ConfigurationSetDeliveryOptionsArgs(tls_policy="Require"),
-            reputation_metrics_enabled=True, opts=child)
+            reputation_metrics_enabled=True,
+            opts=pulumi.ResourceOptions(parent=self, import_=adopt.import_id("ConfigurationSet", "katforge")))
 
-        sender = aws.iam.User("ses-sender", name="ses-sender", opts=child)
+        sender = aws.iam.User("ses-sender", name="ses-sender",
+                              opts=pulumi.ResourceOptions(parent=self, import_=adopt.import_id("User", "ses-sender")))
         aws.iam.UserPolicy("ses-sender", user=sender.name,
                            policy=pulumi.Output.all(identity.arn, configuration_set.arn).apply(
                                lambda arns: ses_send_policy(arns[0], arns[1], list(email.from_addresses))),

@@ -1,8 +1,10 @@
-"""The two EC2 hosts (k3s and VPN), their SSH key pair and their Elastic IPs.
+"""The two EC2 hosts (k3s and VPN), their SSH key pair, and the association of each with its Elastic IP.
 
 The k3s host holds the production database, so it is protected, termination-protected, and deaf to
 changes (a newer AMI, new user data, a rotated key pair) that would otherwise replace it. Live
-instances and addresses are imported when their IDs are configured.
+instances are imported when `katforge:imports` names them, and keep what cannot change in place on a
+live instance (root volume encryption, subnet: config) and what their live security groups allow
+(the keep lists).
 """
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ from typing import Optional
 import pulumi
 import pulumi_aws as aws
 
+from infra import adopt
+from infra.addresses import Address, Addresses
 from infra.network import Network
-from infra.settings import HostSettings, HostSpec, invalid
+from infra.settings import HostSettings, HostSpec
 
 CANONICAL = "099720109477"  # the owner of the official Ubuntu AMIs
 UBUNTU_2404 = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*"  # ships postgresql-16
-VPN_ROOT_GB = 8
 # Only first boot reads these; changing them must never replace a host that holds state.
 LAUNCH_ONLY = ["ami", "userData", "keyName"]
 
@@ -26,36 +29,33 @@ LAUNCH_ONLY = ["ami", "userData", "keyName"]
 class HostRole:
     name: str
     spec: HostSpec
-    root_gb: int
     private_ip: Optional[str]
+    subnet_id: str
     security_group: aws.ec2.SecurityGroup
     forwards_packets: bool  # the VPN routes its clients' traffic, so AWS must not drop it
+    # The k3s host's root volume holds PostgreSQL's data: it outlives the instance, whatever ends it.
+    # The VPN's holds only its WireGuard key (peers live in config): a volume left behind would keep
+    # that private key lying around unattached, while a lost key costs each peer one line of config.
+    keep_root_volume: bool
     instance_profile: Optional[pulumi.Input[str]] = None
 
 
-def check_adopted_address(role: str, spec: HostSpec, address: str) -> str:
-    """An imported Elastic IP must be the one the DNS and the spec point at."""
-    if spec.eip_allocation_id and address != spec.expected_public_ip:
-        raise invalid(f"{role}EipAllocationId", spec.eip_allocation_id,
-                      f"the allocation of katforge:{role}PublicIp {spec.expected_public_ip}, but it holds {address}: "
-                      "is this the right allocation?")
-    return address
-
-
 class Host(pulumi.ComponentResource):
-    """One instance and its Elastic IP."""
+    """One instance, attached to its Elastic IP."""
 
-    def __init__(self, role: HostRole, ami_id: str, subnet_id: str, key_name: pulumi.Input[str],
+    def __init__(self, role: HostRole, ami_id: str, key_name: pulumi.Input[str], address: Address,
                  opts: pulumi.ResourceOptions):
         super().__init__("katforge:hosts:Host", role.name, None, opts)
         spec = role.spec
+        volume = spec.root_volume
         self.instance = aws.ec2.Instance(
             role.name,
             ami=ami_id,
             instance_type=spec.instance_type,
-            subnet_id=subnet_id,
+            subnet_id=role.subnet_id,
             private_ip=role.private_ip,
-            vpc_security_group_ids=[role.security_group.id],
+            # The live groups kept beside the program's own: adopting a host drops nothing they allow.
+            vpc_security_group_ids=[role.security_group.id, *spec.keep_security_groups],
             key_name=key_name,
             iam_instance_profile=role.instance_profile,
             source_dest_check=not role.forwards_packets,
@@ -66,26 +66,29 @@ class Host(pulumi.ComponentResource):
                 http_put_response_hop_limit=1,  # one hop: pods cannot borrow the host's role
             ),
             root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(
-                volume_size=role.root_gb, volume_type="gp3", encrypted=True, delete_on_termination=True,
+                volume_size=volume.size_gb, volume_type=volume.type, encrypted=volume.encrypted,
+                delete_on_termination=not role.keep_root_volume,
             ),
             tags={"Name": role.name},
             opts=pulumi.ResourceOptions(parent=self, protect=True, ignore_changes=LAUNCH_ONLY,
-                                        import_=spec.instance_id or None),
+                                        import_=adopt.import_id("Instance", role.name)),
         )
-        # Losing the address would break every DNS name, so it is protected like the host.
-        self.eip = aws.ec2.Eip(
-            role.name,
-            domain="vpc",
-            instance=self.instance.id,
-            tags={"Name": role.name},
-            opts=pulumi.ResourceOptions(parent=self, protect=True, import_=spec.eip_allocation_id or None),
-        )
-        self.public_ip = self.eip.public_ip.apply(lambda ip: check_adopted_address(role.name, spec, ip))
+        # Every input is fixed once both ends exist, so only a new instance or address replaces it.
+        # Protected: a replacement moves the public address. The default create-then-delete order is
+        # the right one for a new instance: AssociateAddress moves the address over at once (AWS
+        # reassociates by default), and deleting the old association then finds it gone, which the
+        # provider ignores (terraform-provider-aws ec2_eip_association.go @01c08000ddb1, Delete).
+        self.association = aws.ec2.EipAssociation(
+            role.name, allocation_id=address.eip.allocation_id, instance_id=self.instance.id,
+            opts=pulumi.ResourceOptions(parent=self, protect=True,
+                                        import_=adopt.import_id("EipAssociation", role.name)))
+        # The address as the host answers at it: once attached, so nothing connects to it before.
+        self.public_ip = pulumi.Output.all(address.public_ip, self.association.id).apply(lambda values: values[0])
         self.register_outputs({"instance_id": self.instance.id, "public_ip": self.public_ip})
 
 
 class Hosts(pulumi.ComponentResource):
-    def __init__(self, name: str, hosts: HostSettings, k3s_private_ip: str, network: Network,
+    def __init__(self, name: str, hosts: HostSettings, k3s_private_ip: str, network: Network, addresses: Addresses,
                  instance_profile: Optional[pulumi.Input[str]] = None,
                  opts: pulumi.ResourceOptions | None = None):
         super().__init__("katforge:hosts:Hosts", name, None, opts)
@@ -93,11 +96,16 @@ class Hosts(pulumi.ComponentResource):
         ami = aws.ec2.get_ami(most_recent=True, owners=[CANONICAL],
                               filters=[aws.ec2.GetAmiFilterArgs(name="name", values=[UBUNTU_2404])],
                               opts=pulumi.InvokeOptions(parent=self))
+        # The name is fixed, so a replacement (a new public key) must delete the old pair first: EC2
+        # refuses a second pair of that name. Running hosts never notice: a key pair only seeds a new
+        # instance's authorized_keys, and the hosts ignore keyName.
         key = aws.ec2.KeyPair("operators", key_name="katforge-operators", public_key=hosts.ssh_public_key,
-                              opts=child)
-        self.k3s = Host(HostRole("k3s", hosts.k3s, hosts.root_volume_gb, k3s_private_ip, network.k3s_sg,
-                                 forwards_packets=False, instance_profile=instance_profile),
-                        ami.id, network.subnet_id, key.key_name, child)
-        self.vpn = Host(HostRole("vpn", hosts.vpn, VPN_ROOT_GB, None, network.vpn_sg, forwards_packets=True),
-                        ami.id, network.subnet_id, key.key_name, child)
+                              opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True,
+                                                          import_=adopt.import_id("KeyPair", "operators")))
+        self.k3s = Host(HostRole("k3s", hosts.k3s, k3s_private_ip, network.k3s_subnet_id, network.k3s_sg,
+                                 forwards_packets=False, keep_root_volume=True, instance_profile=instance_profile),
+                        ami.id, key.key_name, addresses.k3s, child)
+        self.vpn = Host(HostRole("vpn", hosts.vpn, None, network.vpn_subnet_id, network.vpn_sg,
+                                 forwards_packets=True, keep_root_volume=False),
+                        ami.id, key.key_name, addresses.vpn, child)
         self.register_outputs({"k3s_public_ip": self.k3s.public_ip, "vpn_public_ip": self.vpn.public_ip})

@@ -3,6 +3,10 @@
 IAM is account-wide, so only the prod stack declares this. Each role trusts exactly one kind of
 GitHub token of one repository: a pull request's preview may only read, and only a push to main may
 change the estate. No long-lived AWS key is stored in GitHub.
+
+The provider (one per URL in an account) and the roles have account-unique names: live ones are
+imported (`katforge:imports`). A role's inline denials get a name of Pulumi's own, so they never meet a
+live inline policy, and attaching a managed policy that is attached already changes nothing.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
+from infra import adopt
 from infra.policies import document
 from infra.settings import PipelineSettings
 
@@ -79,9 +84,9 @@ class Pipeline(pulumi.ComponentResource):
         super().__init__("katforge:pipeline:Pipeline", name, None, opts)
         # No thumbprint: for GitHub, IAM validates the issuer against its own trusted CAs, and this
         # provider version no longer requires the list.
-        provider = aws.iam.OpenIdConnectProvider("github-actions", url=f"https://{ISSUER}",
-                                                 client_id_lists=[AUDIENCE],
-                                                 opts=pulumi.ResourceOptions(parent=self))
+        provider = aws.iam.OpenIdConnectProvider(
+            "github-actions", url=f"https://{ISSUER}", client_id_lists=[AUDIENCE],
+            opts=pulumi.ResourceOptions(parent=self, import_=adopt.import_id("OpenIdConnectProvider", "github-actions")))
         preview, deploy = (self._role(spec, provider.arn) for spec in ci_roles(settings.github_repository, backup_bucket))
         self.preview_role_arn = preview.arn
         self.deploy_role_arn = deploy.arn
@@ -94,7 +99,7 @@ class Pipeline(pulumi.ComponentResource):
             name=spec.name,
             description=spec.description,
             assume_role_policy=provider_arn.apply(lambda arn: trust_policy(arn, spec.subject)),
-            opts=pulumi.ResourceOptions(parent=self),
+            opts=pulumi.ResourceOptions(parent=self, import_=adopt.import_id("Role", spec.name)),
         )
         for policy in spec.policies:
             aws.iam.RolePolicyAttachment(f"{spec.name}-{policy.rsplit('/', 1)[1]}", role=role.name,

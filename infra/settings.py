@@ -79,18 +79,25 @@ class NetworkSettings:
 
 
 @dataclass(frozen=True)
+class RootVolume:
+    size_gb: int
+    type: str
+    encrypted: bool
+
+
+@dataclass(frozen=True)
 class HostSpec:
     instance_type: str
-    expected_public_ip: str
-    instance_id: str  # "" = create; otherwise import the live instance
-    eip_allocation_id: str  # "" = allocate; otherwise import the live Elastic IP
+    expected_public_ip: str  # what an adopted Elastic IP must hold
+    root_volume: RootVolume
+    keep_security_groups: tuple[str, ...]  # live groups that stay attached beside the program's own
 
 
 @dataclass(frozen=True)
 class HostSettings:
     k3s: HostSpec
     vpn: HostSpec
-    root_volume_gb: int
+    vpn_subnet_id: str  # "" = the k3s host's subnet
     ssh_public_key: str
 
 
@@ -100,7 +107,7 @@ class EmailSettings:
     mail_from_subdomain: str
     dmarc_policy: str
     from_addresses: tuple[str, ...]
-    identity_id: str  # "" = create; otherwise import the live SES identity
+    mail_from_mx_failure: str  # UseDefaultValue or RejectMessage
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,8 @@ class Settings:
     stage: str
     stage_facts: Stage
     prod_stack: str
+    imports: Mapping[str, str]  # "<Type>:<name>" -> the live object's import ID (infra/adopt.py)
+    zone_ids: Mapping[str, str]  # hosted zone name -> its ID, for the zones configured by ID
     network: NetworkSettings
     db_password: pulumi.Output
     bootstrap: BootstrapSettings
@@ -238,7 +247,28 @@ _GITHUB_REPO = re.compile(r"^[A-Za-z0-9-]+/[A-Za-z0-9._-]+$")
 _IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # the OCI distribution spec's tag grammar
 # Tags that move: they name whatever was pushed last, so a rebuilt cluster would not run what ran before.
 MOVING_TAGS = frozenset({"latest", "main", "master", "edge", "nightly", "stable"})
-_AWS_ID = {"instance": re.compile(r"^i-[0-9a-f]{8,17}$"), "eip": re.compile(r"^eipalloc-[0-9a-f]{8,17}$")}
+_SUBNET_ID = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+_SECURITY_GROUP_ID = re.compile(r"^sg-[0-9a-f]{8,17}$")
+_ZONE_ID = re.compile(r"^Z[A-Z0-9]{1,31}$")  # Route53's hosted zone IDs, without the /hostedzone/ prefix
+# EBS volume types an instance can boot from: "st1 and sc1 volumes can't be used as boot volumes"
+# (Amazon EBS User Guide, "Amazon EBS volume types").
+ROOT_VOLUME_TYPES = ("gp2", "gp3", "io1", "io2", "standard")
+
+# `imports` lines: <Type>:<name>=<id> (infra/adopt.py).
+_IMPORT_LINE = re.compile(r"^([A-Z][A-Za-z0-9]*):([^=\s]+)=(\S+)$")
+# The import IDs that have a form of their own, so a pasted wrong ID stops here, not midway through `up`.
+IMPORT_ID_FORMS = {
+    "Instance": (re.compile(r"^i-[0-9a-f]{8,17}$"), "an instance ID such as i-0123456789abcdef0"),
+    "Eip": (re.compile(r"^eipalloc-[0-9a-f]{8,17}$"), "an allocation ID such as eipalloc-0123456789abcdef0"),
+    "EipAssociation": (re.compile(r"^eipassoc-[0-9a-f]{8,17}$"), "an association ID such as eipassoc-0123456789abcdef0"),
+    "Policy": (re.compile(r"^arn:aws:iam::[0-9]{12}:policy/\S+$"),
+               "a policy ARN such as arn:aws:iam::123456789012:policy/katforge-backup-restore"),
+    "OpenIdConnectProvider": (re.compile(r"^arn:aws:iam::[0-9]{12}:oidc-provider/\S+$"),
+                              "a provider ARN such as arn:aws:iam::123456789012:oidc-provider/"
+                              "token.actions.githubusercontent.com"),
+}
+# What makes a host reachable at its address: adopted all together, or none of them.
+HOST_IMPORTS = ("Instance", "Eip", "EipAssociation")
 
 # The key types EC2 imports as a key pair: "an RSA or ED25519 key pair" (EC2 API reference, ImportKeyPair).
 SSH_KEY_TYPES = ("ssh-ed25519", "ssh-rsa")
@@ -357,40 +387,100 @@ def _network(read: _Reader) -> NetworkSettings:
     )
 
 
-def _optional_id(kind: str) -> Callable[[str], bool]:
-    return lambda value: value == "" or bool(_AWS_ID[kind].match(value))
+def _ids(read: _Reader, key: str, form: re.Pattern, example: str) -> tuple[str, ...]:
+    values = read.strings(key, lambda v: bool(form.match(v)), example)
+    for i, value in enumerate(values):
+        if value in values[:i]:
+            raise invalid(key, value, f"{example}, each once, but it is listed twice")
+    return values
+
+
+def _root_volume(read: _Reader, prefix: str) -> RootVolume:
+    """What the host's root volume is. A live host's volume keeps its encryption (changing it replaces
+    the instance) and can grow but never shrink, so adopting a host needs its live facts here."""
+    key = f"{prefix}RootVolumeType"
+    volume_type = read.string(key, lambda v: v in ROOT_VOLUME_TYPES,
+                              f"an EBS type an instance boots from: {', '.join(ROOT_VOLUME_TYPES)}")
+    return RootVolume(size_gb=read.integer(f"{prefix}RootVolumeGb", 8, 16384), type=volume_type,
+                      encrypted=read.boolean(f"{prefix}RootVolumeEncrypted"))
 
 
 def _host(read: _Reader, prefix: str) -> HostSpec:
-    """One host's settings. Its instance and Elastic IP are adopted together: importing the instance
-    while allocating a new address would move the live address off it, and every DNS name with it."""
-    spec = HostSpec(
+    return HostSpec(
         instance_type=read.string(f"{prefix}InstanceType", lambda v: bool(_INSTANCE_TYPE.match(v)),
                                   "an EC2 instance type such as t3.medium"),
         expected_public_ip=read.string(f"{prefix}PublicIp", is_ip, "an IPv4 address such as 3.19.192.157"),
-        instance_id=read.string(f"{prefix}InstanceId", _optional_id("instance"),
-                                "empty, or an instance ID such as i-0123456789abcdef0"),
-        eip_allocation_id=read.string(f"{prefix}EipAllocationId", _optional_id("eip"),
-                                      "empty, or an allocation ID such as eipalloc-0123456789abcdef0"),
+        root_volume=_root_volume(read, prefix),
+        keep_security_groups=_ids(read, f"{prefix}KeepSecurityGroups", _SECURITY_GROUP_ID,
+                                  "a security group ID such as sg-0123456789abcdef0"),
     )
-    if bool(spec.instance_id) != bool(spec.eip_allocation_id):
-        given, missing = ("InstanceId", "EipAllocationId") if spec.instance_id else ("EipAllocationId", "InstanceId")
-        what = "the allocation ID (eipalloc-...) of its Elastic IP" if missing == "EipAllocationId" else \
-            "the ID (i-...) of its instance"
-        raise invalid(f"{prefix}{missing}", None,
-                      f"{what}, since {PROJECT}:{prefix}{given} is set: adopt the live {prefix} host's instance "
-                      "and Elastic IP together, or neither",
-                      fix=f"pulumi config set {PROJECT}:{prefix}{missing} <id> --stack {pulumi.get_stack()}")
-    return spec
 
 
-def _hosts(read: _Reader) -> HostSettings:
+def _adopted_together(imports: Mapping[str, str], host: str) -> None:
+    """A host's instance, Elastic IP and association are imported together or not at all: importing
+    the instance while allocating a new address, or the address while creating a new instance, would
+    move the live address and every DNS name with it."""
+    listed = [kind for kind in HOST_IMPORTS if f"{kind}:{host}" in imports]
+    if listed and len(listed) < len(HOST_IMPORTS):
+        missing = [f"{kind}:{host}=<id>" for kind in HOST_IMPORTS if kind not in listed]
+        given = f"{listed[0]}:{host}"
+        raise invalid("imports", f"{given}={imports[given]}",
+                      f"also {' and '.join(missing)}: the live {host} host's Instance, Eip and EipAssociation are "
+                      "adopted together or not at all (make discover finds all three)")
+
+
+def _hosts(read: _Reader, imports: Mapping[str, str]) -> HostSettings:
+    for host in ("k3s", "vpn"):
+        _adopted_together(imports, host)
     return HostSettings(
         k3s=_host(read, "k3s"),
         vpn=_host(read, "vpn"),
-        root_volume_gb=read.integer("rootVolumeGb", 8, 1024),
+        vpn_subnet_id=read.string("vpnSubnetId", lambda v: v == "" or bool(_SUBNET_ID.match(v)),
+                                  "empty (the k3s host's subnet), or a subnet ID such as subnet-0123456789abcdef0"),
         ssh_public_key=_ssh_public_key(read),
     )
+
+
+def _imports(read: _Reader) -> Mapping[str, str]:
+    """`imports` as "<Type>:<name>" -> ID. Each resource and each live object appears once: two lines for
+    one resource, or two resources taking over one object, are a mistake either way."""
+    form = '"<Type>:<name>=<id>" lines such as "Instance:k3s=i-0123456789abcdef0" (make discover writes them)'
+    found: dict[str, str] = {}
+    for line in read.strings("imports"):
+        match = _IMPORT_LINE.match(line)
+        if match is None:
+            raise invalid("imports", line, form)
+        kind, name, live_id = match.groups()
+        shape = IMPORT_ID_FORMS.get(kind)
+        if shape is not None and not shape[0].match(live_id):
+            raise invalid("imports", line, f"{form}, but {live_id!r} is not {shape[1]}")
+        key = f"{kind}:{name}"
+        if key in found:
+            raise invalid("imports", line, f"{form}, each resource once, but {key} is listed already "
+                                           f"({key}={found[key]})")
+        twin = next((k for k, v in found.items() if v == live_id and k.startswith(f"{kind}:")), None)
+        if twin is not None:
+            raise invalid("imports", line, f"{form}, each live object once, but {twin} imports {live_id} already")
+        found[key] = live_id
+    return found
+
+
+def _zone_ids(read: _Reader) -> Mapping[str, str]:
+    from infra.dns import ZONES  # here, not at the top: infra.dns imports this module
+
+    form = f'"zone=id" lines for the zones {", ".join(ZONES)}, e.g. "katforge.com=Z0292557263L1FJT7JXXS"'
+    ids: dict[str, str] = {}
+    for line in read.strings("zoneIds"):
+        zone, _, zone_id = line.partition("=")
+        if zone not in ZONES:
+            raise invalid("zoneIds", line, f"{form}, but {zone!r} is not a zone of infra/dns.py")
+        if not _ZONE_ID.match(zone_id):
+            raise invalid("zoneIds", line, f"{form}, but {zone_id!r} is not a hosted zone ID (Z, then capitals and "
+                                           "digits)")
+        if zone in ids:
+            raise invalid("zoneIds", line, f"{form}, but {zone} has an ID already ({ids[zone]})")
+        ids[zone] = zone_id
+    return ids
 
 
 def _ssh_public_key(read: _Reader) -> str:
@@ -412,7 +502,9 @@ def _email(read: _Reader) -> EmailSettings:
                                  "one of none, quarantine, reject"),
         from_addresses=read.strings("sesFromAddresses", lambda v: is_email(v) and v.endswith("@" + domain),
                                     f"an email address at {domain}"),
-        identity_id=read.string("sesIdentityId", lambda v: v in ("", domain), f"empty, or {domain}"),
+        mail_from_mx_failure=read.string("mailFromMxFailure", lambda v: v in ("UseDefaultValue", "RejectMessage"),
+                                         "UseDefaultValue (SES's own MAIL FROM domain until yours verifies) or "
+                                         "RejectMessage (once SES shows it verified)"),
     )
 
 
@@ -517,10 +609,13 @@ def load() -> Settings:
     read = _Reader(stack)
     is_prod = stack == "prod"
     network = _network(read)
+    imports = _imports(read)
     return Settings(
         stage=stack,
         stage_facts=STAGES[stack],
         prod_stack=read.string("prodStack", lambda v: v.count("/") == 2, "organization/project/stack"),
+        imports=imports,
+        zone_ids=_zone_ids(read),
         network=network,
         db_password=read.secret("dbPassword"),
         bootstrap=BootstrapSettings(
@@ -541,7 +636,7 @@ def load() -> Settings:
                                       "a GitHub user name"),
             ghcr_token=read.secret("ghcrToken"),
         ),
-        hosts=_hosts(read) if is_prod else None,
+        hosts=_hosts(read, imports) if is_prod else None,
         email=_email(read) if is_prod else None,
         backups=BackupSettings(
             bucket=read.string("backupBucket", lambda v: bool(re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", v)),

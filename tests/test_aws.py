@@ -20,6 +20,21 @@ def eip(plan, name):
     return next(r for r in plan.of_type("aws:ec2/eip:Eip") if r.name == name)
 
 
+def association(plan, name):
+    return next(r for r in plan.of_type("aws:ec2/eipAssociation:EipAssociation") if r.name == name)
+
+
+# The live estate's facts as `make discover` would set them: unencrypted root volumes, the VPN host in
+# another subnet with a 20 GB gp2 volume, live security groups kept.
+LIVE_FACTS = {
+    "katforge:k3sRootVolumeEncrypted": "false",
+    "katforge:vpnRootVolumeGb": "20", "katforge:vpnRootVolumeType": "gp2", "katforge:vpnRootVolumeEncrypted": "false",
+    "katforge:vpnSubnetId": "subnet-0a1b2c3d4e5f60002",
+    "katforge:k3sKeepSecurityGroups": ["sg-0123456789abcdef1"],
+    "katforge:vpnKeepSecurityGroups": ["sg-0123456789abcdef2", "sg-0123456789abcdef3"],
+}
+
+
 def records(plan):
     return plan.of_type("aws:route53/record:Record")
 
@@ -31,8 +46,9 @@ def test_k3s_host_matches_the_spec(prod):
     i = host.inputs
     assert i["instanceType"] == "t3.medium"
     assert i["privateIp"] == "172.31.14.98"
+    # It holds the database: its volume outlives the instance, whatever ends it.
     assert i["rootBlockDevice"] == {"volumeSize": 30, "volumeType": "gp3", "encrypted": True,
-                                    "deleteOnTermination": True}
+                                    "deleteOnTermination": False}
     [subnet] = prod.lookups_of("aws:ec2/getSubnet:getSubnet")
     assert ipaddress.IPv4Address(i["privateIp"]) in ipaddress.IPv4Network(subnet["cidrBlock"])
 
@@ -82,36 +98,79 @@ def test_vpn_host_is_a_t2_nano_that_forwards_packets(prod):
     assert instance(prod, "k3s").inputs["sourceDestCheck"] is True
 
 
-def test_elastic_ips_are_attached_protected_and_feed_dns(prod):
+def test_elastic_ips_are_allocated_on_their_own_attached_protected_and_feed_dns(prod):
     for name, address in (("k3s", "198.51.100.166"), ("vpn", "198.51.100.192")):
         address_resource = eip(prod, name)
-        assert address_resource.inputs["instance"] == f"{name}-id"
+        assert "instance" not in address_resource.inputs  # allocated apart: it outlives a replaced host
         assert address_resource.options["protect"] is True
+        attached = association(prod, name)
+        assert attached.inputs == {"allocationId": f"eipalloc-{name}", "instanceId": f"{name}-id"}
+        assert attached.options["protect"] is True  # a replacement would move the public address
+        assert set(attached.options["depends_on"]) >= {address_resource.urn, instance(prod, name).urn}
         assert prod.outputs[f"{name}PublicIp"] == address
 
 
-def test_live_ids_are_imported_not_created():
-    plan = evaluate("prod", {"katforge:k3sInstanceId": "i-0abc12345def67890",
-                             "katforge:vpnInstanceId": "i-0fedcba9876543210",
-                             "katforge:k3sEipAllocationId": "eipalloc-0123456789abcdef0",
-                             "katforge:vpnEipAllocationId": "eipalloc-0fedcba9876543210",
-                             "katforge:sesIdentityId": "katforge.com"})
-    assert instance(plan, "k3s").options["import_id"] == "i-0abc12345def67890"
-    assert instance(plan, "vpn").options["import_id"] == "i-0fedcba9876543210"
-    assert eip(plan, "k3s").options["import_id"] == "eipalloc-0123456789abcdef0"
-    assert eip(plan, "vpn").options["import_id"] == "eipalloc-0fedcba9876543210"
-    identity = plan.of_type("aws:ses/domainIdentity:DomainIdentity")[0]
-    assert identity.options["import_id"] == "katforge.com"
+def test_nothing_reaches_a_host_at_its_address_before_the_address_is_attached(prod):
+    """The bootstrap's SSH connections wait for the association, not just for the allocation."""
+    attached = {association(prod, name).urn for name in ("k3s", "vpn")}
+    for command in prod.of_type("command:remote:Command"):
+        assert attached & set(command.options["property_dependencies"].get("connection", [])), command.name
 
 
-def test_nothing_is_imported_unless_configured(prod):
-    assert [r.name for r in prod.resources if r.options["import_id"]] == []
+def test_the_key_pair_is_deleted_before_its_replacement_is_created(prod):
+    """Its name is fixed: EC2 refuses a second pair named katforge-operators."""
+    key = prod.named("operators", "aws:ec2/keyPair:KeyPair")
+    assert key.inputs["keyName"] == "katforge-operators" and key.options["delete_before_replace"] is True
+
+
+@pytest.fixture(scope="module")
+def live_facts():
+    return evaluate("prod", LIVE_FACTS)
+
+
+def test_root_volume_facts_reach_the_instances(live_facts):
+    """What cannot change in place on a live instance is config: encryption, subnet; size and type too."""
+    assert instance(live_facts, "k3s").inputs["rootBlockDevice"] == {
+        "volumeSize": 30, "volumeType": "gp3", "encrypted": False, "deleteOnTermination": False}
+    assert instance(live_facts, "vpn").inputs["rootBlockDevice"] == {
+        "volumeSize": 20, "volumeType": "gp2", "encrypted": False, "deleteOnTermination": True}
+
+
+def test_the_vpn_host_lives_in_its_configured_subnet(prod, live_facts):
+    assert instance(live_facts, "vpn").inputs["subnetId"] == "subnet-0a1b2c3d4e5f60002"
+    assert instance(live_facts, "k3s").inputs["subnetId"] == "subnet-0a1b2c3d4e5f60001"
+    assert live_facts.lookups_of("aws:ec2/getSubnet:getSubnet")[1] == {"id": "subnet-0a1b2c3d4e5f60002"}
+    # Unset, it shares the k3s host's subnet (a greenfield estate), found by the k3s host's address.
+    assert instance(prod, "vpn").inputs["subnetId"] == instance(prod, "k3s").inputs["subnetId"]
+    assert len(prod.lookups_of("aws:ec2/getSubnet:getSubnet")) == 1
+
+
+def test_a_vpn_subnet_outside_the_default_vpc_stops_the_program(monkeypatch):
+    answer = offline.LOOKUPS["aws:ec2/getSubnet:getSubnet"]
+    monkeypatch.setitem(offline.LOOKUPS, "aws:ec2/getSubnet:getSubnet",
+                        lambda args: {**answer(args), "vpcId": "vpc-0other"} if "id" in args else answer(args))
+    with pytest.raises(SettingsError, match="katforge:vpnSubnetId = subnet-0a1b2c3d4e5f60002: expected a subnet of "
+                                            "the default VPC vpc-0a1b2c3d4e5f60718, but it is in vpc-0other"):
+        evaluate("prod", {"katforge:vpnSubnetId": "subnet-0a1b2c3d4e5f60002"})
+
+
+def test_live_security_groups_stay_attached_beside_the_programs_own(prod, live_facts):
+    groups = {r.name: r.urn for r in prod.of_type("aws:ec2/securityGroup:SecurityGroup")}
+    for name, kept in (("k3s", LIVE_FACTS["katforge:k3sKeepSecurityGroups"]),
+                       ("vpn", LIVE_FACTS["katforge:vpnKeepSecurityGroups"])):
+        assert instance(live_facts, name).inputs["vpcSecurityGroupIds"] == [f"{name}-id", *kept]
+        assert instance(prod, name).inputs["vpcSecurityGroupIds"] == [f"{name}-id"]
+        assert groups[name] in instance(prod, name).options["property_dependencies"]["vpcSecurityGroupIds"]
+
 
 
 def test_adopting_an_elastic_ip_with_another_address_stops_the_deployment():
-    with pytest.raises(SettingsError, match="katforge:k3sEipAllocationId = eipalloc-[0-9a-f]+: expected the allocation of katforge:k3sPublicIp 3.19.192.1, but it holds 3.19.192.157"):
-        evaluate("prod", {"katforge:k3sEipAllocationId": "eipalloc-0123456789abcdef0",
-                          "katforge:k3sInstanceId": "i-0abc12345def67890", "katforge:k3sPublicIp": "3.19.192.1"})
+    with pytest.raises(SettingsError, match="katforge:imports = Eip:k3s=eipalloc-0123456789abcdef0: expected the "
+                                            "allocation of katforge:k3sPublicIp 3.19.192.1, but it holds 3.19.192.157"):
+        evaluate("prod", {"katforge:imports": ["Instance:k3s=i-0abc12345def67890",
+                                               "Eip:k3s=eipalloc-0123456789abcdef0",
+                                               "EipAssociation:k3s=eipassoc-0123456789abcdef0"],
+                          "katforge:k3sPublicIp": "3.19.192.1"})
 
 
 # --- security groups ---------------------------------------------------------------------------
@@ -132,12 +191,29 @@ def ingress(plan, group):
 
 
 def test_k3s_host_opens_exactly_the_listed_ports(prod):
-    vpn = ("vpn-sg", "3.15.140.218/32")
+    # The VPN's Elastic IP is a new one in the committed config: its address is AWS's choice.
+    vpn = ("vpn-sg", f"{prod.raw_outputs['vpnPublicIp']}/32")
     assert ingress(prod, "k3s") == {
         ("tcp", 80, "0.0.0.0/0"), ("tcp", 443, "0.0.0.0/0"),
         *{("tcp", 6443, s) for s in vpn}, *{("tcp", 22, s) for s in vpn},
         ("tcp", 5432, "172.31.0.0/16"),
     }
+
+
+def test_k3s_rules_trust_the_vpn_elastic_ips_real_address_not_the_configured_one():
+    """Imported, the VPN's address is what AWS reports for the allocation; the rules follow it, whatever
+    katforge:vpnPublicIp says (the import check compares the two, the rules never read the config)."""
+    plan = evaluate("prod", {"katforge:imports": ["Instance:vpn=i-0fedcba9876543210",
+                                                  "Eip:vpn=eipalloc-0fedcba9876543210",
+                                                  "EipAssociation:vpn=eipassoc-0fedcba9876543210"]})
+    live = offline.CLOUD["elastic_ips"]["vpn"]
+    assert plan.raw_outputs["vpnPublicIp"] == live
+    assert {("tcp", 22, f"{live}/32"), ("tcp", 6443, f"{live}/32")} <= ingress(plan, "k3s")
+    vpn_eip = eip(plan, "vpn").urn
+    from_address = [r for r in plan.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")
+                    if r.inputs.get("cidrIpv4") == f"{live}/32"]
+    assert len(from_address) == 2 and all(vpn_eip in r.options["property_dependencies"]["cidrIpv4"]
+                                          for r in from_address)
 
 
 def test_vpn_host_opens_only_wireguard(prod):
@@ -177,20 +253,32 @@ def test_every_spec_record_is_declared_once_in_its_stage(prod, qa):
         assert declared[key] == ([expected], stage), key
 
 
-def test_zones_are_looked_up_never_created(prod, qa):
+def test_zones_are_looked_up_never_created_by_id_where_configured(prod, qa):
+    """The committed stacks name katforge.com's ID (the operators' page has it); stumper.gg goes by name."""
     for plan in (prod, qa):
         assert plan.of_type("aws:route53/zone:Zone") == []
-        assert {z["name"] for z in plan.lookups_of("aws:route53/getZone:getZone")} == {"katforge.com", "stumper.gg"}
+        assert sorted(plan.lookups_of("aws:route53/getZone:getZone"), key=str) == [
+            {"name": "stumper.gg", "privateZone": False}, {"zoneId": "Z0292557263L1FJT7JXXS"}]
     zone_of = {r.inputs["name"]: r.inputs["zoneId"] for r in records(prod)}
     assert zone_of["katforge.com"] == "Z0292557263L1FJT7JXXS"
-    assert zone_of["stumper.gg"] != zone_of["katforge.com"]
+    assert zone_of["stumper.gg"] == "Z04STUMPERGG0ZONE0ID"
 
 
-def test_a_katforge_zone_with_another_id_stops_the_program(monkeypatch):
-    from tools import offline
-    monkeypatch.setitem(offline.CLOUD["zones"], "katforge.com", "ZDUPLICATE0ZONE")
-    with pytest.raises(SettingsError, match="katforge.com is ZDUPLICATE0ZONE, not Z0292557263L1FJT7JXXS"):
-        evaluate("qa")
+def test_an_account_with_only_its_zones_plans_by_zone_name(monkeypatch):
+    """A greenfield account: zones made by hand get IDs of their own, and nothing names them."""
+    monkeypatch.setitem(offline.CLOUD, "zones", {"katforge.com": "Z111NEWACCOUNT1", "stumper.gg": "Z222NEWACCOUNT2"})
+    plan = evaluate("prod", {"katforge:zoneIds": []})
+    assert sorted(z["name"] for z in plan.lookups_of("aws:route53/getZone:getZone")) == ["katforge.com", "stumper.gg"]
+    assert {r.inputs["zoneId"] for r in records(plan)} == {"Z111NEWACCOUNT1", "Z222NEWACCOUNT2"}
+    assert [r.name for r in plan.resources if r.options["import_id"]] == []
+
+
+def test_a_zone_id_of_another_zone_stops_the_program_before_any_record():
+    with pytest.raises(SettingsError) as caught:
+        evaluate("qa", {"katforge:zoneIds": ["katforge.com=Z04STUMPERGG0ZONE0ID"]})
+    assert str(caught.value) == (
+        "Pulumi.qa.yaml: katforge:zoneIds = katforge.com=Z04STUMPERGG0ZONE0ID: expected the ID of the public hosted "
+        "zone katforge.com, but Z04STUMPERGG0ZONE0ID is zone stumper.gg: check the ID in the Route53 console")
 
 
 def test_qa_declares_only_its_own_records_and_reads_prod(qa):
@@ -216,10 +304,13 @@ def test_ses_identity_with_three_dkim_cnames(prod):
         assert record.inputs["records"] == [f"{token}.dkim.amazonses.com"]
 
 
-def test_custom_mail_from_rejects_on_mx_failure(prod):
+def test_custom_mail_from_falls_back_to_ses_until_verified(prod):
+    """RejectMessage before SES has seen the MX record would refuse every send."""
     mail_from = prod.of_type("aws:ses/mailFrom:MailFrom")[0].inputs
     assert mail_from["mailFromDomain"] == "mail.katforge.com"
-    assert mail_from["behaviorOnMxFailure"] == "RejectMessage"
+    assert mail_from["behaviorOnMxFailure"] == "UseDefaultValue"
+    stricter = evaluate("prod", {"katforge:mailFromMxFailure": "RejectMessage"})
+    assert stricter.of_type("aws:ses/mailFrom:MailFrom")[0].inputs["behaviorOnMxFailure"] == "RejectMessage"
     assert record_values(prod, "mail.katforge.com", "MX") == [["10 feedback-smtp.us-east-2.amazonses.com"]]
     [[spf]] = record_values(prod, "mail.katforge.com", "TXT")
     assert spf.startswith("v=spf1 include:amazonses.com")

@@ -8,7 +8,8 @@ import pytest
 from tools.offline import KNOWN_AFTER_DEPLOY, evaluate, evaluate_cached, secret_digest
 from tools.plan_diff import diff_plans, render
 
-IMPORTS = {"katforge:k3sInstanceId": "i-0abc12345def67890", "katforge:k3sEipAllocationId": "eipalloc-0123456789abcdef0"}
+IMPORTS = {"katforge:imports": ["Instance:k3s=i-0abc12345def67890", "Eip:k3s=eipalloc-0123456789abcdef0",
+                                 "EipAssociation:k3s=eipassoc-0123456789abcdef0"]}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def test_no_stand_in_reaches_the_json(stack):
 
 def test_what_lookups_answer_is_known(document):
     text = json.dumps(document)
-    for known in ("ami-0ubuntu2404noble0", "Z0292557263L1FJT7JXXS", "subnet-1723100x20"):
+    for known in ("ami-0ubuntu2404noble0", "Z0292557263L1FJT7JXXS", "subnet-0a1b2c3d4e5f60001"):
         assert known in text
     assert named(document, "k3s", "aws:ec2/instance:Instance")["inputs"]["ami"] == "ami-0ubuntu2404noble0"
 
@@ -40,7 +41,8 @@ def test_what_lookups_answer_is_known(document):
 def test_values_only_a_deployment_knows_read_known_after_deploy_and_are_listed(document):
     record = named(document, "katforge.com-a", "aws:route53/record:Record")
     assert record["inputs"]["records"] == [KNOWN_AFTER_DEPLOY]
-    assert named(document, "k3s", "aws:ec2/eip:Eip")["inputs"]["instance"] == KNOWN_AFTER_DEPLOY
+    association = named(document, "k3s", "aws:ec2/eipAssociation:EipAssociation")["inputs"]
+    assert association == {"allocationId": KNOWN_AFTER_DEPLOY, "instanceId": KNOWN_AFTER_DEPLOY}
     assert document["outputs"]["k3sInstanceId"] == KNOWN_AFTER_DEPLOY
     # A stand-in inside a longer value is replaced in place: the rest of it stays readable.
     wireguard = named(document, "bootstrap-wireguard", "command:remote:Command")
@@ -66,6 +68,15 @@ def test_an_import_keeps_its_id_and_its_live_address():
     assert named(document, "katforge.com-a", "aws:route53/record:Record")["inputs"]["records"] == ["3.19.192.157"]
     eip = plan.named("k3s", "aws:ec2/eip:Eip").urn
     assert not any({"urn": eip, "property": "publicIp"} in e["standsFor"] for e in document["knownAfterDeploy"])
+    # What AWS reports for the imported association, and for the instance: its live private address.
+    assert named(document, "k3s", "aws:ec2/eipAssociation:EipAssociation")["inputs"] == {
+        "allocationId": "eipalloc-0123456789abcdef0", "instanceId": "i-0abc12345def67890"}
+    imported = {r.urn for r in plan.resources if r.options["import_id"]}
+    assert len(imported) == 3
+    assert not any(origin["urn"] in imported for e in document["knownAfterDeploy"] for origin in e["standsFor"]
+                   if origin["property"] in ("id", "arn", "publicIp", "privateIp", "allocationId"))
+    # The VPN host is new: its address is still a stand-in.
+    assert document["outputs"]["vpnPublicIp"] == KNOWN_AFTER_DEPLOY
 
 
 def test_a_secret_is_a_keyed_hash_that_changes_with_the_secret_and_never_shows_it(document):

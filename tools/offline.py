@@ -2,7 +2,8 @@
 
 This stands in for the Pulumi engine and AWS: config comes from Pulumi.yaml defaults and the stack's
 Pulumi.<stack>.yaml exactly as the CLI would apply them (plus placeholders for keys that only an
-operator can set); lookups are answered from `CLOUD`, the account as the spec describes it. The
+operator can set); lookups are answered from `CLOUD`, the account as the spec describes it (or from
+another account given in its form: `make preflight` passes the discovered one). The
 program runs in update mode, so checks inside `apply` run too. Used by `make plan` and the tests.
 
 What only a deployment can know (a new instance's ID, an ARN, a new Elastic IP's address, what a host
@@ -240,7 +241,8 @@ class EstateMocks(mocks.Mocks):
     Every value it has to invent is registered in `placeholders` (stand-in -> the URN and property it
     stands for), so the plan can say which values only a deployment will know."""
 
-    def __init__(self, prod: Optional["Plan"] = None):
+    def __init__(self, prod: Optional["Plan"] = None, cloud: Optional[dict] = None):
+        self.cloud = cloud or CLOUD  # what lookups and imported resources find
         self.prod_outputs = prod.raw_outputs if prod else {}
         self.prod_secret_outputs = prod.secret_outputs if prod else frozenset()
         # prod's stand-ins reach this stack through the StackReference.
@@ -269,7 +271,8 @@ class EstateMocks(mocks.Mocks):
         resource_id = args.resource_id or self.stand_in(f"{args.name}-id", "id")
         state = dict(inputs)
         # An imported resource reports what AWS holds; the rest of what a create computes is a stand-in.
-        live = ADOPTED[args.typ](args.name, args.resource_id) if args.resource_id and args.typ in ADOPTED else {}
+        live = (ADOPTED[args.typ](args.name, args.resource_id, self.cloud)
+                if args.resource_id and args.typ in ADOPTED else {})
         computed = COMPUTED.get(args.typ, lambda name, inputs: {})(args.name, inputs)
         state.update({prop: self.stand_in(value, prop) for prop, value in computed.items() if prop not in live})
         state.update(live)
@@ -283,40 +286,40 @@ class EstateMocks(mocks.Mocks):
         answer = LOOKUPS.get(args.token)
         if answer is None:
             raise NotImplementedError(f"the offline cloud cannot answer {args.token}; add it to tools/offline.py")
-        return answer(args.args)
+        return answer(args.args, self.cloud)
 
 
 class NotFound(Exception):
     """What AWS answers to a lookup that matches nothing; a real `pulumi up` fails the same way."""
 
 
-def _zone(args: dict) -> dict:
-    names = [n for n, z in CLOUD["zones"].items()
+def _zone(args: dict, cloud: dict) -> dict:
+    names = [n for n, z in cloud["zones"].items()
              if args.get("name") in (None, n) and args.get("zoneId") in (None, z)]
     if len(names) != 1:
         raise NotFound(f"no matching Route 53 Hosted Zone found: {args}")
-    zone_id = CLOUD["zones"][names[0]]
+    zone_id = cloud["zones"][names[0]]
     return {"id": zone_id, "zoneId": zone_id, "name": names[0],
             "arn": f"arn:aws:route53:::hostedzone/{zone_id}", "privateZone": False}
 
 
-def _subnet(args: dict) -> dict:
-    found = [(cidr, subnet_id, zone) for cidr, (subnet_id, zone) in CLOUD["subnets"].items()
+def _subnet(args: dict, cloud: dict) -> dict:
+    found = [(cidr, subnet_id, zone) for cidr, (subnet_id, zone) in cloud["subnets"].items()
              if args.get("cidrBlock") in (None, cidr) and args.get("id") in (None, subnet_id)
-             and args.get("vpcId") in (None, CLOUD["vpc"]["id"])]
+             and args.get("vpcId") in (None, cloud["vpc"]["id"])]
     if len(found) != 1:
         raise NotFound(f"no matching EC2 Subnet found: {args}")
     cidr, subnet_id, zone = found[0]
-    return {"id": subnet_id, "cidrBlock": cidr, "vpcId": CLOUD["vpc"]["id"], "availabilityZone": zone}
+    return {"id": subnet_id, "cidrBlock": cidr, "vpcId": cloud["vpc"]["id"], "availabilityZone": zone}
 
 
 LOOKUPS = {
-    "aws:ec2/getVpc:getVpc": lambda args: {**CLOUD["vpc"], "default": True},
+    "aws:ec2/getVpc:getVpc": lambda args, cloud: {**cloud["vpc"], "default": True},
     "aws:ec2/getSubnet:getSubnet": _subnet,
-    "aws:ec2/getAmi:getAmi": lambda args: {"id": CLOUD["ami"], "imageId": CLOUD["ami"],
+    "aws:ec2/getAmi:getAmi": lambda args, cloud: {"id": cloud["ami"], "imageId": cloud["ami"],
                                            "name": "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20261101"},
     "aws:route53/getZone:getZone": _zone,
-    "aws:index/getCallerIdentity:getCallerIdentity": lambda args: {"accountId": ACCOUNT_ID, "id": ACCOUNT_ID,
+    "aws:index/getCallerIdentity:getCallerIdentity": lambda args, cloud: {"accountId": ACCOUNT_ID, "id": ACCOUNT_ID,
                                                                    "arn": f"arn:aws:iam::{ACCOUNT_ID}:user/offline",
                                                                    "userId": "AIDAOFFLINE"},
 }
@@ -375,14 +378,14 @@ COMPUTED = {
     "aws:ses/domainDkim:DomainDkim": lambda name, inputs: {"dkimTokens": ["dkimone", "dkimtwo", "dkimthree"]},
 }
 
-# What AWS reports for an imported resource, by type token (name, import ID): known before deploy.
+# What AWS reports for an imported resource, by type token (name, import ID, cloud): known before deploy.
 ADOPTED = {
-    "aws:ec2/eip:Eip": lambda name, allocation_id: {"publicIp": CLOUD["elastic_ips"][name],
+    "aws:ec2/eip:Eip": lambda name, allocation_id, cloud: {"publicIp": cloud["elastic_ips"][name],
                                                     "allocationId": allocation_id},
-    "aws:ec2/instance:Instance": lambda name, instance_id: {"privateIp": CLOUD["private_ips"][name],
-                                                            "publicIp": CLOUD["elastic_ips"][name]},
-    "aws:ec2/eipAssociation:EipAssociation": lambda name, association_id: {
-        "publicIp": CLOUD["elastic_ips"][name], "privateIpAddress": CLOUD["private_ips"][name],
+    "aws:ec2/instance:Instance": lambda name, instance_id, cloud: {"privateIp": cloud["private_ips"][name],
+                                                                   "publicIp": cloud["elastic_ips"][name]},
+    "aws:ec2/eipAssociation:EipAssociation": lambda name, association_id, cloud: {
+        "publicIp": cloud["elastic_ips"][name], "privateIpAddress": cloud["private_ips"][name],
         "networkInterfaceId": f"eni-0live{name}"},
 }
 
@@ -460,11 +463,13 @@ def _run(stack: str, config: dict[str, str], secret_keys: list[str], mock: Estat
                 lookups=monitor.lookups, placeholders=dict(mock.placeholders), adoptable=adopt.claimed())
 
 
-def evaluate(stack: str, config: Optional[dict[str, Any]] = None, prod_config: Optional[dict[str, Any]] = None) -> Plan:
-    """Evaluate one stack. qa's StackReference answers with prod's own evaluated outputs."""
+def evaluate(stack: str, config: Optional[dict[str, Any]] = None, prod_config: Optional[dict[str, Any]] = None,
+             cloud: Optional[dict] = None) -> Plan:
+    """Evaluate one stack. qa's StackReference answers with prod's own evaluated outputs. `cloud`, in
+    CLOUD's form, stands for another account (make preflight passes the discovered one)."""
     stage_config, secret_keys = effective_config(stack, config)
-    prod = evaluate("prod", prod_config) if stack != "prod" else None
-    return _run(stack, stage_config, secret_keys, EstateMocks(prod))
+    prod = evaluate("prod", prod_config, cloud=cloud) if stack != "prod" else None
+    return _run(stack, stage_config, secret_keys, EstateMocks(prod, cloud))
 
 
 @lru_cache(maxsize=None)

@@ -148,7 +148,8 @@ def test_the_vpn_host_lives_in_its_configured_subnet(prod, live_facts):
 def test_a_vpn_subnet_outside_the_default_vpc_stops_the_program(monkeypatch):
     answer = offline.LOOKUPS["aws:ec2/getSubnet:getSubnet"]
     monkeypatch.setitem(offline.LOOKUPS, "aws:ec2/getSubnet:getSubnet",
-                        lambda args: {**answer(args), "vpcId": "vpc-0other"} if "id" in args else answer(args))
+                        lambda args, *cloud: {**answer(args, *cloud), "vpcId": "vpc-0other"} if "id" in args
+                        else answer(args, *cloud))
     with pytest.raises(SettingsError, match="katforge:vpnSubnetId = subnet-0a1b2c3d4e5f60002: expected a subnet of "
                                             "the default VPC vpc-0a1b2c3d4e5f60718, but it is in vpc-0other"):
         evaluate("prod", {"katforge:vpnSubnetId": "subnet-0a1b2c3d4e5f60002"})

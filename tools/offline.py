@@ -279,7 +279,9 @@ class EstateMocks(mocks.Mocks):
         if "arn" not in state:
             service = args.typ.split(":")[1].split("/")[0]
             arn = f"arn:aws:{service}:us-east-2:{ACCOUNT_ID}:{args.name}"
-            state["arn"] = arn if args.resource_id else self.stand_in(arn, "arn")
+            # An imported resource's ARN is known: the import ID itself where that is the ARN (a policy).
+            state["arn"] = ((args.resource_id if args.resource_id.startswith("arn:") else arn) if args.resource_id
+                            else self.stand_in(arn, "arn"))
         return resource_id, state
 
     def call(self, args: mocks.MockCallArgs):
@@ -366,7 +368,6 @@ COMPUTED = {
     # A new Elastic IP's address is AWS's choice.
     "aws:ec2/eip:Eip": lambda name, inputs: {"publicIp": documentation_address("198.51.100", name),
                                              "allocationId": f"eipalloc-{name}"},
-    "aws:ec2/eipAssociation:EipAssociation": lambda name, inputs: {"networkInterfaceId": f"eni-{name}"},
     # A pinned private address is the program's; an unpinned one is AWS's choice within the subnet.
     "aws:ec2/instance:Instance": lambda name, inputs: {"publicIp": documentation_address("192.0.2", name),
                                                        "primaryNetworkInterfaceId": f"eni-{name}",
@@ -383,10 +384,7 @@ ADOPTED = {
     "aws:ec2/eip:Eip": lambda name, allocation_id, cloud: {"publicIp": cloud["elastic_ips"][name],
                                                     "allocationId": allocation_id},
     "aws:ec2/instance:Instance": lambda name, instance_id, cloud: {"privateIp": cloud["private_ips"][name],
-                                                                   "publicIp": cloud["elastic_ips"][name]},
-    "aws:ec2/eipAssociation:EipAssociation": lambda name, association_id, cloud: {
-        "publicIp": cloud["elastic_ips"][name], "privateIpAddress": cloud["private_ips"][name],
-        "networkInterfaceId": f"eni-0live{name}"},
+                                                                   "publicIp": cloud["elastic_ips"][name]}
 }
 
 

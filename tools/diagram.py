@@ -33,6 +33,7 @@ INSTALL_HINT = ("Graphviz's `dot` is not installed. Install it from the OS packa
 
 INSTANCE = "aws:ec2/instance:Instance"
 EIP = "aws:ec2/eip:Eip"
+EIP_ASSOCIATION = "aws:ec2/eipAssociation:EipAssociation"
 RECORD = "aws:route53/record:Record"
 INGRESS_RULE = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
 BUCKET = "aws:s3/bucket:Bucket"
@@ -211,8 +212,12 @@ class Drawing:
         self.vpc = graph.cluster(self.aws + ("vpc",), "default VPC")
         self.internet = graph.node("internet", "Internet\nsite visitors", "external")
         self.hosts = {i["urn"]: i for i in estate.of(INSTANCE)}
-        # An Elastic IP depends on its instance; its address is what the A records depending on it say.
-        self.eip_of = {i["urn"]: eip for eip in estate.of(EIP) for i in estate.depends_on(eip, INSTANCE)}
+        # An association depends on its Elastic IP and its instance; the address is what the A records
+        # depending on the Elastic IP say.
+        self.eip_of = {i["urn"]: eip for association in estate.of(EIP_ASSOCIATION)
+                       for eip in estate.depends_on(association, EIP)
+                       for i in estate.depends_on(association, INSTANCE)}
+        self.host_of_eip = {eip["urn"]: urn for urn, eip in self.eip_of.items()}
         self.public_ip = {eip["urn"]: record["inputs"]["records"][0]
                           for record in estate.of(RECORD) for eip in estate.depends_on(record, EIP)}
         addresses = [(self.public_ip.get(eip["urn"]), urn) for urn, eip in self.eip_of.items()]
@@ -271,8 +276,13 @@ class Drawing:
             address = cidr.removesuffix("/32")
             source_group = next((g for g in rule["options"]["depends_on"]
                                  if g != rule["parent"] and self.host_with_group(g)), None)
-            if source_group or address in self.host_of_ip:  # another host or its address: the VPN, NATing
-                source = self.host_with_group(source_group) if source_group else self.host_of_ip[address]
+            # Another host's group or Elastic IP (an address known after deploy), or its address: the VPN,
+            # NATing its clients.
+            source_eip = next((self.host_of_eip[e["urn"]] for e in self.estate.depends_on(rule, EIP)
+                               if e["urn"] in self.host_of_eip), None)
+            if source_group or source_eip or address in self.host_of_ip:
+                source = (self.host_with_group(source_group) if source_group else source_eip
+                          or self.host_of_ip[address])
                 self.graph.edge(node_id(source), head, port_name(port), note="VPN clients")
             elif cidr == ANYWHERE:
                 tail = self.operators() if port in OPERATOR_PORTS else self.internet

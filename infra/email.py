@@ -5,7 +5,8 @@ The identity, the configuration set and the user have account-unique names: a li
 (`katforge:imports`), since creating it would collide. The rest takes over the live settings without
 an import: DKIM and MAIL FROM are settings of the identity, which a create just sets (the provider
 calls VerifyDomainDkim, then reads the identity's live tokens; SetIdentityMailFromDomain); the records
-are UPSERTs; the user's inline policy gets a name of Pulumi's own, so it never meets a live one.
+are UPSERTs; the user's inline policy gets a name of Pulumi's own, so it never meets a live one, and
+becomes the user's only grant (infra/iam.py `sole_policy`).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pulumi_aws as aws
 
 from infra import adopt
 from infra.dns import Zones
+from infra.iam import sole_policy
 from infra.policies import ses_send_policy
 from infra.settings import REGION, EmailSettings
 
@@ -63,10 +65,11 @@ class Email(pulumi.ComponentResource):
 
         sender = aws.iam.User("ses-sender", name="ses-sender",
                               opts=pulumi.ResourceOptions(parent=self, import_=adopt.import_id("User", "ses-sender")))
-        aws.iam.UserPolicy("ses-sender", user=sender.name,
-                           policy=pulumi.Output.all(identity.arn, configuration_set.arn).apply(
-                               lambda arns: ses_send_policy(arns[0], arns[1], list(email.from_addresses))),
-                           opts=child)
+        policy = aws.iam.UserPolicy("ses-sender", user=sender.name,
+                                    policy=pulumi.Output.all(identity.arn, configuration_set.arn).apply(
+                                        lambda arns: ses_send_policy(arns[0], arns[1], list(email.from_addresses))),
+                                    opts=child)
+        sole_policy("ses-sender", sender, policy, self)
         key = aws.iam.AccessKey("ses-sender", user=sender.name, opts=pulumi.ResourceOptions(
             parent=self, additional_secret_outputs=["secret", "sesSmtpPasswordV4"]))
         self.smtp_username = pulumi.Output.secret(key.id)

@@ -372,10 +372,22 @@ def test_challenge_names_are_written_as_route53_compares_them():
     assert normalized_record_name("*.katforge.com") == "\\052.katforge.com"
 
 
-def test_iam_users_get_no_managed_policies(prod):
-    """The spec's user had AmazonRoute53FullAccess; users now hold only their inline least-privilege policy."""
+def test_iam_users_hold_only_their_inline_least_privilege_policy(prod):
+    """The spec's user had AmazonRoute53FullAccess: adopted, it would keep it. Every managed policy is
+    detached and every other inline policy deleted."""
     assert prod.of_type("aws:iam/userPolicyAttachment:UserPolicyAttachment") == []
     assert prod.of_type("aws:iam/policyAttachment:PolicyAttachment") == []
+    users = {r.name: r for r in prod.of_type("aws:iam/user:User")}
+    policies = {r.name: r for r in prod.of_type("aws:iam/userPolicy:UserPolicy")}
+    attachments = {r.name: r for r in prod.of_type(
+        "aws:iam/userPolicyAttachmentsExclusive:UserPolicyAttachmentsExclusive")}
+    inline = {r.name: r for r in prod.of_type("aws:iam/userPoliciesExclusive:UserPoliciesExclusive")}
+    assert set(users) == set(policies) == set(attachments) == set(inline) == {"dns-challenge", "ses-sender"}
+    for name, user in users.items():
+        assert attachments[name].inputs == {"userName": user.inputs["name"], "policyArns": []}
+        assert inline[name].inputs["userName"] == user.inputs["name"]
+        # The program's own policy, by the name Pulumi gives it.
+        assert inline[name].options["property_dependencies"]["policyNames"] == [policies[name].urn]
 
 
 def test_dns_challenge_key_is_a_secret_output(prod):

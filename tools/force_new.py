@@ -203,6 +203,10 @@ RULES = [
     Rule("aws:iam/user:User", (), _tf("iam/user.go", "058fd401f211", "no ForceNew field: name and path "
                                                                        "change in place (UpdateUser)")),
     Rule("aws:iam/userPolicy:UserPolicy", ("name", "namePrefix", "user"), _tf("iam/user_policy.go", "02f97af85f89")),
+    Rule("aws:iam/userPolicyAttachmentsExclusive:UserPolicyAttachmentsExclusive", ("userName",),
+         _tf("iam/user_policy_attachments_exclusive.go", "0ac6a8e1d84d", "user_name RequiresReplace")),
+    Rule("aws:iam/userPoliciesExclusive:UserPoliciesExclusive", ("userName",),
+         _tf("iam/user_policies_exclusive.go", "0eb381a26e8a", "user_name RequiresReplace")),
     Rule("aws:route53/record:Record", ("name", "zoneId"), _tf("route53/record.go", "00655c1681ea")),
     Rule("aws:s3/bucket:Bucket", ("bucket", "bucketPrefix"), _tf("s3/bucket.go", "0070bcd12c95")),
     Rule("aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration", ("bucket", "expectedBucketOwner"),

@@ -205,12 +205,16 @@ class HostBootstrap(pulumi.ComponentResource):
                                        "K3S_REPLACE_LIVE_FLAGS": flag(bootstrap.k3s_replace_live_flags),
                                        "K3S_ENCRYPT_EXISTING_SECRETS": flag(bootstrap.k3s_encrypt_existing_secrets)},
                           stdin=k3s_config, after=[k3s_baseline])
-        # k3s.yaml holds the cluster's admin credentials: never logged, stored only as a secret.
+        # The operators' Traefik manifest file leaves the manifests directory, with the HelmChartConfig it
+        # made, before Pulumi declares any cluster object: until then k3s would apply it over Pulumi's.
+        traefik_handover = run("traefik-handover", k3s, "traefik-handover.sh", after=[k3s_install])
+        # k3s.yaml holds the cluster's admin credentials: never logged, stored only as a secret. Read after
+        # the handover: every Kubernetes object of both stacks goes through the provider built from it.
         read_kubeconfig = command.remote.Command(
             f"{name}-kubeconfig", connection=self.k3s_connection, create=f"sudo cat {K3S_KUBECONFIG}",
             logging=command.remote.Logging.NONE, triggers=[k3s_install.triggers],
             add_previous_output_in_env=False,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[k3s_install],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[k3s_install, traefik_handover],
                                         additional_secret_outputs=["stdout", "stderr"]))
         self.kubeconfig = pulumi.Output.secret(read_kubeconfig.stdout.apply(kubeconfig_for_api))
 

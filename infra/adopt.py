@@ -10,8 +10,11 @@ typo or a stale line, and `check_all_claimed` stops the program naming it.
 Pulumi imports a resource whose `import` option is set and then updates whatever differs; a difference
 in a force-new property becomes a replacement instead, so the live facts that cannot change in place
 (a root volume's encryption, a subnet) have config keys of their own (see Pulumi.yaml), and
-`make preflight` checks every import before `up`. Once a resource is in the state, Pulumi ignores its
-`import` option, so the lines may stay.
+`make preflight` checks every import before `up`. Once a resource is in the state, Pulumi ignores an
+`import` option with the ID it was imported with, so the lines may stay; a line changed to another ID
+would import that object and replace, i.e. delete, the one in the state (pulumi/pulumi
+pkg/resource/deploy/step_generator.go @00285a9b6248, `isImport` and NewImportReplacementStep). To let a
+resource be created anew (a lost host), remove its lines.
 """
 from __future__ import annotations
 

@@ -102,6 +102,17 @@ MANUAL_SNAPSHOT_POD = "pgdump"  # the pod name in the spec's manual backup comma
 # Image fields the ship pipeline sets with `kubectl set image`; `pulumi up` must leave them alone.
 IMAGE_FIELDS = ("spec.template.spec.containers[0].image", "spec.template.spec.initContainers[0].image")
 
+
+def image_fields_ignored(*, adopting: bool) -> list[str]:
+    """IMAGE_FIELDS, except while a live Deployment is adopted. An import's update resets an ignored field
+    to the inputs the provider reads off the live object (pulumi/pulumi pkg/resource/deploy/step.go,
+    ImportStep.Apply: processIgnoreChanges against the Read's inputs), and pulumi-kubernetes reads those
+    from the `kubectl.kubernetes.io/last-applied-configuration` annotation (provider/pkg/provider/
+    provider.go, parseLiveInputs): the image of the last `kubectl apply`, older than what `kubectl set
+    image` shipped since, or no image at all without that annotation. So the adopting update sets
+    `imageTags`, which names what runs (`make discover` reads it off the live Deployments)."""
+    return [] if adopting else list(IMAGE_FIELDS)
+
 # Outside the cluster, the VPC and link-local (instance metadata): what "the internet" means to egress rules.
 PRIVATE_RANGES = ("10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16")
 
@@ -423,22 +434,30 @@ class StageWorkloads(pulumi.ComponentResource):
         ns = stage.namespace
         apps = apps_in(stage.name, apps)
 
-        def opts_(*depends_on: pulumi.Resource, **extra) -> pulumi.ResourceOptions:
-            return pulumi.ResourceOptions(parent=self, provider=provider, depends_on=list(depends_on), **extra)
+        def declare(resource_type: type, resource_name: str, *after: pulumi.Resource, **args):
+            return cluster.kube_object(resource_type, resource_name, parent=self, provider=provider, after=after,
+                                       **args)
 
-        # `default` exists in every cluster: patch its labels rather than own it.
-        ns_kind = k8s.core.v1.NamespacePatch if ns == "default" else k8s.core.v1.Namespace
-        namespace = ns_kind(f"{name}-namespace", metadata=cluster.namespace_metadata(ns, cluster.APP_POD_SECURITY),
-                            opts=opts_())
+        # `default` exists in every cluster: patch its labels rather than own it (never imported, never deleted).
+        ns_metadata = cluster.namespace_metadata(ns, cluster.APP_POD_SECURITY)
+        if ns == "default":
+            namespace = k8s.core.v1.NamespacePatch(f"{name}-namespace", metadata=ns_metadata,
+                                                   opts=pulumi.ResourceOptions(parent=self, provider=provider))
+        else:
+            namespace = declare(k8s.core.v1.Namespace, f"{name}-namespace", metadata=ns_metadata)
+
+        def custom(resource_name: str, manifest: dict, *after: pulumi.Resource) -> k8s.apiextensions.CustomResource:
+            return declare(k8s.apiextensions.CustomResource, resource_name, *after, api_version=manifest["apiVersion"],
+                           kind=manifest["kind"], metadata=manifest["metadata"], spec=manifest["spec"])
 
         env_values: dict[str, pulumi.Input[str]] = {}  # what the apps read from Secrets, by Secret/key
 
         def secret(key: str, type_: str, string_data: Mapping[str, pulumi.Input[str]]) -> k8s.core.v1.Secret:
             if key != PULL_SECRET:
                 env_values.update({f"{key}/{k}": v for k, v in string_data.items()})
-            return k8s.core.v1.Secret(
-                f"{name}-{key}", type=type_, metadata=object_metadata(key, ns),
-                string_data={k: pulumi.Output.secret(v) for k, v in string_data.items()}, opts=opts_(namespace))
+            return declare(k8s.core.v1.Secret, f"{name}-{key}", namespace, type=type_,
+                           metadata=object_metadata(key, ns),
+                           string_data={k: pulumi.Output.secret(v) for k, v in string_data.items()})
 
         secrets = [
             secret(PULL_SECRET, "kubernetes.io/dockerconfigjson", {".dockerconfigjson": pulumi.Output.from_input(
@@ -457,21 +476,21 @@ class StageWorkloads(pulumi.ComponentResource):
             }))
 
         for policy in network_policies(apps, namespace=ns, postgres_host=network.k3s_private_ip):
-            k8s.networking.v1.NetworkPolicy(f"{name}-netpol-{policy['metadata']['name']}",
-                                            metadata=policy["metadata"], spec=policy["spec"], opts=opts_(namespace))
+            declare(k8s.networking.v1.NetworkPolicy, f"{name}-netpol-{policy['metadata']['name']}", namespace,
+                    metadata=policy["metadata"], spec=policy["spec"])
 
         role = ci_role(namespace=ns)
-        k8s.rbac.v1.Role(f"{name}-ci-role", metadata=role["metadata"], rules=role["rules"], opts=opts_(namespace))
+        declare(k8s.rbac.v1.Role, f"{name}-ci-role", namespace, metadata=role["metadata"], rules=role["rules"])
         binding = ci_role_binding(namespace=ns)
-        k8s.rbac.v1.RoleBinding(f"{name}-ci-role-binding", metadata=binding["metadata"],
-                                role_ref=binding["roleRef"], subjects=binding["subjects"], opts=opts_(namespace))
+        declare(k8s.rbac.v1.RoleBinding, f"{name}-ci-role-binding", namespace, metadata=binding["metadata"],
+                role_ref=binding["roleRef"], subjects=binding["subjects"])
 
         vpn_only = stage.name in VPN_ONLY_STAGES
         route_deps: list[pulumi.Resource] = [namespace]
         if vpn_only:
             allow_list = _middleware(VPN_ONLY_MIDDLEWARE, ns, pulumi.Output.from_input(vpn_private_ip).apply(
                 lambda ip: vpn_only_middleware(_warn_if_unknown(ip), namespace=ns)["spec"]))
-            route_deps.append(self._custom(f"{name}-mw-{VPN_ONLY_MIDDLEWARE}", allow_list, opts_(namespace)))
+            route_deps.append(custom(f"{name}-mw-{VPN_ONLY_MIDDLEWARE}", allow_list, namespace))
 
         def digest_for(app: App) -> pulumi.Output[str]:
             read = {k: v for k, v in env_values.items() if app.smtp or not k.startswith(f"{SMTP_SECRET}/")}
@@ -481,21 +500,17 @@ class StageWorkloads(pulumi.ComponentResource):
         for app in apps:
             manifest = deployment(app, stage=stage.name, namespace=ns, image_tag=settings.image_tags[app.name],
                                   secrets_sha256=digest_for(app))
-            k8s.apps.v1.Deployment(f"{name}-{app.name}", metadata=manifest["metadata"], spec=manifest["spec"],
-                                   opts=opts_(*secrets, ignore_changes=list(IMAGE_FIELDS)))
+            resource_name = f"{name}-{app.name}"
+            declare(k8s.apps.v1.Deployment, resource_name, *secrets, metadata=manifest["metadata"],
+                    spec=manifest["spec"], options={"ignore_changes": image_fields_ignored(
+                        adopting=cluster.adopted("Deployment", resource_name, manifest["metadata"]) is not None)})
             svc = service(app, namespace=ns)
-            k8s.core.v1.Service(f"{name}-{app.name}-service", metadata=svc["metadata"], spec=svc["spec"],
-                                opts=opts_(namespace))
+            declare(k8s.core.v1.Service, f"{name}-{app.name}-service", namespace, metadata=svc["metadata"],
+                    spec=svc["spec"])
             for route in routes_in(app, stage.name):
-                own = [self._custom(f"{name}-mw-{m['metadata']['name']}", m, opts_(namespace))
+                own = [custom(f"{name}-mw-{m['metadata']['name']}", m, namespace)
                        for m in route_middlewares(app, route, namespace=ns)]
-                self._custom(f"{name}-route-{route_name(app, route)}",
-                             ingress_route(app, route, namespace=ns, vpn_only=vpn_only), opts_(*route_deps, *own))
+                custom(f"{name}-route-{route_name(app, route)}",
+                       ingress_route(app, route, namespace=ns, vpn_only=vpn_only), *route_deps, *own)
 
         self.register_outputs({"namespace": ns, "apps": [app.name for app in apps]})
-
-    @staticmethod
-    def _custom(resource_name: str, manifest: dict, opts: pulumi.ResourceOptions) -> k8s.apiextensions.CustomResource:
-        return k8s.apiextensions.CustomResource(resource_name, api_version=manifest["apiVersion"],
-                                                kind=manifest["kind"], metadata=manifest["metadata"],
-                                                spec=manifest["spec"], opts=opts)

@@ -7,8 +7,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from infra import traefik_values
-from tools.offline import unwrap
+from infra import cluster, traefik_values
+from infra.settings import SettingsError
+from tests.kube_api import live_estate
+from tools.offline import evaluate, unwrap
 
 # Custom resources: not in the Kubernetes schema. The HelmChartConfig's values are checked against
 # the chart's schema in test_traefik_values.py; IngressRoute and Middleware in test_apps.py.
@@ -178,3 +180,93 @@ def test_the_kubernetes_provider_is_replaced_only_with_the_cluster(stack, reques
     assert provider.raw_inputs["clusterIdentifier"] == f"{instance.name}-id"
     assert provider.raw_inputs["enableSecretMutable"] in (True, "true")
     assert provider.raw_inputs["upsertExistingObjects"] in (False, "false")
+
+
+# --- adopting the live cluster -----------------------------------------------------------------
+
+def adoptable(plan):
+    """What can take over a live object: every Kubernetes object but the patch of `default`."""
+    return [r for r in kubernetes_objects(plan) if r.type != "kubernetes:core/v1:NamespacePatch"]
+
+
+def live_id(resource) -> str:
+    """pulumi-kubernetes' import ID: namespace/name, a Namespace by its name alone."""
+    metadata = resource.inputs["metadata"]
+    return f"{metadata['namespace']}/{metadata['name']}" if metadata.get("namespace") else metadata["name"]
+
+
+def import_lines(resources) -> list[str]:
+    return [f"{r.type.split(':')[-1]}:{r.name}={live_id(r)}" for r in resources]
+
+
+def live_objects() -> set[tuple[str, str, str]]:
+    """(kind, namespace/name) of what the live cluster holds (tests/kube_api.py), its HelmChartConfig as
+    one applied by hand: one k3s applied from the manifest file is deleted by the handover, not imported."""
+    return {(o["kind"], f"{o['metadata']['namespace']}/{o['metadata']['name']}" if o["metadata"].get("namespace")
+             else o["metadata"]["name"]) for o in live_estate(traefik_owned_by_file=False)}
+
+
+@pytest.fixture(scope="module")
+def adopting(prod, qa):
+    """Each stack planned with an import line for every object of it the live cluster already holds,
+    as `make discover` writes them, and the lines given."""
+    plans, found = {}, live_objects()
+    for stack, plan in (("prod", prod), ("qa", qa)):
+        live = [r for r in adoptable(plan) if (r.inputs["kind"], live_id(r)) in found]
+        lines = import_lines(live)
+        plans[stack] = (evaluate(stack, config={"katforge:imports": lines}), {r.name for r in live})
+    return plans
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_exactly_the_live_objects_listed_are_imported_by_namespace_and_name(stack, adopting):
+    plan, listed = adopting[stack]
+    imported = {r.name: r.options["import_id"] for r in kubernetes_objects(plan) if r.options["import_id"]}
+    assert imported == {r.name: live_id(r) for r in kubernetes_objects(plan) if r.name in listed}
+    kinds = {r.inputs["kind"] for r in kubernetes_objects(plan) if r.name in listed}
+    # The objects that would stop `pulumi up` with AlreadyExists (issue 11): namespaces qa and ci, the apps'
+    # Deployments and Services, the pull Secret, and a HelmChartConfig applied by hand.
+    expected = {"Namespace", "Deployment", "Service", "Secret"} | ({"HelmChartConfig"} if stack == "prod" else set())
+    assert kinds >= expected
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_kubernetes_object_can_take_over_a_live_one(stack, request):
+    """The provider never upserts, so an object that exists live and is not imported stops `pulumi up`:
+    each one the program declares must be able to take its import line (default excepted: patched)."""
+    plan = request.getfixturevalue(stack)
+    adopted = evaluate(stack, config={"katforge:imports": import_lines(adoptable(plan))})
+    for resource in kubernetes_objects(adopted):
+        expected = None if resource.type.endswith("NamespacePatch") else live_id(resource)
+        assert (resource.options["import_id"] or None) == expected, resource.name
+    assert len(adoptable(adopted)) == len(adoptable(plan)) > 15
+
+
+def test_import_ids_are_namespace_slash_name_or_a_cluster_wide_name():
+    assert cluster.import_id_of({"name": "api", "namespace": "default"}) == "default/api"
+    assert cluster.import_id_of({"name": "ci", "labels": {}}) == "ci"
+
+
+def test_an_import_line_must_name_the_object_its_resource_declares():
+    """Importing another object would take it over and rewrite it into this one."""
+    with pytest.raises(SettingsError, match=r"katforge:imports = Deployment:apps-api=default/web: "
+                                            r"expected Deployment:apps-api=default/api"):
+        evaluate("prod", config={"katforge:imports": ["Deployment:apps-api=default/web"]})
+
+
+def test_the_default_namespace_is_never_adopted():
+    """`default` is only patched: no line can hand it to the program, which would then delete it with the stack."""
+    with pytest.raises(SettingsError, match="NamespacePatch:apps-namespace=default"):
+        evaluate("prod", config={"katforge:imports": ["NamespacePatch:apps-namespace=default"]})
+
+
+def test_an_adopted_deployment_takes_its_images_from_image_tags(adopting, prod):
+    """An import's update would reset ignored image fields to what the provider reads off the live object
+    (its last `kubectl apply`, older than what was shipped since): while adopting, imageTags sets them."""
+    plan, listed = adopting["prod"]
+    deployments = of_kind(plan, "Deployment")
+    assert deployments and all(r.name in listed for r in deployments)
+    for deployment in deployments:
+        assert deployment.options["ignore_changes"] == [], deployment.name
+    for deployment in of_kind(prod, "Deployment"):
+        assert deployment.options["ignore_changes"], "created ones leave their images to the ship pipeline"

@@ -166,12 +166,16 @@ def routed_hosts(apps: Sequence[App] = APPS) -> list[str]:
     return sorted({route.host for app in apps for routes in app.routes.values() for route in routes})
 
 
+# The live Deployments select their pods by `app: <name>` (the label `kubectl create deployment` gives),
+# and a Deployment's selector cannot change (adopting one with another would replace it): the program
+# selects by the same label, so its Services and network policies also match the pods that run before the
+# first rollout. `make discover` shows each live selector; `make preflight` flags one that differs.
 def selector(app: App) -> dict:
-    return {"app.kubernetes.io/name": app.name}
+    return {"app": app.name}
 
 
 def labels(app: App) -> dict:
-    return {**selector(app), "app.kubernetes.io/part-of": "katforge"}
+    return {**selector(app), "app.kubernetes.io/name": app.name, "app.kubernetes.io/part-of": "katforge"}
 
 
 def database_url(*, role: str, password: str, host: str, database: str) -> str:
@@ -282,10 +286,13 @@ def _to_internet(port: int) -> dict:
             "ports": [{"protocol": "TCP", "port": port}]}
 
 
+DEFAULT_DENY = "default-deny"
+
+
 def network_policies(apps: Sequence[App], *, namespace: str, postgres_host: str) -> list[dict]:
     """Default deny, DNS for everyone, then per app exactly the flows it needs."""
     policies = [
-        _network_policy("default-deny", namespace, {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+        _network_policy(DEFAULT_DENY, namespace, {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
         _network_policy("allow-dns", namespace, {
             "podSelector": {},
             "policyTypes": ["Egress"],
@@ -475,9 +482,15 @@ class StageWorkloads(pulumi.ComponentResource):
                 "MAILER_DSN": smtp.apply(lambda c: mailer_dsn(username=c[0], password=c[1])),
             }))
 
-        for policy in network_policies(apps, namespace=ns, postgres_host=network.k3s_private_ip):
-            declare(k8s.networking.v1.NetworkPolicy, f"{name}-netpol-{policy['metadata']['name']}", namespace,
-                    metadata=policy["metadata"], spec=policy["spec"])
+        # Default deny last, once every allowance is in place: in a namespace whose pods already run, no pod
+        # is ever denied, even for a moment, what its own policy allows.
+        policies = network_policies(apps, namespace=ns, postgres_host=network.k3s_private_ip)
+        allowances = [declare(k8s.networking.v1.NetworkPolicy, f"{name}-netpol-{p['metadata']['name']}", namespace,
+                              metadata=p["metadata"], spec=p["spec"])
+                      for p in policies if p["metadata"]["name"] != DEFAULT_DENY]
+        [deny] = [p for p in policies if p["metadata"]["name"] == DEFAULT_DENY]
+        declare(k8s.networking.v1.NetworkPolicy, f"{name}-netpol-{DEFAULT_DENY}", namespace, *allowances,
+                metadata=deny["metadata"], spec=deny["spec"])
 
         role = ci_role(namespace=ns)
         declare(k8s.rbac.v1.Role, f"{name}-ci-role", namespace, metadata=role["metadata"], rules=role["rules"])

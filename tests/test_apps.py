@@ -10,6 +10,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from infra import apps, traefik_values
+from tests.kube_api import live_estate
 from tests.shared import SPEC
 from tools.offline import evaluate, unwrap
 
@@ -279,6 +280,23 @@ def test_route_services_exist_in_the_same_namespace(prod, qa):
                 assert service["spec"]["selector"].items() <= pod_labels(deployed[(namespace, target["name"])]).items()
 
 
+def test_the_live_pods_match_every_selector_the_program_declares_for_them(prod, qa):
+    """The live Deployments (tests/kube_api.py) keep their selector, which cannot change without replacing
+    them; their pods, before the first rollout replaces them, stay behind their Service and inside their
+    network policy, and the new pods match the old selector too."""
+    live = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in live_estate() if o["kind"] == "Deployment"}
+    for plan in (prod, qa):
+        services = {s.inputs["metadata"]["name"]: s.inputs for s in plan.of_type("kubernetes:core/v1:Service")}
+        for name, deployment in deployments(plan).items():
+            namespace = deployment.inputs["metadata"]["namespace"]
+            old = live[(namespace, name)]
+            old_pods = old["spec"]["template"]["metadata"]["labels"]
+            assert deployment.inputs["spec"]["selector"] == old["spec"]["selector"], name
+            assert old["spec"]["selector"]["matchLabels"].items() <= pod_labels(deployment).items(), name
+            assert services[name]["spec"]["selector"].items() <= old_pods.items(), name
+            assert policies(plan, namespace)[name]["podSelector"]["matchLabels"].items() <= old_pods.items(), name
+
+
 # --- network policies --------------------------------------------------------------------------
 
 def policies(plan, namespace) -> dict:
@@ -295,6 +313,16 @@ def test_namespace_denies_by_default_and_allows_dns(stack, namespace, request):
     assert peer["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
     assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kube-system"}
     assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
+
+
+@pytest.mark.parametrize("stack, namespace", [("prod", "default"), ("qa", "qa")])
+def test_default_deny_comes_only_once_every_allowance_is_in_place(stack, namespace, request):
+    """In a namespace whose pods already run, no pod is denied for a moment what its own policy allows."""
+    plan = request.getfixturevalue(stack)
+    found = {r.inputs["metadata"]["name"]: r for r in plan.of_type(POLICY)
+             if r.inputs["metadata"]["namespace"] == namespace}
+    deny = found.pop("default-deny")
+    assert found and {r.urn for r in found.values()} <= set(deny.options["depends_on"])
 
 
 @pytest.mark.parametrize("stack, namespace", [("prod", "default"), ("qa", "qa")])

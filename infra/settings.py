@@ -249,7 +249,7 @@ _IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # the OCI distr
 MOVING_TAGS = frozenset({"latest", "main", "master", "edge", "nightly", "stable"})
 _SUBNET_ID = re.compile(r"^subnet-[0-9a-f]{8,17}$")
 _SECURITY_GROUP_ID = re.compile(r"^sg-[0-9a-f]{8,17}$")
-_ZONE_ID = re.compile(r"^Z[A-Z0-9]{1,31}$")  # Route53's hosted zone IDs, without the /hostedzone/ prefix
+_ZONE_ID = re.compile(r"^[A-Z0-9]{1,32}$")  # Route53's hosted zone IDs (Z0292557263L1FJT7JXXS), no /hostedzone/
 # EBS volume types an instance can boot from: "st1 and sc1 volumes can't be used as boot volumes"
 # (Amazon EBS User Guide, "Amazon EBS volume types").
 ROOT_VOLUME_TYPES = ("gp2", "gp3", "io1", "io2", "standard")
@@ -475,8 +475,8 @@ def _zone_ids(read: _Reader) -> Mapping[str, str]:
         if zone not in ZONES:
             raise invalid("zoneIds", line, f"{form}, but {zone!r} is not a zone of infra/dns.py")
         if not _ZONE_ID.match(zone_id):
-            raise invalid("zoneIds", line, f"{form}, but {zone_id!r} is not a hosted zone ID (Z, then capitals and "
-                                           "digits)")
+            raise invalid("zoneIds", line, f"{form}, but {zone_id!r} is not a hosted zone ID (capitals and digits, "
+                                           "without /hostedzone/)")
         if zone in ids:
             raise invalid("zoneIds", line, f"{form}, but {zone} has an ID already ({ids[zone]})")
         ids[zone] = zone_id

@@ -59,7 +59,9 @@ def ssh_line(label: str, blob_type: str, size: int = 32) -> str:
     ("k3sKeepSecurityGroups", ["sg-0123456789abcdef1", "launch-wizard-1"], "a security group ID such as sg-"),
     ("vpnKeepSecurityGroups", ["sg-0123456789abcdef2", "sg-0123456789abcdef2"], "each once, but it is listed twice"),
     ("zoneIds", ["katforge.com"], "but '' is not a hosted zone ID"),
-    ("zoneIds", ["katforge.com=/hostedzone/Z0292557263L1FJT7JXXS"], "is not a hosted zone ID (Z, then capitals"),
+    ("zoneIds", ["katforge.com=/hostedzone/Z0292557263L1FJT7JXXS"], "is not a hosted zone ID (capitals and digits, "
+                                                                    "without /hostedzone/)"),
+    ("zoneIds", ["katforge.com=z0292557263l1fjt7jxxs"], "is not a hosted zone ID"),
     ("zoneIds", ["example.com=Z0292557263L1FJT7JXXS"], "but 'example.com' is not a zone of infra/dns.py"),
     ("zoneIds", ["katforge.com=Z1", "katforge.com=Z2"], "but katforge.com has an ID already (Z1)"),
     ("mailFromMxFailure", "Reject", "UseDefaultValue (SES's own MAIL FROM domain until yours verifies) or RejectMessage"),

@@ -139,8 +139,8 @@ def triggers(plan) -> dict[str, object]:
 def test_every_run_is_triggered_by_a_hash_that_is_stable_across_evaluations(prod, prod_with_host_output):
     first = triggers(prod)
     assert set(first) == {"bootstrap-k3s-baseline", "bootstrap-vpn-baseline", "bootstrap-k3s", "bootstrap-kubeconfig",
-                          "bootstrap-postgres-install", "bootstrap-postgres-config", "bootstrap-wireguard",
-                          "database-role"}
+                          "bootstrap-traefik-handover", "bootstrap-postgres-install", "bootstrap-postgres-config",
+                          "bootstrap-wireguard", "database-role"}
     hashes = [value[0] for name, value in first.items() if name != "bootstrap-kubeconfig"]
     assert all(len(value) == 64 and int(value, 16) >= 0 for value in hashes)
     assert triggers(prod_with_host_output) == first  # a second evaluation: nothing would run again

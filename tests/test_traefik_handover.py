@@ -21,6 +21,7 @@ import re
 import shutil
 import ssl
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,11 +294,39 @@ def test_a_file_put_back_unlike_the_kept_one_is_refused(host):
 
 def test_an_unreachable_api_fails_the_run_rather_than_finding_nothing(host):
     host.api.stop()
+    host.env["K3S_API_TIMEOUT"] = "2"
     result = host.run()
     assert result.returncode == 1
-    assert "could not read" in result.stderr
+    assert "does not serve" in result.stderr
     assert "nothing to do" not in result.stderr
     assert_no_secret_shown(result)
+
+
+def test_a_new_k3s_is_waited_for_until_it_serves_its_own_resource_types(host):
+    """On a new host k3s answers /readyz before it registers helm.cattle.io and k3s.cattle.io. The run waits
+    (kubectl also retries a type it does not know yet, for about 30 s), then finds nothing to hand over:
+    on a new host there is no file and no object."""
+    host.manifest.unlink()
+    for obj in list(host.api.objects.values()):
+        host.api.remove(obj["apiVersion"], obj["kind"], obj["metadata"]["name"], obj["metadata"].get("namespace"))
+    registered = time.monotonic() + 2
+
+    @host.api.route("GET", re.compile(r"^/apis$|^/apis/helm\.cattle\.io/v1$"))
+    def not_yet(api, match, query):
+        """helm.cattle.io is neither listed nor served until k3s has registered it."""
+        if time.monotonic() >= registered:
+            return _discovery(api, match, query)
+        if match.group(0) != "/apis":
+            return status(404, "NotFound", "the server could not find the requested resource")
+        listed = _discovery(api, match, query)
+        listed.body["groups"] = [g for g in listed.body["groups"] if g["name"] != "helm.cattle.io"]
+        return listed
+
+    result = host.run()
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() >= registered
+    assert "nothing to do" in result.stderr
+    assert not [r for r in host.api.requests if r.startswith("DELETE")]
 
 
 # --- its place in the program ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 # K3S_SERVER_DIR       default /var/lib/rancher/k3s/server
 # TRAEFIK_MANIFEST     default $K3S_SERVER_DIR/manifests/traefik-config.yaml
 # TRAEFIK_MANIFEST_KEEP  where it goes; default $K3S_SERVER_DIR/traefik-config.yaml.pre-katforge
+# K3S_API_TIMEOUT      seconds to wait for k3s to serve its Addon and HelmChartConfig types; default 300
 #
 # Runs as root. The operators configured k3s's Traefik with a HelmChartConfig in the manifest file above,
 # the DNS challenge's AWS key inline. k3s's deploy controller applies every file of the manifests directory
@@ -82,6 +83,17 @@ if [[ -e $manifest ]]; then
 fi
 
 # --- 2. the HelmChartConfig the file made ----------------------------------------------------------
+
+# A new k3s answers /readyz (k3s-install.sh waits for it) before it has registered its own resource types.
+deadline=$((SECONDS + ${K3S_API_TIMEOUT:-300}))
+until "$k3s" kubectl get --raw=/apis/k3s.cattle.io/v1 >/dev/null 2>&1 &&
+  "$k3s" kubectl get --raw=/apis/helm.cattle.io/v1 >/dev/null 2>&1; do
+  if ((SECONDS >= deadline)); then
+    log "k3s does not serve k3s.cattle.io/v1 and helm.cattle.io/v1 after ${K3S_API_TIMEOUT:-300}s: see journalctl -u k3s"
+    exit 1
+  fi
+  sleep 1
+done
 
 read_fields "$ADDON" .metadata.name .spec.source
 addon_name=${FIELDS[0]:-} addon_source=${FIELDS[1]:-}

@@ -1,7 +1,8 @@
 """wireguard.sh for real: the real wg, wg-quick and iptables, with wireguard-go for the interface, in a
 network namespace this module creates. systemctl is the one stand-in, and it acts: starting and stopping
-wg-quick@<interface> run the real `wg-quick up` and `down` on the file, as systemd's unit does. What the
-tests check comes from the interface itself (`wg show`, `ip addr`)."""
+wg-quick@<interface> run the real `wg-quick up` and `down` on the file, as systemd's unit does, and the
+unit's state is its own, apart from the link's (an interface brought up by hand leaves it inactive). What
+the tests check comes from the interface itself (`wg show`, `ip addr`)."""
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from infra.bootstrap import HOST_FILES
+from infra.settings import _LABEL
 
 SCRIPT = HOST_FILES / "wireguard.sh"
 TOOLS = ("wg", "wg-quick", "wireguard-go", "ip", "iptables")
@@ -24,19 +26,24 @@ ADDRESS = "10.99.0.1/24"
 NAT = "172.31.0.0/16 3.19.192.157/32"
 
 SYSTEMCTL = r"""#!/usr/bin/env bash
-# systemd's wg-quick@<interface>: start and stop run the real wg-quick on $WG_DIR/<interface>.conf,
-# as the unit does on /etc/wireguard/<interface>.conf.
+# systemd's wg-quick@<interface> (Type=oneshot, RemainAfterExit=yes) on $WG_DIR/<interface>.conf, as the
+# unit on /etc/wireguard/<interface>.conf. Its state is its own: start runs the real `wg-quick up` and
+# the unit is active only if that succeeded, whatever the link; stop runs `wg-quick down` only on an
+# active unit, which is inactive afterwards even when that failed. An interface brought up by hand
+# leaves the unit inactive, and one taken down by hand leaves it active.
 echo "systemctl $*" >>"$FAKE/calls.log"
 args=()
 for arg; do [[ $arg == --* ]] || args+=("$arg"); done
 interface=${args[1]#wg-quick@}
 conf=$WG_DIR/$interface.conf
-up() { ip link show dev "$interface" >/dev/null 2>&1; }
+active=$FAKE/unit-active enabled=$FAKE/unit-enabled
+start() { [[ -e $active ]] || { wg-quick up "$conf" && touch "$active"; }; }
 case ${args[0]} in
-  is-active) up ;;
-  enable) [[ " $* " != *" --now "* ]] || up || wg-quick up "$conf" ;;
-  start) up || wg-quick up "$conf" ;;
-  stop) ! up || wg-quick down "$conf" ;;
+  is-active) [[ -e $active ]] ;;
+  is-enabled) [[ -e $enabled ]] ;;
+  enable) touch "$enabled"; [[ " $* " != *" --now "* ]] || start ;;
+  start) start ;;
+  stop) [[ ! -e $active ]] || { rm "$active"; wg-quick down "$conf"; } ;;
   *) echo "systemctl stand-in: $* is not supported" >&2; exit 1 ;;
 esac
 """
@@ -146,7 +153,10 @@ class VpnHost:
         return self.inside("ip", "-o", "link", "show", "dev", self.interface).stdout.split(":")[0]
 
     def calls(self) -> list[str]:
-        return [call for call in self.log.read_text().splitlines() if " is-active " not in call]
+        return [call for call in self.log.read_text().splitlines() if " is-active " not in call and " is-enabled " not in call]
+
+    def unit_active(self) -> bool:
+        return self.inside("systemctl", "is-active", f"wg-quick@{self.interface}", check=False).returncode == 0
 
     def start_live(self, text: str) -> None:
         """The server as an operator set it up: their file, brought up by systemd."""
@@ -263,9 +273,15 @@ def test_adopting_the_live_server_keeps_its_key_address_port_and_peers(vpn):
     # The operators' NAT rule went with their file's PostDown; ours are in place.
     nat = vpn.inside("iptables", "-t", "nat", "-S", "POSTROUTING").stdout
     assert "-o eth0" not in nat and "-d 172.31.0.0/16 -j MASQUERADE" in nat
-    # A later change of peers, applied without a restart, keeps it too.
+    # Later changes of peers, the preshared one's too, are applied without a restart, and keep it.
+    index = vpn.ifindex()
     more = [*peers, *clients(1, first=7)]
-    assert vpn.run(more).returncode == 0
+    for change in (more, [more[0], more[2]], more):  # one added; the preshared one removed, then back
+        vpn.log.write_text("")
+        changed = vpn.run(change)
+        assert changed.returncode == 0, changed.stderr
+        assert "applied without a restart" in changed.stderr and vpn.ifindex() == index and vpn.calls() == []
+        assert vpn.peers() == {p: address for _, p, address in change}
     assert preshared_keys(vpn)[peers[1][1]] == psk and vpn.wg("private-key") == private
     # So does a restart by systemd, from the file alone.
     vpn.inside("systemctl", "stop", f"wg-quick@{vpn.interface}")
@@ -305,6 +321,91 @@ def test_a_live_server_on_another_address_or_port_is_refused(vpn, address, port,
     assert message in result.stderr
     assert vpn.conf.read_text() == original and vpn.addresses() == [address]
     assert vpn.wg("listen-port") == str(port) and vpn.wg("public-key") == public
+
+
+def test_an_interface_brought_up_by_hand_is_checked_live_and_handed_to_systemd(vpn):
+    private, public = keypair()
+    peers = clients(2)
+    vpn.conf.write_text(live_conf(private, peers))
+    vpn.conf.chmod(0o600)
+    vpn.inside("wg-quick", "up", str(vpn.conf))  # by an operator: systemd knows nothing of it
+    _, by_hand = keypair()
+    vpn.inside("wg", "set", vpn.interface, "peer", by_hand, "allowed-ips", "10.99.0.9/32")
+    assert not vpn.unit_active()
+    refused = vpn.run(peers)
+    assert refused.returncode == 1 and "nothing was changed" in refused.stderr
+    assert f"'peer2,{by_hand},10.99.0.9/32'" in refused.stderr
+    assert [path.name for path in vpn.dir.iterdir()] == [vpn.conf.name]  # no key file, no backup
+    assert not Path(vpn.env["WG_SYSCTL_CONF"]).exists()
+
+    # With the peer in the configuration: one restart (the [Interface] hooks are new), under systemd.
+    everyone = [*peers, ("hand", by_hand, "10.99.0.9/32")]
+    adopted = vpn.run(everyone)
+    assert adopted.returncode == 0, adopted.stderr
+    assert vpn.unit_active() and vpn.wg("private-key") == private and adopted.stdout == public
+    assert vpn.peers() == {p: address for _, p, address in everyone} and vpn.addresses() == [ADDRESS]
+    nat = vpn.inside("iptables", "-t", "nat", "-S", "POSTROUTING").stdout
+    assert "-o eth0" not in nat  # the hand-started file's PostDown ran: its rules went with it
+
+    # Up by hand again, from our file: a change of peers is applied to the live link, no restart.
+    vpn.inside("systemctl", "stop", f"wg-quick@{vpn.interface}")
+    vpn.inside("wg-quick", "up", str(vpn.conf))
+    index = vpn.ifindex()
+    vpn.log.write_text("")
+    synced = vpn.run(everyone[1:])
+    assert synced.returncode == 0, synced.stderr
+    assert "applied without a restart" in synced.stderr and vpn.ifindex() == index and vpn.calls() == []
+    assert vpn.peers() == {p: address for _, p, address in everyone[1:]} and vpn.wg("private-key") == private
+
+
+def test_an_interface_up_from_another_file_is_refused(vpn):
+    private, _ = keypair()
+    elsewhere = vpn.root / "elsewhere" / vpn.conf.name  # wg-quick names the interface after the file
+    elsewhere.parent.mkdir()
+    elsewhere.write_text(live_conf(private, clients(1)))
+    elsewhere.chmod(0o600)
+    vpn.inside("wg-quick", "up", str(elsewhere))
+    vpn.key_file.write_text(private + "\n")  # even with its key in place: nothing could take it down
+    result = vpn.run(clients(1))
+    assert result.returncode == 1 and f"but {vpn.conf} does not exist" in result.stderr
+    assert not vpn.conf.exists() and vpn.wg("private-key") == private
+    vpn.inside("wg-quick", "down", str(elsewhere))
+
+
+def test_an_interface_taken_down_by_hand_is_started_again(vpn):
+    peers = clients(1)
+    assert vpn.run(peers).returncode == 0
+    vpn.inside("wg-quick", "down", str(vpn.conf))  # systemd still counts the unit as active
+    again = vpn.run(peers)
+    assert again.returncode == 0, again.stderr
+    assert vpn.unit_active() and vpn.peers() == {peers[0][1]: peers[0][2]} and again.stdout == vpn.wg("public-key")
+
+
+def test_the_command_for_a_missing_peer_names_it_as_the_configuration_accepts(vpn):
+    private, _ = keypair()
+    peers = clients(4)
+    text = live_conf(private, peers)
+    for old, comment in (("client3", "Alice laptop"), ("client4", "  Bob's PC (old) --"), ("client5", "---")):
+        text = text.replace(f"# {old}\n", f"# {comment}\n")
+    vpn.conf.write_text(text)
+    refused = vpn.run(peers[:1])
+    listed = re.findall(r"pulumi config set --path 'katforge:wireguardPeers\[\d+\]' '([^,]*),", refused.stderr)
+    assert listed == ["alice-laptop", "bob-s-pc-old", "peer3"]
+    assert all(_LABEL.match(name) for name in listed)
+
+
+def test_configuration_keys_are_read_in_any_case_as_wg_quick_does(vpn):
+    private, public = keypair()
+    peers = clients(2)
+    text = live_conf(private, peers).replace("ListenPort = 51820", "ListenPort = 51820  # the default")
+    for key in ("[Interface]", "Address", "ListenPort", "PrivateKey", "[Peer]", "PublicKey", "AllowedIPs"):
+        text = text.replace(key, key.lower())
+    vpn.conf.write_text(text)  # and down, as after a reboot with the unit disabled
+    refused = vpn.run(peers[:1])
+    assert refused.returncode == 1 and f"live peer {peers[1][1]}" in refused.stderr
+    result = vpn.run(peers)
+    assert result.returncode == 0, result.stderr
+    assert vpn.key_file.read_text().strip() == private and result.stdout == public  # not a new key
 
 
 def test_forwarding_that_was_turned_off_is_turned_on_again(vpn):

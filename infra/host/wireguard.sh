@@ -22,7 +22,16 @@
 # that adds it to the configuration. The replaced file is kept as $WG_DIR/<interface>.conf.pre-katforge
 # (mode 0600: it holds the key), and each later replacement's predecessor as <interface>.conf.bak.
 # A live peer's preshared key (which the peer lines cannot carry) moves to $WG_DIR/preshared/, and the
-# interface keeps using it.
+# interface keeps using it: one fixed PostUp hook gives each peer its file, so that a change of peers
+# never changes [Interface] (which would restart the interface).
+#
+# The interface is live when its link exists, whatever systemd says: one brought up by hand
+# (`wg-quick up wg0`, the unit inactive) is checked like one systemd runs (its key, peers, address and
+# port), and a change of peers is applied to it without a restart. systemd takes it over only when a
+# restart is needed anyway (new [Interface] settings, e.g. on adoption): `wg-quick down` with the file
+# that brought it up, then the unit starts it, so clients see one short gap, as with any restart, and
+# never a second one for the handover alone. Like the files, wg-quick and wg read section names and
+# keys in any case and ignore what follows a '#'; so does this script.
 set -euo pipefail
 
 log() { printf 'wireguard: %s\n' "$*" >&2; }
@@ -50,20 +59,29 @@ trap 'rm -rf "$work"' EXIT
 
 # --- what the host has now ---------------------------------------------------------------------
 
-# Prints the value of `Key = value` in the [Interface] section of the file $2.
+# Prints the value of `Key = value` in the [Interface] section of the file $2 (wg-quick's parse_options).
 interface_value() {
-  awk -v key="$1" '/^\[/ { section = $0 } section == "[Interface]" && $0 ~ "^[ \t]*" key "[ \t]*=" {
-    sub(/^[^=]*=[ \t]*/, ""); sub(/[ \t]+$/, ""); print; exit }' "$2"
+  awk -v key="${1,,}" '{ sub(/#.*/, "") }
+    /^[ \t]*\[/ { section = tolower($0); gsub(/[ \t]/, "", section); next }
+    section == "[interface]" && index($0, "=") {
+      k = tolower(substr($0, 1, index($0, "=") - 1)); gsub(/[ \t]/, "", k)
+      if (k == key) { v = substr($0, index($0, "=") + 1); gsub(/^[ \t]+|[ \t]+$/, "", v); print v; exit } }' "$2"
 }
 
-# Prints "publickey allowedips presharedkey name" for each [Peer] of the file $1 ("-" for what it lacks);
-# the name is the comment line just above the section, as this script writes it.
+# Prints "publickey allowedips presharedkey name" for each [Peer] of the file $1 ("-" for what it lacks).
+# The name comes from the comment line just above the section (as this script writes it), made a name
+# the configuration accepts (infra/settings.py, _LABEL): lowercase letters, digits and inner hyphens.
 conf_peers() {
   awk 'function flush() { if (key != "") print key, (ips == "" ? "-" : ips), (psk == "" ? "-" : psk), (name == "" ? "-" : name); key = ips = psk = "" }
-       /^[ \t]*#/ { comment = $0; sub(/^[ \t]*#[ \t]*/, "", comment); gsub(/[ \t]/, "_", comment); next }
-       /^\[/ { flush(); peer = ($0 ~ /^\[Peer\]/); name = peer ? comment : ""; comment = ""; next }
-       peer && /=/ { k = $0; sub(/[ \t]*=.*/, "", k); gsub(/[ \t]/, "", k); v = $0; sub(/^[^=]*=[ \t]*/, "", v); gsub(/[ \t]/, "", v)
-                     if (k == "PublicKey") key = v; else if (k == "AllowedIPs") ips = v; else if (k == "PresharedKey") psk = v }
+       /^[ \t]*#/ { comment = tolower($0); sub(/^[ \t]*#/, "", comment); gsub(/[^a-z0-9]+/, "-", comment)
+                    comment = substr(comment, 1, 64); gsub(/^-+|-+$/, "", comment); comment = substr(comment, 1, 63)
+                    sub(/-+$/, "", comment); next }
+       { sub(/#.*/, "") }
+       /^[ \t]*\[/ { flush(); s = tolower($0); gsub(/[ \t]/, "", s); peer = (s == "[peer]"); name = peer ? comment : ""; comment = ""; next }
+       NF { comment = "" }
+       peer && index($0, "=") {
+         k = tolower(substr($0, 1, index($0, "=") - 1)); gsub(/[ \t]/, "", k); v = substr($0, index($0, "=") + 1); gsub(/[ \t]/, "", v)
+         if (k == "publickey") key = v; else if (k == "allowedips") ips = (ips == "" ? v : ips "," v); else if (k == "presharedkey") psk = v }
        END { flush() }' "$1"
 }
 
@@ -88,9 +106,12 @@ declare -A ours=()
 if $managed; then
   for public_key in "${!live_ips[@]}"; do ours[$public_key]=1; done
 fi
+# The link is what clients use; the unit may say otherwise (brought up or taken down by hand).
+unit_active=false
+systemctl is-active --quiet "$unit" && unit_active=true
 running=false
 running_public=""
-if systemctl is-active --quiet "$unit" && ip link show dev "$interface" >/dev/null 2>&1; then
+if ip link show dev "$interface" >/dev/null 2>&1; then
   running=true
   running_public=$(wg show "$interface" public-key)
   # "publickey<TAB>address address...", or "(none)" for a peer without addresses.
@@ -108,7 +129,7 @@ fi
 # --- the configuration asked for ---------------------------------------------------------------
 
 peer_lines=()
-declare -A wanted=()
+declare -A wanted=() names=()
 while IFS=, read -r name public_key address; do
   [[ -z $name ]] && continue
   if [[ -z ${public_key:-} || -z ${address:-} ]]; then
@@ -117,14 +138,21 @@ while IFS=, read -r name public_key address; do
   fi
   peer_lines+=("$name,$public_key,$address")
   wanted[$public_key]=$address
+  names[$name]=1
 done
 
 # --- refusals: nothing has changed yet ---------------------------------------------------------
 
 problems=()
-if [[ -e $conf ]] && ! $managed; then
-  live_address=$(interface_value Address "$conf")
-  live_port=$(interface_value ListenPort "$conf")
+if ! $managed && { $running || [[ -e $conf ]]; }; then
+  # What clients use: the running interface's, else the file's.
+  if $running; then
+    live_address=$(ip -o addr show dev "$interface" scope global | awk '{ print $4 }' | paste -sd, -)
+    live_port=$(wg show "$interface" listen-port)
+  else
+    live_address=$(interface_value Address "$conf")
+    live_port=$(interface_value ListenPort "$conf")
+  fi
   if [[ -n $live_address && $live_address != "$WG_ADDRESS" ]]; then
     problems+=("the live Address is $live_address, the inputs say $WG_ADDRESS: clients would lose their routes."
       "  Keep the live one: pulumi config set katforge:vpnClientCidr <the network of $live_address> --stack prod")
@@ -142,7 +170,8 @@ for public_key in "${live_order[@]}"; do
     fi
   elif [[ -z ${ours[$public_key]:-} ]]; then
     name=${live_names[$public_key]:-"-"}
-    [[ $name == "-" ]] && name=peer$index
+    [[ $name != "-" && -z ${names[$name]:-} ]] || name=peer$index
+    names[$name]=1
     problems+=("live peer $public_key (${live_ips[$public_key]}) is missing from the configuration; add it with:"
       "  pulumi config set --path 'katforge:wireguardPeers[$index]' '$name,$public_key,${live_ips[$public_key]}' --stack prod")
     index=$((index + 1))
@@ -167,6 +196,10 @@ if $running && [[ $running_public != "(none)" ]]; then
   elif [[ $running_public != "$key_public" ]]; then
     problems+=("$interface runs with public key $running_public, but $key_source gives $key_public: clients know the running one. Put its private key in $key_file and run again.")
   fi
+fi
+
+if $running && [[ ! -e $conf ]]; then
+  problems+=("$interface is up, but $conf does not exist: it was brought up from another file. Take it down with that file (wg-quick down <file>), or put the file at $conf, and run again.")
 fi
 
 if [[ ${#problems[@]} -gt 0 ]]; then
@@ -217,11 +250,10 @@ candidate=$work/$interface.conf
   echo "Address = $WG_ADDRESS"
   echo "ListenPort = $port"
   echo "PostUp = wg set %i private-key $key_file"
-  for line in "${peer_lines[@]}"; do
-    IFS=, read -r _ public_key _ <<<"$line"
-    file=$(psk_file "$public_key")
-    [[ ! -s $file ]] || echo "PostUp = wg set %i peer $public_key preshared-key $file"
-  done
+  # Each peer with a key file in preshared/ (named as psk_file names it) gets it; the same line
+  # whatever the peers, so that a change of peers leaves [Interface] as it is. No '#': wg-quick cuts there.
+  # shellcheck disable=SC2016 # expanded by wg-quick's hook, not here
+  printf 'PostUp = for peer in $(wg show %%i peers); do psk=%s/$(echo "$peer" | tr /+ _-).key; [ ! -s "$psk" ] || wg set %%i peer "$peer" preshared-key "$psk"; done\n' "$dir/preshared"
   # iptables reads WG_ADDRESS as the clients' network. NAT makes their traffic the VPN host's own,
   # so the VPC needs no route back to the tunnel and security groups see the VPN host as the source.
   # Clients go to the destinations and nowhere else.
@@ -275,11 +307,22 @@ keep_backup() {
 
 peers() { grep -c '^\[Peer\]' "$1" || true; }
 
-if cmp -s "$candidate" "$conf"; then
-  if ! $running; then
-    systemctl enable --now --quiet "$unit"
-    log "$unit started"
-  elif [[ $running_public != "$key_public" ]]; then
+# Before a start: what brought the interface up takes it down, with the file it used ($conf, not yet
+# replaced), so that its PostDown undoes its PostUp: systemd, or wg-quick as the operator did by hand.
+# A unit systemd still counts as active though its link is gone is stopped too (its down then fails).
+stop_interface() {
+  if $unit_active; then
+    if ! systemctl stop "$unit" && $running; then
+      log "systemctl stop $unit failed; $interface is still up"
+      exit 1
+    fi
+  elif $running; then
+    wg-quick down "$conf"
+  fi
+}
+
+if $running && cmp -s "$candidate" "$conf"; then
+  if [[ $running_public != "$key_public" ]]; then
     sync_running
     log "$interface had lost its private key; restored from $key_file"
   fi
@@ -289,14 +332,16 @@ elif $running && [[ -e $conf ]] && cmp -s <(interface_settings "$candidate") <(i
   sync_running
   log "$interface now has $(peers "$conf") peer(s), applied without a restart"
 else
-  if [[ -e $conf ]]; then
-    keep_backup
-    # wg-quick down undoes what the file on disk says: stop with the file that brought the interface up.
-    systemctl stop "$unit"
+  replaced=false
+  if ! cmp -s "$candidate" "$conf"; then
+    [[ ! -e $conf ]] || keep_backup
+    replaced=true
   fi
-  install -m 0600 "$candidate" "$conf"
+  stop_interface
+  unit_active=false running=false
+  if $replaced; then install -m 0600 "$candidate" "$conf"; fi
   if ! systemctl enable --now --quiet "$unit"; then
-    if [[ -e $conf.bak ]]; then
+    if $replaced && [[ -e $conf.bak ]]; then
       log "$unit failed to start with the new configuration; starting it again with the previous one"
       systemctl stop "$unit" || true
       install -m 0600 "$conf.bak" "$conf"
@@ -304,7 +349,14 @@ else
     fi
     exit 1
   fi
+  unit_active=true
   log "$unit started with $(peers "$conf") peer(s)"
+fi
+if ! $unit_active; then
+  # Up by hand, and left up: no restart for the handover alone. At boot systemd brings it up.
+  systemctl is-enabled --quiet "$unit" || systemctl enable --quiet "$unit"
+  log "$interface runs outside systemd (brought up by hand): $unit takes it over at the next change that"
+  log "needs a restart, or now with: wg-quick down $conf && systemctl start $unit"
 fi
 
 # Checked on the interface itself: the key it runs with is the key file's.

@@ -19,8 +19,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+import pytest
 
 SERVER_USER = "pgtest"
 SUPERUSER = "postgres"
@@ -73,14 +77,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _server_account() -> pwd.struct_passwd | None:
-    if os.geteuid() != 0:
-        return None
+def ensure_os_user(name: str) -> pwd.struct_passwd:
     try:
-        return pwd.getpwnam(SERVER_USER)
+        return pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", SERVER_USER], check=True)
-        return pwd.getpwnam(SERVER_USER)
+        subprocess.run(["useradd", "--system", "--no-create-home", name], check=True)
+        return pwd.getpwnam(name)
+
+
+def _server_account() -> pwd.struct_passwd | None:
+    return ensure_os_user(SERVER_USER) if os.geteuid() == 0 else None
 
 
 @dataclass
@@ -175,3 +181,20 @@ class PgCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError("PostgreSQL did not become ready")
             time.sleep(0.1)
+
+
+@contextmanager
+def running_cluster(prefix: str) -> Iterator[PgCluster]:
+    """A started cluster of its own, stopped and removed afterwards; the test is skipped without binaries.
+    Not under pytest's tmp dir: that is private to root, and the server may run as another user."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("no PostgreSQL binaries: install pgserver (requirements-test.txt) or Debian's postgresql")
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    cluster = PgCluster(root=root, bin_dir=bin_dir, port=free_port())
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import fcntl
 import os
-import pwd
 import re
 import secrets
 import shutil
 import subprocess
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +21,7 @@ import pytest
 
 from infra.bootstrap import HOST_FILES, POSTGRES_MEMORY_MIB, postgres_client_cidrs
 from infra.settings import STAGES
-from tests.pgcluster import SERVER_USER, PgCluster, find_bin_dir, free_port
+from tests.pgcluster import SERVER_USER, ensure_os_user, running_cluster
 
 CONFIGURE = HOST_FILES / "pg-configure.sh"
 DATABASE = HOST_FILES / "pg-database.sh"
@@ -68,29 +66,11 @@ class Host:
                               env=env, capture_output=True, text=True, **kwargs)
 
 
-def _ensure_os_user(name: str) -> None:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", name], check=True)
-
-
-@contextmanager
 def cluster(prefix: str):
     """A PostgreSQL 16 of this module's own: the scripts rewrite pg_hba and restart the server, which the
     session's shared `pg` (and the roles other modules plant in it) must not see."""
-    bin_dir = find_bin_dir()
-    if bin_dir is None:
-        pytest.skip("no PostgreSQL binaries: install pgserver (requirements-test.txt) or Debian's postgresql")
-    _ensure_os_user("postgres")  # Ubuntu's package creates it; pg_hba's peer rule names it
-    root = Path(tempfile.mkdtemp(prefix=prefix))
-    server = PgCluster(root=root, bin_dir=bin_dir, port=free_port())
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    ensure_os_user("postgres")  # Ubuntu's package creates it; pg_hba's peer rule names it
+    return running_cluster(prefix)
 
 
 @pytest.fixture(scope="module")

@@ -201,22 +201,6 @@ def test_k3s_host_opens_exactly_the_listed_ports(prod):
     }
 
 
-def test_k3s_rules_trust_the_vpn_elastic_ips_real_address_not_the_configured_one():
-    """Imported, the VPN's address is what AWS reports for the allocation; the rules follow it, whatever
-    katforge:vpnPublicIp says (the import check compares the two, the rules never read the config)."""
-    plan = evaluate("prod", {"katforge:imports": ["Instance:vpn=i-0fedcba9876543210",
-                                                  "Eip:vpn=eipalloc-0fedcba9876543210",
-                                                  "EipAssociation:vpn=eipassoc-0fedcba9876543210"]})
-    live = offline.CLOUD["elastic_ips"]["vpn"]
-    assert plan.raw_outputs["vpnPublicIp"] == live
-    assert {("tcp", 22, f"{live}/32"), ("tcp", 6443, f"{live}/32")} <= ingress(plan, "k3s")
-    vpn_eip = eip(plan, "vpn").urn
-    from_address = [r for r in plan.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")
-                    if r.inputs.get("cidrIpv4") == f"{live}/32"]
-    assert len(from_address) == 2 and all(vpn_eip in r.options["property_dependencies"]["cidrIpv4"]
-                                          for r in from_address)
-
-
 def test_vpn_host_opens_only_wireguard(prod):
     assert ingress(prod, "vpn") == {("udp", 51820, "0.0.0.0/0")}
 
@@ -276,9 +260,9 @@ def test_an_account_with_only_its_zones_plans_by_zone_name(monkeypatch):
 
 def test_a_zone_id_of_another_zone_stops_the_program_before_any_record():
     with pytest.raises(SettingsError) as caught:
-        evaluate("qa", {"katforge:zoneIds": ["katforge.com=Z04STUMPERGG0ZONE0ID"]})
+        evaluate("prod", {"katforge:zoneIds": ["katforge.com=Z04STUMPERGG0ZONE0ID"]})
     assert str(caught.value) == (
-        "Pulumi.qa.yaml: katforge:zoneIds = katforge.com=Z04STUMPERGG0ZONE0ID: expected the ID of the public hosted "
+        "Pulumi.prod.yaml: katforge:zoneIds = katforge.com=Z04STUMPERGG0ZONE0ID: expected the ID of the public hosted "
         "zone katforge.com, but Z04STUMPERGG0ZONE0ID is zone stumper.gg: check the ID in the Route53 console")
 
 

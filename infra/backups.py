@@ -143,7 +143,8 @@ class BackupStorage(pulumi.ComponentResource):
                                           opts=adopted("InstanceProfile", f"{name}-writer"))
         restore = aws.iam.Policy(f"{name}-restore", name="katforge-backup-restore",
                                  description="Attach to an operator to run `make restore`.",
-                                 policy=self.bucket.arn.apply(restore_policy), opts=adopted("Policy", f"{name}-restore"))
+                                 policy=self.bucket.arn.apply(restore_policy),
+                                 opts=adopted("Policy", f"{name}-restore"))
 
         self.bucket_name = self.bucket.bucket
         self.instance_profile_name = profile.name

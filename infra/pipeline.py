@@ -86,7 +86,8 @@ class Pipeline(pulumi.ComponentResource):
         # provider version no longer requires the list.
         provider = aws.iam.OpenIdConnectProvider(
             "github-actions", url=f"https://{ISSUER}", client_id_lists=[AUDIENCE],
-            opts=pulumi.ResourceOptions(parent=self, import_=adopt.import_id("OpenIdConnectProvider", "github-actions")))
+            opts=pulumi.ResourceOptions(parent=self,
+                                        import_=adopt.import_id("OpenIdConnectProvider", "github-actions")))
         preview, deploy = (self._role(spec, provider.arn) for spec in ci_roles(settings.github_repository, backup_bucket))
         self.preview_role_arn = preview.arn
         self.deploy_role_arn = deploy.arn

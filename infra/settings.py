@@ -260,7 +260,8 @@ _IMPORT_LINE = re.compile(r"^([A-Z][A-Za-z0-9]*):([^=\s]+)=(\S+)$")
 IMPORT_ID_FORMS = {
     "Instance": (re.compile(r"^i-[0-9a-f]{8,17}$"), "an instance ID such as i-0123456789abcdef0"),
     "Eip": (re.compile(r"^eipalloc-[0-9a-f]{8,17}$"), "an allocation ID such as eipalloc-0123456789abcdef0"),
-    "EipAssociation": (re.compile(r"^eipassoc-[0-9a-f]{8,17}$"), "an association ID such as eipassoc-0123456789abcdef0"),
+    "EipAssociation": (re.compile(r"^eipassoc-[0-9a-f]{8,17}$"),
+                       "an association ID such as eipassoc-0123456789abcdef0"),
     "Policy": (re.compile(r"^arn:aws:iam::[0-9]{12}:policy/\S+$"),
                "a policy ARN such as arn:aws:iam::123456789012:policy/katforge-backup-restore"),
     "OpenIdConnectProvider": (re.compile(r"^arn:aws:iam::[0-9]{12}:oidc-provider/\S+$"),

@@ -64,7 +64,8 @@ def ssh_line(label: str, blob_type: str, size: int = 32) -> str:
     ("zoneIds", ["katforge.com=z0292557263l1fjt7jxxs"], "is not a hosted zone ID"),
     ("zoneIds", ["example.com=Z0292557263L1FJT7JXXS"], "but 'example.com' is not a zone of infra/dns.py"),
     ("zoneIds", ["katforge.com=Z1", "katforge.com=Z2"], "but katforge.com has an ID already (Z1)"),
-    ("mailFromMxFailure", "Reject", "UseDefaultValue (SES's own MAIL FROM domain until yours verifies) or RejectMessage"),
+    ("mailFromMxFailure", "Reject",
+     "UseDefaultValue (SES's own MAIL FROM domain until yours verifies) or RejectMessage"),
     # Import lines: their form, the IDs whose form is known, each resource and each live object once.
     ("imports", ["Instance:k3s i-0abc12345def67890"], '"<Type>:<name>=<id>" lines such as "Instance:k3s=i-'),
     ("imports", ["instance:k3s=i-0abc12345def67890"], '"<Type>:<name>=<id>" lines'),

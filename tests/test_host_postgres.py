@@ -73,10 +73,25 @@ def cluster(prefix: str):
     return running_cluster(prefix)
 
 
+# pg_hba.conf as Ubuntu's pg_createcluster writes it for PostgreSQL 16.
+UBUNTU_DEFAULT_HBA = """# PostgreSQL Client Authentication Configuration File, as Ubuntu's pg_createcluster writes it
+# DO NOT DISABLE!
+local   all             postgres                                peer
+# TYPE  DATABASE        USER            ADDRESS                 METHOD
+local   all             all                                     peer
+host    all             all             127.0.0.1/32            scram-sha-256
+host    all             all             ::1/128                 scram-sha-256
+local   replication     all                                     peer
+host    replication     all             127.0.0.1/32            scram-sha-256
+host    replication     all             ::1/128                 scram-sha-256
+"""
+
+
 @pytest.fixture(scope="module")
 def host():
-    """A fresh cluster as the k3s host's."""
+    """A fresh cluster as Ubuntu sets up the k3s host's (read by the server at the first configure)."""
     with cluster("katforge-host-pg-") as server:
+        (server.conf_dir / "pg_hba.conf").write_text(UBUNTU_DEFAULT_HBA)
         yield Host(server)
 
 
@@ -322,21 +337,19 @@ def test_the_worst_case_memory_fits_the_budget_the_capacity_check_counts():
 # The tests below run in file order, as the first `pulumi up` on the live host would: refused while an
 # md5 role remains, then applied without the restart it was not allowed, then with it, then again.
 
-UBUNTU_HBA = """# PostgreSQL Client Authentication Configuration File, as Ubuntu's pg_createcluster writes it
-# DO NOT DISABLE!
-local   all             postgres                                peer
-# TYPE  DATABASE        USER            ADDRESS                 METHOD
-local   all             all                                     peer
-host    all             all             127.0.0.1/32            scram-sha-256
-host    all             all             ::1/128                 scram-sha-256
-local   replication     all                                     peer
-host    replication     all             127.0.0.1/32            scram-sha-256
-host    replication     all             ::1/128                 scram-sha-256
-# Added by the operators for the pods, the container networks and the VPC (spec: Database).
+OPERATORS_HBA = """# Added by the operators for the pods, the container networks and the VPC (spec: Database).
 host    all             all             10.0.0.0/8              md5
 host    all             all             172.16.0.0/12           md5
 host    all             all             172.31.0.0/16           md5
 """
+UBUNTU_HBA = UBUNTU_DEFAULT_HBA + OPERATORS_HBA
+# Lines an operator may have added besides, before theirs: another network, a role from anywhere, one that
+# `local all all peer` above it already decides (it admits nobody), and part of the VPC for one database.
+LIVE_EXTRA_HBA = ("host    all             all             192.168.0.0/16          md5\n"
+                  "host    katforge        monitoring      0.0.0.0/0               scram-sha-256\n"
+                  "local   all             monitoring                              md5\n"
+                  "host    katforge        all             172.31.5.0/24           md5\n")
+LIVE_HBA = UBUNTU_DEFAULT_HBA + LIVE_EXTRA_HBA + OPERATORS_HBA
 # Ubuntu's postgresql.conf values that katforge.conf changes (two need a restart), and the DDL logging an
 # operator may have turned on; all before the include of conf.d, where Ubuntu's file has them.
 UBUNTU_SETTINGS = "max_connections = 100\nshared_buffers = 128MB\nwork_mem = 4MB\nlog_statement = 'ddl'\n"
@@ -390,18 +403,31 @@ def test_live_md5_logins_are_refused_before_anything_changes(live):
     assert files(live) == before and live.server() == server
 
 
+def test_live_rules_the_new_pg_hba_would_not_admit_are_refused_before_anything_changes(live):
+    (live.pg.conf_dir / "pg_hba.conf").write_text(LIVE_HBA)
+    before, server = files(live), live.server()
+    result = live.configure()
+    assert result.returncode == 1 and "nothing was changed" in result.stderr
+    # Ubuntu's lines and the operators' md5 ones are covered; the line nothing reaches is not listed.
+    listed = re.findall(r"pg_hba\.conf line \d+: (.*)$", result.stderr, re.M)
+    assert listed == ["host all all 192.168.0.0/16 md5", "host katforge monitoring 0.0.0.0/0 scram-sha-256"]
+    assert "PG_DROP_LIVE_HBA_RULES=1" in result.stderr
+    assert files(live) == before and live.server() == server
+
+
 def test_the_first_run_locks_nobody_out_and_asks_for_the_restart_it_may_not_do(live):
     # The fix the refusal gave, with the same password.
     live.sql(f"SET password_encryption = 'scram-sha-256'; ALTER ROLE legacy PASSWORD '{live.passwords['legacy']}'")
     _, started = live.server()
-    result = live.configure()
+    result = live.configure(PG_DROP_LIVE_HBA_RULES="1")  # the operators' extra lines may go
     assert result.returncode == 1
+    assert len(re.findall(r"^pg-configure:   .*pg_hba\.conf line \d+: ", result.stderr, re.M)) == 2  # named as dropped
     assert "max_connections (100 now, 60 after a restart)" in result.stderr
     assert "shared_buffers (128MB now, 256MB after a restart)" in result.stderr
     assert "PG_ALLOW_RESTART=1" in result.stderr
     assert live.server()[1] == started  # not restarted
     assert hba_rules(live) == EXPECTED_RULES
-    assert (live.pg.conf_dir / "pg_hba.conf.pre-katforge").read_text() == UBUNTU_HBA
+    assert (live.pg.conf_dir / "pg_hba.conf.pre-katforge").read_text() == LIVE_HBA
     # Everyone still gets in: postgres over TCP with SCRAM (the backup path) and by peer on the socket,
     # the re-set role, the monitoring role; the reloadable settings are live.
     for role in ("postgres", "legacy", "monitoring"):

@@ -10,6 +10,8 @@
 # PG_ALLOW_RESTART    1 (or true, yes) to restart the server when a setting needs it (shared_buffers,
 #                     max_connections, listen_addresses...); otherwise such a run fails, naming them
 # PG_RESTART_COMMAND  how to restart; default "systemctl restart postgresql@16-main"
+# PG_DROP_LIVE_HBA_RULES  1 (or true, yes) to replace a live pg_hba.conf whose rules admit connections
+#                     the new one would not; otherwise such a run fails, naming those rules
 # KATFORGE_RESTART_LOCK  held while the server restarts, so that k3s (k3s-install.sh takes it too)
 #                     never restarts at the same time; default /run/lock/katforge-restart.lock
 # KATFORGE_RESTART_LOCK_WAIT  seconds to wait for it; default 900
@@ -21,8 +23,12 @@
 # running configuration stays in place, and the step fails with PostgreSQL's message.
 #
 # On the live server, before anything changes, it refuses while login roles hold md5 password hashes
-# (the new pg_hba admits SCRAM only): it names them and says how to re-set them. The first pg_hba.conf
-# it replaces is kept as pg_hba.conf.pre-katforge. Every run, changed or not, fails while a setting
+# (the new pg_hba admits SCRAM only): it names them and says how to re-set them. It also compares the
+# live pg_hba.conf (one it did not write) with the new one, rule by rule as PostgreSQL reads them
+# (pg_hba_file_rules), and refuses, naming them, while a live rule admits connections no new rule admits
+# the same way: another network, hostssl from elsewhere, a user by another method. md5 and scram-sha-256
+# count as one (a SCRAM verifier passes either); a rule that an earlier live rule already decides
+# admits nobody and is not counted. The first pg_hba.conf it replaces is kept as pg_hba.conf.pre-katforge. Every run, changed or not, fails while a setting
 # waits for a restart that was not allowed, and after the reload checks that each setting of
 # katforge.conf really comes from it (pg_settings.sourcefile): a later file (ALTER SYSTEM's
 # postgresql.auto.conf, another conf.d file) that overrides one is named.
@@ -36,7 +42,9 @@ conf_dir=${PG_CONF_DIR:-/etc/postgresql/16/main}
 bin_dir=${PG_BIN_DIR:-/usr/lib/postgresql/16/bin}
 read -ra client_cidrs <<<"$PG_CLIENT_CIDRS"
 read -ra restart <<<"${PG_RESTART_COMMAND:-systemctl restart postgresql@16-main}"
-case ${PG_ALLOW_RESTART:-0} in 1 | true | yes) allow_restart=true ;; *) allow_restart=false ;; esac
+opted_in() { [[ ${1:-0} =~ ^(1|true|yes)$ ]]; }
+allow_restart=false
+opted_in "${PG_ALLOW_RESTART:-0}" && allow_restart=true
 restart_lock=${KATFORGE_RESTART_LOCK:-/run/lock/katforge-restart.lock}
 header="# Managed by katforge (infra/host/pg-configure.sh): changes made here are overwritten."
 
@@ -86,7 +94,73 @@ for name in "${!target[@]}"; do
   cmp -s "$work/$name" "${target[$name]}" || changed+=("$name")
 done
 
+# Prints each rule of the live pg_hba.conf (JSON rows of pg_hba_file_rules in $1) that admits a
+# connection no rule of the new file ($2) admits the same way, as "<file> line <n>: <the line>".
+uncovered_rules() {
+  python3 - "$@" <<'PY'
+import ipaddress
+import json
+import sys
+
+rules_path, new_path = sys.argv[1:]
+PASSWORD = {"md5", "scram-sha-256", "password"}  # a SCRAM verifier passes each (pg_hba.conf docs)
+
+
+def addresses(address, netmask):
+    """What a rule's address admits: networks, or the word itself (samehost, samenet, a host name)."""
+    if address == "all":
+        return [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
+    try:
+        bits = bin(int(ipaddress.ip_address(netmask))).count("1")
+        return [ipaddress.ip_network(f"{address}/{bits}", strict=False)]
+    except ValueError:
+        return [address]
+
+
+def within(inner, outer):
+    if isinstance(inner, str) or isinstance(outer, str):
+        return inner == outer
+    return inner.version == outer.version and inner.subnet_of(outer)
+
+
+def covers(a, b):
+    """Whether every connection rule b matches, rule a matches too (whatever their methods)."""
+    if a["type"] != b["type"] and not (a["type"] == "host" and b["type"].startswith("host")):
+        return False
+    # "all" matches every database but replication, which only "replication" matches.
+    if not all(d in a["database"] or ("all" in a["database"] and d != "replication") for d in b["database"]):
+        return False
+    if not all(u in a["user_name"] or "all" in a["user_name"] for u in b["user_name"]):
+        return False
+    return b["type"] == "local" or all(any(within(x, y) for y in a["networks"]) for x in b["networks"])
+
+
+def same_way(a, b):
+    return a["auth_method"] == b["auth_method"] or {a["auth_method"], b["auth_method"]} <= PASSWORD
+
+
+new = []
+for line in open(new_path):
+    fields = line.split("#", 1)[0].split()
+    if fields:
+        kind, database, user = fields[:3]
+        network = [] if kind == "local" else [ipaddress.ip_network(fields[3])]
+        new.append({"type": kind, "database": database.split(","), "user_name": user.split(","),
+                    "networks": network, "auth_method": fields[-1]})
+live = json.load(open(rules_path)) or []
+for rule in live:
+    rule["networks"] = [] if rule["type"] == "local" else addresses(rule["address"], rule["netmask"])
+for i, rule in enumerate(live):
+    if rule["auth_method"] == "reject" or any(covers(earlier, rule) for earlier in live[:i]):
+        continue  # admits nobody
+    if not any(covers(n, rule) and same_way(n, rule) for n in new):
+        text = open(rule["file_name"]).read().splitlines()[rule["line_number"] - 1]
+        print(f"{rule['file_name']} line {rule['line_number']}: {' '.join(text.split())}")
+PY
+}
+
 if [[ " ${changed[*]} " == *" pg_hba.conf "* ]]; then
+  refused=false
   # pg_hba's scram-sha-256 cannot check an md5 hash: these roles would be locked out.
   md5_roles=$(sql "SELECT string_agg(quote_ident(rolname), ' ' ORDER BY rolname) FROM pg_authid
                    WHERE rolcanlogin AND rolpassword LIKE 'md5%'")
@@ -98,8 +172,29 @@ if [[ " ${changed[*]} " == *" pg_hba.conf "* ]]; then
       log "  sudo -u postgres psql -c \"SET password_encryption = 'scram-sha-256'\" -c '\\password $role'"
     done
     log "(or ALTER ROLE <role> PASSWORD '...' in a session with password_encryption = 'scram-sha-256'), then run this again."
-    exit 1
+    refused=true
   fi
+  # A file this script wrote holds the configuration's rules only: one it did not is compared.
+  if [[ -e $hba_file && $(head -n 1 "$hba_file") != "$header" ]]; then
+    sql "SELECT json_agg(json_build_object('file_name', file_name, 'line_number', line_number, 'type', type,
+                  'database', database, 'user_name', user_name, 'address', address, 'netmask', netmask,
+                  'auth_method', auth_method) ORDER BY rule_number)
+           FROM pg_hba_file_rules WHERE error IS NULL" >"$work/live-rules.json"
+    uncovered=$(uncovered_rules "$work/live-rules.json" "$work/pg_hba.conf")
+    if [[ -n $uncovered ]] && opted_in "${PG_DROP_LIVE_HBA_RULES:-0}"; then
+      log "dropping these live rules, which admit connections the new pg_hba.conf does not (PG_DROP_LIVE_HBA_RULES):"
+      while IFS= read -r line; do log "  $line"; done <<<"$uncovered"
+    elif [[ -n $uncovered ]]; then
+      log "refusing to replace pg_hba.conf; nothing was changed. These live rules admit connections that no"
+      log "rule of the new one admits the same way (scram-sha-256 for the client networks, peer on the socket):"
+      while IFS= read -r line; do log "  $line"; done <<<"$uncovered"
+      log "Keep a network by adding it to the PostgreSQL client networks (PG_CLIENT_CIDRS, from the configuration),"
+      log "or let the run drop them: PG_DROP_LIVE_HBA_RULES=1 (from the configuration). The original file is kept"
+      log "as $hba_file.pre-katforge either way."
+      refused=true
+    fi
+  fi
+  if $refused; then exit 1; fi
 fi
 
 swap_in() {

@@ -446,7 +446,7 @@ def test_a_restart_waits_for_the_host_restart_lock(live):
     _, started = live.server()
     with open(live.env["KATFORGE_RESTART_LOCK"], "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # k3s-install.sh restarting k3s
-        blocked = live.configure(PG_ALLOW_RESTART="1", KATFORGE_RESTART_LOCK_WAIT="1")
+        blocked = live.configure(PG_ALLOW_RESTART="1", KATFORGE_RESTART_LOCK_WAIT="0.1")
     assert blocked.returncode == 1
     assert "another restart on this host holds" in blocked.stderr
     assert live.server()[1] == started

@@ -338,7 +338,6 @@ else
     replaced=true
   fi
   stop_interface
-  unit_active=false running=false
   if $replaced; then install -m 0600 "$candidate" "$conf"; fi
   if ! systemctl enable --now --quiet "$unit"; then
     if $replaced && [[ -e $conf.bak ]]; then

@@ -420,12 +420,6 @@ fi
 
 # --- apply -----------------------------------------------------------------------------------------
 
-# Recorded before anything is installed: until k3s is ready after its restart (or the Secrets are all
-# encrypted again), a later run finds these and finishes the job, though the files then match.
-mkdir -p "$state_dir"
-if $encrypt_existing && [[ ! -e $encryption_pending ]]; then echo restart >"$encryption_pending"; fi
-[[ ${#restart_for[@]} -eq 0 ]] || echo "${!restart_for[*]}" >"$restart_pending"
-
 if [[ " ${changed[*]} " == *" binary "* ]]; then
   case $(uname -m) in
     x86_64) arch=amd64 asset=k3s ;;
@@ -448,6 +442,15 @@ if [[ " ${changed[*]} " == *" binary "* ]]; then
     log "the downloaded k3s says it is $reported, not $K3S_VERSION; nothing was changed"
     exit 1
   fi
+fi
+
+# Recorded before anything is installed: until k3s is ready after its restart (or the Secrets are all
+# encrypted again), a later run finds these and finishes the job, though the files then match.
+mkdir -p "$state_dir"
+if $encrypt_existing && [[ ! -e $encryption_pending ]]; then echo restart >"$encryption_pending"; fi
+[[ ${#restart_for[@]} -eq 0 ]] || echo "${!restart_for[*]}" >"$restart_pending"
+
+if [[ " ${changed[*]} " == *" binary "* ]]; then
   mkdir -p "$bin_dir"
   # A rename: the running server keeps its binary until it restarts.
   install -m 0755 "$work/k3s" "$bin_dir/.k3s.new"

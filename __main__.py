@@ -8,7 +8,7 @@ from infra import adopt, capacity, dns
 from infra.addresses import Addresses
 from infra.apps import StageWorkloads, routed_hosts
 from infra.backups import BackupSchedule, BackupStorage
-from infra.bootstrap import HostBootstrap, StageDatabase, host_target, kubernetes_provider
+from infra.bootstrap import HostBootstrap, KubernetesProviders, StageDatabase, host_target, kubernetes_providers
 from infra.cluster import Cluster
 from infra.dns import Dns
 from infra.email import Email
@@ -23,7 +23,7 @@ class StageBase(NamedTuple):
     """What a stage's workloads stand on, and the stack's outputs."""
     records: Dns
     database: StageDatabase
-    provider: pulumi.ProviderResource
+    providers: KubernetesProviders
     smtp_username: pulumi.Output
     smtp_password: pulumi.Output
     vpn_private_ip: pulumi.Output  # what VPN clients come from: the VPN host masquerades them
@@ -47,13 +47,13 @@ def prod_estate(settings: Settings) -> StageBase:
                              bootstrap.postgres)
     BackupSchedule("backup-schedule", settings.backups, STAGES.values(), backups, bootstrap.k3s_target,
                    bootstrap.postgres)
-    k3s = kubernetes_provider("k3s", bootstrap.kubeconfig, hosts.k3s.instance.id)
+    k3s = kubernetes_providers(bootstrap.kubeconfig, hosts.k3s.instance.id)
     cluster = Cluster("cluster", acme_email=settings.cluster.acme_email, aws_region=REGION,
                       node_ip=settings.network.k3s_private_ip, access_key_id=dns_challenge.access_key_id,
-                      secret_access_key=dns_challenge.secret_access_key, provider=k3s)
+                      secret_access_key=dns_challenge.secret_access_key, provider=k3s.objects)
     pipeline = Pipeline("pipeline", settings.pipeline, settings.backups.bucket)
     return StageBase(
-        records=records, database=database, provider=k3s,
+        records=records, database=database, providers=k3s,
         smtp_username=email.smtp_username, smtp_password=email.smtp_password,
         vpn_private_ip=hosts.vpn.instance.private_ip,
         exports={
@@ -79,8 +79,8 @@ def qa_estate(settings: Settings) -> StageBase:
                        settings.bootstrap.ssh_private_key)
     database = StageDatabase("database", settings.stage_facts, settings.db_password, host)
     return StageBase(
-        records=records, database=database, provider=kubernetes_provider("k3s", prod.require_output("kubeconfig"),
-                                                                     prod.require_output("k3sInstanceId")),
+        records=records, database=database,
+        providers=kubernetes_providers(prod.require_output("kubeconfig"), prod.require_output("k3sInstanceId")),
         smtp_username=prod.require_output("sesSmtpUsername"), smtp_password=prod.require_output("sesSmtpPassword"),
         # Absent until prod's first `pulumi up` with this export; the VPN-only routes then admit nobody.
         vpn_private_ip=prod.get_output("vpnPrivateIp"), exports={},
@@ -93,7 +93,7 @@ adopt.use(settings.imports)  # before any resource: each asks whether it takes o
 base = prod_estate(settings) if settings.is_prod else qa_estate(settings)
 StageWorkloads("apps", stage=settings.stage_facts, network=settings.network, settings=settings.cluster,
                db_password=settings.db_password, smtp_username=base.smtp_username,
-               smtp_password=base.smtp_password, provider=base.provider, vpn_private_ip=base.vpn_private_ip,
+               smtp_password=base.smtp_password, providers=base.providers, vpn_private_ip=base.vpn_private_ip,
                opts=pulumi.ResourceOptions(depends_on=[base.database]))
 
 adopt.check_all_claimed()  # every import line named a resource of this stack

@@ -20,6 +20,7 @@ import pulumi
 import pulumi_kubernetes as k8s
 
 from infra import cluster, traefik_values
+from infra.bootstrap import KubernetesProviders
 from infra.email import SMTP_ENDPOINT as SMTP_HOST
 from infra.settings import ClusterSettings, NetworkSettings, Stage
 
@@ -99,19 +100,11 @@ SMTP_SECRET = "smtp"
 
 MANUAL_SNAPSHOT_POD = "pgdump"  # the pod name in the spec's manual backup command
 
-# Image fields the ship pipeline sets with `kubectl set image`; `pulumi up` must leave them alone.
+# Image fields the ship pipeline sets with `kubectl set image`; `pulumi up` must leave them alone, adopted
+# Deployments included: whatever the provider reads off a live object, the client-side-apply provider
+# (infra/bootstrap.py) patches only what changed between two sets of Pulumi's own inputs.
 IMAGE_FIELDS = ("spec.template.spec.containers[0].image", "spec.template.spec.initContainers[0].image")
 
-
-def image_fields_ignored(*, adopting: bool) -> list[str]:
-    """IMAGE_FIELDS, except while a live Deployment is adopted. An import's update resets an ignored field
-    to the inputs the provider reads off the live object (pulumi/pulumi pkg/resource/deploy/step.go,
-    ImportStep.Apply: processIgnoreChanges against the Read's inputs), and pulumi-kubernetes reads those
-    from the `kubectl.kubernetes.io/last-applied-configuration` annotation (provider/pkg/provider/
-    provider.go, parseLiveInputs): the image of the last `kubectl apply`, older than what `kubectl set
-    image` shipped since, or no image at all without that annotation. So the adopting update sets
-    `imageTags`, which names what runs (`make discover` reads it off the live Deployments)."""
-    return [] if adopting else list(IMAGE_FIELDS)
 
 # Outside the cluster, the VPC and link-local (instance metadata): what "the internet" means to egress rules.
 PRIVATE_RANGES = ("10.0.0.0/8", "100.64.0.0/10", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16")
@@ -434,7 +427,7 @@ class StageWorkloads(pulumi.ComponentResource):
 
     def __init__(self, name: str, *, stage: Stage, network: NetworkSettings, settings: ClusterSettings,
                  db_password: pulumi.Input[str], smtp_username: pulumi.Input[str], smtp_password: pulumi.Input[str],
-                 provider: k8s.Provider, vpn_private_ip: pulumi.Input[Optional[str]], apps: Sequence[App] = APPS,
+                 providers: KubernetesProviders, vpn_private_ip: pulumi.Input[Optional[str]], apps: Sequence[App] = APPS,
                  opts: Optional[pulumi.ResourceOptions] = None):
         """`vpn_private_ip`: the VPN host's address in the VPC, the only source a VPN-only stage admits."""
         super().__init__("katforge:cluster:StageWorkloads", name, None, opts)
@@ -442,6 +435,8 @@ class StageWorkloads(pulumi.ComponentResource):
         apps = apps_in(stage.name, apps)
 
         def declare(resource_type: type, resource_name: str, *after: pulumi.Resource, **args):
+            # Deployments through the client-side-apply provider: it never touches the images (bootstrap.py).
+            provider = providers.deployments if resource_type is k8s.apps.v1.Deployment else providers.objects
             return cluster.kube_object(resource_type, resource_name, parent=self, provider=provider, after=after,
                                        **args)
 
@@ -449,7 +444,7 @@ class StageWorkloads(pulumi.ComponentResource):
         ns_metadata = cluster.namespace_metadata(ns, cluster.APP_POD_SECURITY)
         if ns == "default":
             namespace = k8s.core.v1.NamespacePatch(f"{name}-namespace", metadata=ns_metadata,
-                                                   opts=pulumi.ResourceOptions(parent=self, provider=provider))
+                                                   opts=pulumi.ResourceOptions(parent=self, provider=providers.objects))
         else:
             namespace = declare(k8s.core.v1.Namespace, f"{name}-namespace", metadata=ns_metadata)
 
@@ -515,8 +510,7 @@ class StageWorkloads(pulumi.ComponentResource):
                                   secrets_sha256=digest_for(app))
             resource_name = f"{name}-{app.name}"
             declare(k8s.apps.v1.Deployment, resource_name, *secrets, metadata=manifest["metadata"],
-                    spec=manifest["spec"], options={"ignore_changes": image_fields_ignored(
-                        adopting=cluster.adopted("Deployment", resource_name, manifest["metadata"]) is not None)})
+                    spec=manifest["spec"], options={"ignore_changes": list(IMAGE_FIELDS)})
             svc = service(app, namespace=ns)
             declare(k8s.core.v1.Service, f"{name}-{app.name}-service", namespace, metadata=svc["metadata"],
                     spec=svc["spec"])

@@ -17,7 +17,7 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import pulumi
 import pulumi_command as command
@@ -66,17 +66,34 @@ def ssh_connection(host: pulumi.Input[str], private_key: pulumi.Input[str]) -> c
     return command.remote.ConnectionArgs(host=host, user=SSH_USER, private_key=private_key)
 
 
-def kubernetes_provider(name: str, kubeconfig: pulumi.Input[str], cluster: pulumi.Input[str],
-                        parent: Optional[pulumi.Resource] = None) -> k8s.Provider:
-    """The provider every cluster resource uses, built from the k3s kubeconfig (prod's output in qa).
+class KubernetesProviders(NamedTuple):
+    """How the program talks to the cluster: `objects` for everything but the apps' Deployments."""
+    objects: k8s.Provider
+    deployments: k8s.Provider
 
-    `cluster` names the cluster (the k3s instance's ID): only a new cluster replaces the provider, and
+
+def kubernetes_providers(kubeconfig: pulumi.Input[str], cluster: pulumi.Input[str],
+                         parent: Optional[pulumi.Resource] = None) -> KubernetesProviders:
+    """The providers of every cluster resource, built from the k3s kubeconfig (prod's output in qa).
+
+    `cluster` names the cluster (the k3s instance's ID): only a new cluster replaces a provider, and
     with it every object; a rewritten kubeconfig (a renewed certificate) is an update. Secrets change in
     place: replacing one deletes it first, and a pod starting meanwhile fails. An object that already
     exists is never silently taken over: it must be imported (AlreadyExists otherwise), whatever
-    PULUMI_K8S_UPSERT_EXISTING_OBJECTS says."""
-    return k8s.Provider(name, kubeconfig=kubeconfig, cluster_identifier=cluster, enable_secret_mutable=True,
-                        upsert_existing_objects=False, opts=pulumi.ResourceOptions(parent=parent))
+    PULUMI_K8S_UPSERT_EXISTING_OBJECTS says.
+
+    The Deployments' images belong to the ship pipeline (`kubectl set image`, `kubectl rollout undo`),
+    and Pulumi ignores them. With server-side apply, pulumi-kubernetes cannot leave an ignored field
+    inside a list (`containers[0].image`) out of its patch (provider/pkg/await/await.go,
+    handleSSAIgnoreFields: "TODO ... nested arrays"), so any update of a Deployment would send Pulumi's
+    old tag back, and fail on the pipeline's ownership or revert a release. Client-side apply patches
+    only what changed between Pulumi's last inputs and its new ones (a three-way strategic merge,
+    openapi.PatchForResourceUpdate): an ignored image never enters the patch, and the live one stays."""
+    def provider(name: str, **mode) -> k8s.Provider:
+        return k8s.Provider(name, kubeconfig=kubeconfig, cluster_identifier=cluster, enable_secret_mutable=True,
+                            upsert_existing_objects=False, opts=pulumi.ResourceOptions(parent=parent), **mode)
+    return KubernetesProviders(objects=provider("k3s"),
+                               deployments=provider("k3s-deployments", enable_server_side_apply=False))
 
 
 def postgres_client_cidrs(vpc_cidr: str) -> tuple[str, ...]:

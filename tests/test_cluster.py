@@ -7,7 +7,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from infra import cluster, traefik_values
+from infra import apps, cluster, traefik_values
 from infra.settings import SettingsError
 from tests.kube_api import live_estate
 from tools.offline import evaluate, unwrap
@@ -54,7 +54,8 @@ def test_every_kubernetes_object_goes_through_the_k3s_provider_inside_a_componen
     plan = request.getfixturevalue(stack)
     components = {r.urn for r in plan.resources if r.type.startswith("katforge:cluster:")}
     for resource in kubernetes_objects(plan):
-        assert resource.options["provider"] == "k3s", resource.name
+        deployment = resource.type == "kubernetes:apps/v1:Deployment"
+        assert resource.options["provider"] == ("k3s-deployments" if deployment else "k3s"), resource.name
         assert resource.parent in components, resource.name
 
 
@@ -175,11 +176,13 @@ def test_the_kubernetes_provider_is_replaced_only_with_the_cluster(stack, reques
     """Its cluster is the k3s instance: a rewritten kubeconfig must not replace every object. Secrets
     change in place, and an existing object is never silently upserted."""
     plan = request.getfixturevalue(stack)
-    [provider] = plan.of_type("pulumi:providers:kubernetes")
+    providers = plan.of_type("pulumi:providers:kubernetes")
+    assert len(providers) == 2
     instance = prod.named("k3s", "aws:ec2/instance:Instance")
-    assert provider.raw_inputs["clusterIdentifier"] == f"{instance.name}-id"
-    assert provider.raw_inputs["enableSecretMutable"] in (True, "true")
-    assert provider.raw_inputs["upsertExistingObjects"] in (False, "false")
+    for provider in providers:
+        assert provider.raw_inputs["clusterIdentifier"] == f"{instance.name}-id"
+        assert provider.raw_inputs["enableSecretMutable"] in (True, "true")
+        assert provider.raw_inputs["upsertExistingObjects"] in (False, "false")
 
 
 # --- adopting the live cluster -----------------------------------------------------------------
@@ -260,13 +263,14 @@ def test_the_default_namespace_is_never_adopted():
         evaluate("prod", config={"katforge:imports": ["NamespacePatch:apps-namespace=default"]})
 
 
-def test_an_adopted_deployment_takes_its_images_from_image_tags(adopting, prod):
-    """An import's update would reset ignored image fields to what the provider reads off the live object
-    (its last `kubectl apply`, older than what was shipped since): while adopting, imageTags sets them."""
-    plan, listed = adopting["prod"]
-    deployments = of_kind(plan, "Deployment")
-    assert deployments and all(r.name in listed for r in deployments)
-    for deployment in deployments:
-        assert deployment.options["ignore_changes"] == [], deployment.name
-    for deployment in of_kind(prod, "Deployment"):
-        assert deployment.options["ignore_changes"], "created ones leave their images to the ship pipeline"
+@pytest.mark.parametrize("stack", STACKS)
+def test_deployments_never_send_an_image_back(stack, request, adopting):
+    """The ship pipeline owns the images. Deployments go through the client-side-apply provider, whose
+    three-way patch leaves out an ignored field (server-side apply cannot for one inside a list), and
+    ignore their image fields whether adopted or created; everything else is server-side applied."""
+    for plan in (request.getfixturevalue(stack), adopting[stack][0]):
+        providers = {p.name: p.raw_inputs for p in plan.of_type("pulumi:providers:kubernetes")}
+        assert providers["k3s-deployments"]["enableServerSideApply"] in (False, "false")
+        assert "enableServerSideApply" not in providers["k3s"]
+        for resource in plan.of_type("kubernetes:apps/v1:Deployment"):
+            assert resource.options["ignore_changes"] == sorted(apps.IMAGE_FIELDS), resource.name

@@ -96,8 +96,8 @@ def kubernetes_providers(kubeconfig: pulumi.Input[str], cluster: pulumi.Input[st
                                deployments=provider("k3s-deployments", enable_server_side_apply=False))
 
 
-def postgres_client_cidrs(vpc_cidr: str) -> tuple[str, ...]:
-    return (*POSTGRES_POD_NETWORKS, vpc_cidr)
+def postgres_client_cidrs(vpc_cidr: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
+    return tuple(dict.fromkeys((*POSTGRES_POD_NETWORKS, vpc_cidr, *extra)))
 
 
 def kubelet_args() -> list[str]:
@@ -239,8 +239,10 @@ class HostBootstrap(pulumi.ComponentResource):
         self.postgres = run(
             "postgres-config", k3s, "pg-configure.sh",
             environment={"PG_LISTEN_ADDRESSES": f"localhost,{network.k3s_private_ip}",
-                         "PG_CLIENT_CIDRS": " ".join(postgres_client_cidrs(network.vpc_cidr)),
-                         "PG_ALLOW_RESTART": flag(bootstrap.postgres_allow_restart)},
+                         "PG_CLIENT_CIDRS": " ".join(postgres_client_cidrs(network.vpc_cidr,
+                                                                           bootstrap.postgres_extra_client_cidrs)),
+                         "PG_ALLOW_RESTART": flag(bootstrap.postgres_allow_restart),
+                         "PG_DROP_LIVE_HBA_RULES": flag(bootstrap.postgres_drop_live_hba_rules)},
             # After k3s: the two restarts already take one host-wide lock; Pulumi need not race them.
             stdin=(HOST_FILES / "postgresql-katforge.conf").read_text(), after=[postgres_install, k3s_install])
 

@@ -127,6 +127,8 @@ class BootstrapSettings:
     k3s_encrypt_existing_secrets: bool  # the one-time encryption of a running cluster's Secrets
     k3s_replace_live_flags: bool  # config.yaml may override a live unit flag that differs
     postgres_allow_restart: bool  # a changed setting that needs it may restart PostgreSQL
+    postgres_drop_live_hba_rules: bool  # live pg_hba rules the new file would not keep may go
+    postgres_extra_client_cidrs: tuple[str, ...]  # networks admitted with a password beyond pods and the VPC
 
 
 @dataclass(frozen=True)
@@ -629,6 +631,9 @@ def load() -> Settings:
             k3s_encrypt_existing_secrets=read.boolean("k3sEncryptExistingSecrets"),
             k3s_replace_live_flags=read.boolean("k3sReplaceLiveFlags"),
             postgres_allow_restart=read.boolean("postgresAllowRestart"),
+            postgres_drop_live_hba_rules=read.boolean("postgresDropLiveHbaRules"),
+            postgres_extra_client_cidrs=_cidr_list(read, "postgresExtraClientCidrs",
+                                                   "an IPv4 network in CIDR form with no host bits, e.g. 192.168.0.0/16"),
         ),
         cluster=ClusterSettings(
             acme_email=read.string("acmeEmail", is_email, "an email address such as ops@katforge.com"),

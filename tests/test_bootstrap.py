@@ -209,7 +209,7 @@ def test_postgres_listens_on_the_node_and_admits_exactly_the_three_networks(prod
     configure = prod.named("bootstrap-postgres-config", COMMAND)
     assert command_line(configure) == {"PG_LISTEN_ADDRESSES": f"localhost,{PRIVATE_IP}",
                                        "PG_CLIENT_CIDRS": "10.0.0.0/8 172.16.0.0/12 172.31.0.0/16",
-                                       "PG_ALLOW_RESTART": "0"}
+                                       "PG_ALLOW_RESTART": "0", "PG_DROP_LIVE_HBA_RULES": "0"}
     assert configure.raw_inputs["stdin"] == (bootstrap.HOST_FILES / "postgresql-katforge.conf").read_text()
 
 
@@ -229,12 +229,16 @@ def test_what_a_script_may_do_to_a_live_host_only_an_operator_allows(prod):
     assert command_line(prod.named("bootstrap-k3s", COMMAND))["K3S_REPLACE_LIVE_FLAGS"] == "0"
     assert command_line(prod.named("bootstrap-k3s", COMMAND))["K3S_ENCRYPT_EXISTING_SECRETS"] == "0"
     plan = evaluate("prod", {"katforge:postgresAllowRestart": "true", "katforge:k3sReplaceLiveFlags": "true",
+                             "katforge:postgresDropLiveHbaRules": "true",
+                             "katforge:postgresExtraClientCidrs": ["192.168.0.0/16"],
                              "katforge:k3sEncryptExistingSecrets": "true", "katforge:k3sSecretsEncryption": "false",
                              "katforge:wireguardPort": "41820"})
     k3s = plan.named("bootstrap-k3s", COMMAND)
     assert command_line(k3s)["K3S_REPLACE_LIVE_FLAGS"] == command_line(k3s)["K3S_ENCRYPT_EXISTING_SECRETS"] == "1"
     assert "secrets-encryption" not in yaml.safe_load(k3s.raw_inputs["stdin"])
-    assert command_line(plan.named("bootstrap-postgres-config", COMMAND))["PG_ALLOW_RESTART"] == "1"
+    postgres = command_line(plan.named("bootstrap-postgres-config", COMMAND))
+    assert postgres["PG_ALLOW_RESTART"] == postgres["PG_DROP_LIVE_HBA_RULES"] == "1"
+    assert postgres["PG_CLIENT_CIDRS"] == "10.0.0.0/8 172.16.0.0/12 172.31.0.0/16 192.168.0.0/16"
     assert command_line(plan.named("bootstrap-wireguard", COMMAND))["WG_PORT"] == "41820"
     [rule] = [r for r in plan.of_type("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule")
               if r.inputs["ipProtocol"] == "udp"]

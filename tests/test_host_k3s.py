@@ -232,7 +232,7 @@ def test_live_flags_that_config_yaml_sets_otherwise_are_refused_with_the_differe
     result = live.run()
     assert result.returncode == 1
     assert "write-kubeconfig-mode: 644 on the live host, 0600 in config.yaml" in result.stderr
-    assert "K3S_REPLACE_LIVE_FLAGS=1" in result.stderr
+    assert "katforge:k3sReplaceLiveFlags true" in result.stderr
     assert live.files() == before and live.calls() == []
 
 
@@ -379,7 +379,7 @@ def test_a_cluster_without_secrets_encryption_is_left_alone_without_the_opt_in(u
     before = unencrypted.files()
     result = unencrypted.run(K3S_REPLACE_LIVE_FLAGS="1")
     assert result.returncode == 1
-    assert "runs without secrets encryption" in result.stderr and "K3S_ENCRYPT_EXISTING_SECRETS=1" in result.stderr
+    assert "runs without secrets encryption" in result.stderr and "katforge:k3sEncryptExistingSecrets" in result.stderr
     assert unencrypted.files() == before and unencrypted.calls() == []
 
 

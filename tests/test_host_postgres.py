@@ -411,7 +411,7 @@ def test_live_rules_the_new_pg_hba_would_not_admit_are_refused_before_anything_c
     # Ubuntu's lines and the operators' md5 ones are covered; the line nothing reaches is not listed.
     listed = re.findall(r"pg_hba\.conf line \d+: (.*)$", result.stderr, re.M)
     assert listed == ["host all all 192.168.0.0/16 md5", "host katforge monitoring 0.0.0.0/0 scram-sha-256"]
-    assert "PG_DROP_LIVE_HBA_RULES=1" in result.stderr
+    assert "katforge:postgresDropLiveHbaRules true" in result.stderr
     assert files(live) == before and live.server() == server
 
 
@@ -424,7 +424,7 @@ def test_the_first_run_locks_nobody_out_and_asks_for_the_restart_it_may_not_do(l
     assert len(re.findall(r"^pg-configure:   .*pg_hba\.conf line \d+: ", result.stderr, re.M)) == 2  # named as dropped
     assert "max_connections (100 now, 60 after a restart)" in result.stderr
     assert "shared_buffers (128MB now, 256MB after a restart)" in result.stderr
-    assert "PG_ALLOW_RESTART=1" in result.stderr
+    assert "katforge:postgresAllowRestart true" in result.stderr
     assert live.server()[1] == started  # not restarted
     assert hba_rules(live) == EXPECTED_RULES
     assert (live.pg.conf_dir / "pg_hba.conf.pre-katforge").read_text() == LIVE_HBA

@@ -343,7 +343,7 @@ if fixed or (conflicts and replace != "1"):
         print(f"  {line}")
     if conflicts:
         print("Put the live value into the program's k3s configuration, or let config.yaml's replace it:")
-        print("K3S_REPLACE_LIVE_FLAGS=1 (from the configuration).")
+        print("pulumi config set katforge:k3sReplaceLiveFlags true (K3S_REPLACE_LIVE_FLAGS), back to false after.")
     if fixed:
         print("Another configuration file, and a flag of a drop-in's ExecStart (which stays, and wins over")
         print("config.yaml), cannot be replaced: change the drop-in or the unit's environment, then run this again.")
@@ -387,9 +387,10 @@ if [[ -n $installed ]]; then
     if ! opted_in "${K3S_ENCRYPT_EXISTING_SECRETS:-0}"; then
       log "k3s $installed runs without secrets encryption (k3s secrets-encrypt status: not Enabled with an"
       log "AES-CBC key), and config.yaml asks for it; nothing was changed. To turn it on: back up"
-      log "/var/lib/rancher/k3s/server, then let this run do it (K3S_ENCRYPT_EXISTING_SECRETS=1 from the"
-      log "configuration: one restart with secrets-encryption, then k3s secrets-encrypt rotate-keys, which"
-      log "encrypts every existing Secret), or leave secrets-encryption out of config.yaml for now."
+      log "/var/lib/rancher/k3s/server, then let this run do it: pulumi config set katforge:k3sEncryptExistingSecrets"
+      log "true (K3S_ENCRYPT_EXISTING_SECRETS: one restart with secrets-encryption, then k3s secrets-encrypt"
+      log "rotate-keys, which encrypts every existing Secret); or keep it off for now: pulumi config set"
+      log "katforge:k3sSecretsEncryption false."
       exit 1
     fi
     encrypt_existing=true

@@ -188,9 +188,9 @@ if [[ " ${changed[*]} " == *" pg_hba.conf "* ]]; then
       log "refusing to replace pg_hba.conf; nothing was changed. These live rules admit connections that no"
       log "rule of the new one admits the same way (scram-sha-256 for the client networks, peer on the socket):"
       while IFS= read -r line; do log "  $line"; done <<<"$uncovered"
-      log "Keep a network by adding it to the PostgreSQL client networks (PG_CLIENT_CIDRS, from the configuration),"
-      log "or let the run drop them: PG_DROP_LIVE_HBA_RULES=1 (from the configuration). The original file is kept"
-      log "as $hba_file.pre-katforge either way."
+      log "Keep a network: pulumi config set --path 'katforge:postgresExtraClientCidrs[0]' <network> (PG_CLIENT_CIDRS);"
+      log "or let the run drop them: pulumi config set katforge:postgresDropLiveHbaRules true (PG_DROP_LIVE_HBA_RULES),"
+      log "then back to false once it has run. The original file is kept as $hba_file.pre-katforge either way."
       refused=true
     fi
   fi
@@ -276,7 +276,8 @@ if [[ -n $pending ]]; then
   if ! $allow_restart; then
     log "these settings wait for a restart, which this run may not do: $pending"
     log "Apply them at a quiet time, as root: ${restart[*]}"
-    log "or let the next run restart (PG_ALLOW_RESTART=1, from the configuration). Everything else is applied."
+    log "or let the next run restart: pulumi config set katforge:postgresAllowRestart true (PG_ALLOW_RESTART),"
+    log "then back to false once it has run. Everything else is applied."
     exit 1
   fi
   log "restarting for $pending"

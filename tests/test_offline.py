@@ -97,3 +97,11 @@ def test_the_secret_hash_key_is_fixed():
     # A random key would make every plan differ from the last; the byte-identical test in
     # test_plan.py checks two processes, this pins the key itself.
     assert secret_digest({"a": "b"}) == "[secret 0f9b9da8]"
+
+
+def test_a_plan_finds_the_zone_and_subnet_ids_discovery_wrote():
+    """After `make discover`, the committed config names real IDs; `make plan` must still run."""
+    plan = evaluate("prod", config={"katforge:zoneIds": ["katforge.com=ZREALKATFORGE", "stumper.gg=ZREALSTUMPER"],
+                                            "katforge:vpnSubnetId": "subnet-0123456789abcdef0"})
+    assert {r.inputs["zoneId"] for r in plan.of_type("aws:route53/record:Record")} == {"ZREALKATFORGE", "ZREALSTUMPER"}
+    assert plan.named("vpn", "aws:ec2/instance:Instance").inputs["subnetId"] == "subnet-0123456789abcdef0"

@@ -461,13 +461,27 @@ def _run(stack: str, config: dict[str, str], secret_keys: list[str], mock: Estat
                 lookups=monitor.lookups, placeholders=dict(mock.placeholders), adoptable=adopt.claimed())
 
 
+def configured_cloud(config: dict[str, str], cloud: dict = CLOUD) -> dict:
+    """The account as the stack's config names it: a hosted zone at its configured ID, the VPN's subnet.
+    Discovery writes real IDs there, and the offline plan must still find what they name."""
+    known = {**cloud, "zones": dict(cloud["zones"]), "subnets": dict(cloud["subnets"])}
+    for line in json.loads(config.get(f"{PROJECT}:zoneIds", "[]")):
+        zone, _, zone_id = line.partition("=")
+        known["zones"][zone] = zone_id
+    subnet_id = config.get(f"{PROJECT}:vpnSubnetId", "")
+    if subnet_id and subnet_id not in {s for s, _ in known["subnets"].values()}:
+        known["subnets"][f"(the CIDR of {subnet_id})"] = (subnet_id, "us-east-2b")
+    return known
+
+
 def evaluate(stack: str, config: Optional[dict[str, Any]] = None, prod_config: Optional[dict[str, Any]] = None,
              cloud: Optional[dict] = None) -> Plan:
     """Evaluate one stack. qa's StackReference answers with prod's own evaluated outputs. `cloud`, in
-    CLOUD's form, stands for another account (make preflight passes the discovered one)."""
+    CLOUD's form, stands for another account (make preflight passes the discovered one); by default the
+    spec's account, knowing the IDs the stack's config names."""
     stage_config, secret_keys = effective_config(stack, config)
     prod = evaluate("prod", prod_config, cloud=cloud) if stack != "prod" else None
-    return _run(stack, stage_config, secret_keys, EstateMocks(prod, cloud))
+    return _run(stack, stage_config, secret_keys, EstateMocks(prod, cloud or configured_cloud(stage_config)))
 
 
 @lru_cache(maxsize=None)

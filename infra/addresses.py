@@ -13,6 +13,7 @@ import pulumi
 import pulumi_aws as aws
 
 from infra import adopt
+from infra.policies import ESTATE_TAG
 from infra.settings import HostSettings, HostSpec, invalid
 
 
@@ -30,7 +31,8 @@ class Address:
 
     def __init__(self, role: str, spec: HostSpec, parent: pulumi.Resource):
         live = adopt.import_id("Eip", role)
-        self.eip = aws.ec2.Eip(role, domain="vpc", tags={"Name": role},
+        # The estate's tag lets the deploy role move the address (infra/policies.py).
+        self.eip = aws.ec2.Eip(role, domain="vpc", tags={"Name": role, ESTATE_TAG[0]: ESTATE_TAG[1]},
                                opts=pulumi.ResourceOptions(parent=parent, protect=True, import_=live))
         self.public_ip = self.eip.public_ip.apply(lambda ip: check_adopted_address(role, spec, live, ip))
 

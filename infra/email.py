@@ -20,6 +20,9 @@ from infra.policies import ses_send_policy
 from infra.settings import REGION, EmailSettings
 
 DKIM_KEYS = 3  # Easy DKIM always publishes three CNAMEs
+IDENTITY = "katforge.com"  # the SES identity (EmailSettings.domain)
+CONFIGURATION_SET = "katforge"
+SENDER = "ses-sender"  # the live IAM user's name
 SMTP_ENDPOINT = f"email-smtp.{REGION}.amazonaws.com"
 SMTP_PORT = 587
 
@@ -29,7 +32,9 @@ def dmarc_record(policy: str) -> str:
 
 
 class Email(pulumi.ComponentResource):
-    def __init__(self, name: str, email: EmailSettings, zones: Zones, opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, email: EmailSettings, zones: Zones,
+                 permissions_boundary: pulumi.Input[str] | None = None, opts: pulumi.ResourceOptions | None = None):
+        """`permissions_boundary`: the estate's boundary policy (infra/pipeline.py), the most the sender can do."""
         super().__init__("katforge:email:Email", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         domain = email.domain
@@ -58,13 +63,13 @@ class Email(pulumi.ComponentResource):
         zones.record(f"_dmarc.{domain}", "TXT", [dmarc_record(email.dmarc_policy)], self)
 
         configuration_set = aws.ses.ConfigurationSet(
-            "katforge", name="katforge",
+            CONFIGURATION_SET, name=CONFIGURATION_SET,
             delivery_options=aws.ses.ConfigurationSetDeliveryOptionsArgs(tls_policy="Require"),
             reputation_metrics_enabled=True,
-            opts=pulumi.ResourceOptions(parent=self, import_=adopt.import_id("ConfigurationSet", "katforge")))
+            opts=pulumi.ResourceOptions(parent=self, import_=adopt.import_id("ConfigurationSet", CONFIGURATION_SET)))
 
-        sender = aws.iam.User("ses-sender", name="ses-sender",
-                              opts=pulumi.ResourceOptions(parent=self, import_=adopt.import_id("User", "ses-sender")))
+        sender = aws.iam.User(SENDER, name=SENDER, permissions_boundary=permissions_boundary,
+                              opts=pulumi.ResourceOptions(parent=self, import_=adopt.import_id("User", SENDER)))
         policy = aws.iam.UserPolicy("ses-sender", user=sender.name,
                                     policy=pulumi.Output.all(identity.arn, configuration_set.arn).apply(
                                         lambda arns: ses_send_policy(arns[0], arns[1], list(email.from_addresses))),

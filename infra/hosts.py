@@ -17,6 +17,7 @@ import pulumi_aws as aws
 from infra import adopt
 from infra.addresses import Address, Addresses
 from infra.network import Network
+from infra.policies import ESTATE_TAG
 from infra.settings import HostSettings, HostSpec
 
 CANONICAL = "099720109477"  # the owner of the official Ubuntu AMIs
@@ -69,7 +70,10 @@ class Host(pulumi.ComponentResource):
                 volume_size=volume.size_gb, volume_type=volume.type, encrypted=volume.encrypted,
                 delete_on_termination=not role.keep_root_volume,
             ),
-            tags={"Name": role.name},
+            # The estate's tag, on the instance and its root volume, is what lets the deploy role change
+            # them (infra/policies.py): the first `pulumi up` by an operator puts it on live hosts.
+            tags={"Name": role.name, ESTATE_TAG[0]: ESTATE_TAG[1]},
+            volume_tags={ESTATE_TAG[0]: ESTATE_TAG[1]},
             opts=pulumi.ResourceOptions(parent=self, protect=True, ignore_changes=LAUNCH_ONLY,
                                         import_=adopt.import_id("Instance", role.name)),
         )

@@ -12,6 +12,8 @@ import pulumi_aws as aws
 from infra import adopt
 from infra.policies import dns_challenge_policy
 
+USER = "traefik-dns-challenge"  # the live user's name
+
 
 def sole_policy(name: str, user: aws.iam.User, policy: aws.iam.UserPolicy, parent: pulumi.Resource) -> None:
     """Make `policy` the user's only grant. An adopted user keeps whatever it was granted live unless
@@ -27,11 +29,12 @@ def sole_policy(name: str, user: aws.iam.User, policy: aws.iam.UserPolicy, paren
 
 class DnsChallengeUser(pulumi.ComponentResource):
     def __init__(self, name: str, zone_arns: dict[str, str], hosts: list[str],
-                 opts: pulumi.ResourceOptions | None = None):
-        """`hosts`: every name Traefik gets a certificate for; only their challenge records are writable."""
+                 permissions_boundary: pulumi.Input[str] | None = None, opts: pulumi.ResourceOptions | None = None):
+        """`hosts`: every name Traefik gets a certificate for; only their challenge records are writable.
+        `permissions_boundary`: the estate's boundary policy (infra/pipeline.py), the most the user can do."""
         super().__init__("katforge:iam:DnsChallengeUser", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
-        user = aws.iam.User(name, name="traefik-dns-challenge",
+        user = aws.iam.User(name, name=USER, permissions_boundary=permissions_boundary,
                             opts=pulumi.ResourceOptions(parent=self, import_=adopt.import_id("User", name)))
         policy = aws.iam.UserPolicy(name, user=user.name,
                                     policy=dns_challenge_policy(list(zone_arns.values()), hosts), opts=child)

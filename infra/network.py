@@ -12,9 +12,12 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
+from infra.policies import ESTATE_TAG
 from infra.settings import NetworkSettings, invalid
 
 ANYWHERE = "0.0.0.0/0"
+# Groups and rules carry the estate's tag: the deploy role may change only tagged ones (infra/policies.py).
+TAGS = {ESTATE_TAG[0]: ESTATE_TAG[1]}
 # Rule sources that are addresses of the estate, known once deployed:
 VPN_SG = "vpn-security-group"  # the VPN host's private address, which its clients are NATed behind
 VPN_ADDRESS = "vpn-address"  # the VPN's Elastic IP, the source of its clients' packets to public names
@@ -92,7 +95,7 @@ class Network(pulumi.ComponentResource):
                source_sg: aws.ec2.SecurityGroup | None) -> aws.ec2.SecurityGroup:
         child = pulumi.ResourceOptions(parent=self)
         group = aws.ec2.SecurityGroup(name, vpc_id=self.vpc_id, description=description,
-                                      tags={"Name": name}, opts=child)
+                                      tags={"Name": name, **TAGS}, opts=child)
         in_group = pulumi.ResourceOptions(parent=group)
         for rule in rules:
             for source in rule.sources:
@@ -100,8 +103,8 @@ class Network(pulumi.ComponentResource):
                 aws.vpc.SecurityGroupIngressRule(
                     f"{name}-{rule.protocol}{rule.port}-from-{label}", security_group_id=group.id,
                     ip_protocol=rule.protocol, from_port=rule.port, to_port=rule.port,
-                    description=rule.why, **peer, opts=in_group)
+                    description=rule.why, tags=TAGS, **peer, opts=in_group)
         aws.vpc.SecurityGroupEgressRule(f"{name}-egress", security_group_id=group.id, ip_protocol="-1",
                                         cidr_ipv4=ANYWHERE, description="outbound: packages, ACME, SES, S3",
-                                        opts=in_group)
+                                        tags=TAGS, opts=in_group)
         return group

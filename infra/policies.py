@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 
 
 def document(*statements: dict) -> str:
@@ -53,3 +54,289 @@ def ses_send_policy(identity_arn: str, configuration_set_arn: str, from_addresse
         "Resource": [identity_arn, configuration_set_arn],
         "Condition": {"StringEquals": {"ses:FromAddress": sorted(from_addresses)}},
     })
+
+
+# --- The CI roles' permissions (infra/pipeline.py) ------------------------------------------------
+# What `pulumi up` may touch is the estate and nothing else: EC2 objects carrying the estate's tag,
+# the records of the estate's domains, the SES identity, the estate's buckets and the state bucket,
+# and IAM objects of the estate's names. Every role and user the deploy role creates or changes must
+# carry the permissions boundary, and the boundary is the most any of them can ever do: it holds the
+# deploy role's own grants plus what the estate's workloads need, and the same guards. So nothing the
+# deploy role makes can do more than the estate needs, and it cannot lift the boundary or change itself.
+ESTATE_TAG = ("Project", "katforge")  # on every instance, address, security group, rule and root volume
+BOUNDARY_POLICY = "katforge-permissions-boundary"
+DEPLOY_ROLE = "katforge-github-deploy"
+CI_ROLES = "katforge-github-*"  # the preview and deploy roles
+CI_LOCK_PREFIX = "katforge-ci-locks"  # WireGuard peer leases in the state bucket (tools/lock.py)
+GITHUB_OIDC = "token.actions.githubusercontent.com"
+UBUNTU_OWNER = "099720109477"  # Canonical: the only AMIs a host may boot (infra/hosts.py)
+# SES's v1 management calls take no resource ARN (Service Authorization Reference, Amazon SES v1:
+# VerifyDomainIdentity, SetIdentityMailFromDomain... have no resource types); they are held to the region.
+SES_V1_SETTINGS = ("ses:VerifyDomainIdentity", "ses:VerifyDomainDkim", "ses:SetIdentityMailFromDomain",
+                   "ses:GetIdentityVerificationAttributes", "ses:GetIdentityDkimAttributes",
+                   "ses:GetIdentityMailFromDomainAttributes", "ses:DescribeConfigurationSet",
+                   "ses:UpdateConfigurationSetReputationMetricsEnabled")
+
+
+# The account part of every ARN: EC2, IAM and SES act only on the caller's own account's objects, so
+# naming it adds nothing (and leaves the documents free of a value only a deployment knows).
+ACCOUNT = "*"
+
+
+@dataclass(frozen=True)
+class EstateScope:
+    """The names that bound every CI permission."""
+    region: str
+    domains: tuple[str, ...]  # the hosted zones' names: records only under these
+    ses_identity: str
+    ses_configuration_set: str
+    buckets: tuple[str, ...]  # the estate's own buckets (backups)
+    state_bucket: str  # the Pulumi DIY backend
+    users: tuple[str, ...]  # the IAM users the program declares, by their live names
+    name_prefix: str = "katforge-"  # roles, policies and instance profiles
+
+    def ec2(self, kind: str, name: str = "*") -> str:
+        return f"arn:aws:ec2:{self.region}:{ACCOUNT}:{kind}/{name}"
+
+    def iam(self, kind: str, name: str) -> str:
+        return f"arn:aws:iam::{ACCOUNT}:{kind}/{name}"
+
+    @property
+    def boundary_arn(self) -> str:
+        return self.iam("policy", BOUNDARY_POLICY)
+
+    @property
+    def roles(self) -> str:
+        return self.iam("role", self.name_prefix + "*")
+
+    @property
+    def user_arns(self) -> list[str]:
+        return [self.iam("user", user) for user in self.users]
+
+    @property
+    def ses_arns(self) -> list[str]:
+        return [f"arn:aws:ses:{self.region}:{ACCOUNT}:identity/{self.ses_identity}",
+                f"arn:aws:ses:{self.region}:{ACCOUNT}:configuration-set/{self.ses_configuration_set}"]
+
+
+def _tagged(key: str) -> dict:
+    return {"StringEquals": {f"aws:{key}/{ESTATE_TAG[0]}": ESTATE_TAG[1]}}
+
+
+def _ec2_statements(scope: EstateScope) -> list[dict]:
+    tagged_kinds = ("instance", "elastic-ip", "security-group", "security-group-rule", "volume")
+    return [
+        # Describe* has no resource-level permissions (Service Authorization Reference, Amazon EC2).
+        {"Sid": "Ec2Read", "Effect": "Allow", "Action": "ec2:Describe*", "Resource": "*"},
+        # A new instance, address, group or rule carries the estate's tag from its first moment.
+        {"Sid": "Ec2CreateTagged", "Effect": "Allow",
+         "Action": ["ec2:RunInstances", "ec2:AllocateAddress", "ec2:CreateSecurityGroup",
+                    "ec2:AuthorizeSecurityGroupIngress", "ec2:AuthorizeSecurityGroupEgress"],
+         "Resource": [scope.ec2(kind) for kind in ("instance", "elastic-ip", "security-group", "security-group-rule")],
+         "Condition": _tagged("RequestTag")},
+        {"Sid": "Ec2TagOnCreate", "Effect": "Allow", "Action": "ec2:CreateTags",
+         "Resource": [scope.ec2(kind) for kind in tagged_kinds],
+         "Condition": {"StringEquals": {"ec2:CreateAction": [
+             "RunInstances", "AllocateAddress", "CreateSecurityGroup", "AuthorizeSecurityGroupIngress",
+             "AuthorizeSecurityGroupEgress"]}}},
+        # What a launch, a new group or an association also names: the subnet, the new network
+        # interface and root volume, the VPC, the kept live groups (hosts' keep lists), the key pair.
+        {"Sid": "Ec2LaunchInto", "Effect": "Allow",
+         "Action": ["ec2:RunInstances", "ec2:CreateSecurityGroup", "ec2:ModifyInstanceAttribute",
+                    "ec2:AssociateAddress", "ec2:DisassociateAddress"],
+         "Resource": [scope.ec2(kind) for kind in ("subnet", "network-interface", "volume", "vpc", "security-group")]
+         + [scope.ec2("key-pair", scope.name_prefix + "*")]},
+        {"Sid": "Ec2UbuntuImagesOnly", "Effect": "Allow", "Action": "ec2:RunInstances",
+         "Resource": f"arn:aws:ec2:{scope.region}::image/*",
+         "Condition": {"StringEquals": {"ec2:Owner": UBUNTU_OWNER}}},
+        {"Sid": "Ec2ManageTagged", "Effect": "Allow",
+         "Action": ["ec2:ModifyInstanceAttribute", "ec2:ModifyInstanceMetadataOptions", "ec2:StartInstances",
+                    "ec2:StopInstances", "ec2:AssociateIamInstanceProfile",
+                    "ec2:ReplaceIamInstanceProfileAssociation", "ec2:AssociateAddress", "ec2:DisassociateAddress",
+                    "ec2:AuthorizeSecurityGroupIngress", "ec2:AuthorizeSecurityGroupEgress",
+                    "ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress", "ec2:ModifySecurityGroupRules",
+                    "ec2:UpdateSecurityGroupRuleDescriptionsIngress", "ec2:UpdateSecurityGroupRuleDescriptionsEgress",
+                    "ec2:DeleteSecurityGroup", "ec2:ModifyVolume", "ec2:CreateTags", "ec2:DeleteTags"],
+         "Resource": [scope.ec2(kind) for kind in tagged_kinds], "Condition": _tagged("ResourceTag")},
+        {"Sid": "Ec2KeyPair", "Effect": "Allow", "Action": ["ec2:ImportKeyPair", "ec2:DeleteKeyPair"],
+         "Resource": scope.ec2("key-pair", scope.name_prefix + "*")},
+    ]
+
+
+def _dns_statements(scope: EstateScope) -> list[dict]:
+    names = sorted({name for domain in scope.domains for name in (domain, f"*.{domain}")})
+    return [
+        # Records only under the estate's domains, in whichever zone holds them (the zones are looked
+        # up by the program, never created); reading a zone shows nothing secret.
+        {"Sid": "DnsRecordsOfTheEstate", "Effect": "Allow", "Action": "route53:ChangeResourceRecordSets",
+         "Resource": "arn:aws:route53:::hostedzone/*",
+         "Condition": {"ForAllValues:StringLike": {"route53:ChangeResourceRecordSetsNormalizedRecordNames": names},
+                       "Null": {"route53:ChangeResourceRecordSetsNormalizedRecordNames": "false"}}},
+        {"Sid": "DnsRead", "Effect": "Allow",
+         "Action": ["route53:GetHostedZone", "route53:ListResourceRecordSets", "route53:ListTagsForResource"],
+         "Resource": "arn:aws:route53:::hostedzone/*"},
+        {"Sid": "DnsChanges", "Effect": "Allow", "Action": "route53:GetChange", "Resource": "arn:aws:route53:::change/*"},
+        {"Sid": "DnsFindZones", "Effect": "Allow", "Action": ["route53:ListHostedZones", "route53:ListHostedZonesByName"],
+         "Resource": "*"},
+    ]
+
+
+def _ses_statements(scope: EstateScope) -> list[dict]:
+    return [
+        {"Sid": "SesIdentitySettings", "Effect": "Allow", "Action": list(SES_V1_SETTINGS), "Resource": "*",
+         "Condition": {"StringEquals": {"aws:RequestedRegion": scope.region}}},
+        {"Sid": "SesConfigurationSet", "Effect": "Allow",
+         "Action": ["ses:CreateConfigurationSet", "ses:DeleteConfigurationSet", "ses:PutConfigurationSetDeliveryOptions"],
+         "Resource": scope.ses_arns[1]},
+    ]
+
+
+def _s3_statements(scope: EstateScope) -> list[dict]:
+    buckets = [f"arn:aws:s3:::{bucket}" for bucket in scope.buckets]
+    state = f"arn:aws:s3:::{scope.state_bucket}"
+    return [
+        # The buckets' settings only (their ARNs name no object): never a dump.
+        {"Sid": "EstateBuckets", "Effect": "Allow",
+         "Action": ["s3:CreateBucket", "s3:ListBucket", "s3:GetBucket*", "s3:GetAccelerateConfiguration",
+                    "s3:GetLifecycleConfiguration", "s3:GetReplicationConfiguration", "s3:GetEncryptionConfiguration",
+                    "s3:PutBucketVersioning", "s3:PutEncryptionConfiguration", "s3:PutBucketPublicAccessBlock",
+                    "s3:PutBucketPolicy", "s3:DeleteBucketPolicy", "s3:PutLifecycleConfiguration",
+                    "s3:PutBucketTagging"],
+         "Resource": buckets},
+        {"Sid": "StateBucket", "Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetBucketLocation"],
+         "Resource": state},
+        # The DIY backend keeps stacks, history and locks under .pulumi/ (pulumi/pulumi pkg/backend/diy).
+        {"Sid": "StateObjects", "Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+         "Resource": f"{state}/.pulumi/*"},
+    ]
+
+
+def _iam_statements(scope: EstateScope) -> list[dict]:
+    roles, users = scope.roles, scope.user_arns
+    policies = scope.iam("policy", scope.name_prefix + "*")
+    profiles = scope.iam("instance-profile", scope.name_prefix + "*")
+    provider = scope.iam("oidc-provider", GITHUB_OIDC)
+    boundary = {"ArnLike": {"iam:PermissionsBoundary": scope.boundary_arn}}
+    return [
+        {"Sid": "IamRead", "Effect": "Allow", "Action": ["iam:Get*", "iam:List*"],
+         "Resource": [roles, *users, policies, profiles, provider]},
+        # Every grant to a role or user, and every role or user made, comes with the boundary.
+        {"Sid": "IamGrantWithinBoundary", "Effect": "Allow",
+         "Action": ["iam:CreateRole", "iam:CreateUser", "iam:PutRolePermissionsBoundary",
+                    "iam:PutUserPermissionsBoundary", "iam:PutRolePolicy", "iam:PutUserPolicy",
+                    "iam:DeleteRolePolicy", "iam:DeleteUserPolicy", "iam:DetachRolePolicy", "iam:DetachUserPolicy"],
+         "Resource": [roles, *users], "Condition": boundary},
+        # Managed policies: the preview's ReadOnlyAccess and the estate's own, never *FullAccess or
+        # AdministratorAccess. Detaching stays open: taking a grant away never widens one.
+        {"Sid": "IamAttachKnownPolicies", "Effect": "Allow", "Action": ["iam:AttachRolePolicy", "iam:AttachUserPolicy"],
+         "Resource": [roles, *users],
+         "Condition": {"ArnLike": {**boundary["ArnLike"], "iam:PolicyARN": ["arn:aws:iam::aws:policy/ReadOnlyAccess", policies]}}},
+        {"Sid": "IamManage", "Effect": "Allow",
+         "Action": ["iam:UpdateRole", "iam:UpdateRoleDescription", "iam:UpdateAssumeRolePolicy", "iam:DeleteRole",
+                    "iam:TagRole", "iam:UntagRole", "iam:TagUser", "iam:UntagUser", "iam:UpdateAccessKey",
+                    "iam:DeleteAccessKey", "iam:CreatePolicy", "iam:CreatePolicyVersion", "iam:DeletePolicyVersion",
+                    "iam:SetDefaultPolicyVersion", "iam:DeletePolicy", "iam:TagPolicy", "iam:UntagPolicy",
+                    "iam:CreateInstanceProfile", "iam:DeleteInstanceProfile", "iam:AddRoleToInstanceProfile",
+                    "iam:RemoveRoleFromInstanceProfile", "iam:TagInstanceProfile", "iam:UntagInstanceProfile",
+                    "iam:CreateOpenIDConnectProvider", "iam:AddClientIDToOpenIDConnectProvider",
+                    "iam:RemoveClientIDFromOpenIDConnectProvider", "iam:UpdateOpenIDConnectProviderThumbprint",
+                    "iam:TagOpenIDConnectProvider", "iam:UntagOpenIDConnectProvider"],
+         "Resource": [roles, *users, policies, profiles, provider]},
+        # The k3s host's instance profile: an estate role, handed to EC2 only.
+        {"Sid": "IamPassToEc2", "Effect": "Allow", "Action": "iam:PassRole", "Resource": roles,
+         "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}},
+    ]
+
+
+def guard_statements(scope: EstateScope) -> list[dict]:
+    """Denials that hold whatever else is granted: in the deploy role's policy and in the boundary."""
+    return [
+        {"Sid": "KeepTheBoundary", "Effect": "Deny",
+         "Action": ["iam:DeleteRolePermissionsBoundary", "iam:DeleteUserPermissionsBoundary"], "Resource": "*"},
+        {"Sid": "BoundaryIsFixed", "Effect": "Deny",
+         "Action": ["iam:CreatePolicyVersion", "iam:DeletePolicy", "iam:DeletePolicyVersion",
+                    "iam:SetDefaultPolicyVersion", "iam:TagPolicy", "iam:UntagPolicy"],
+         "Resource": scope.boundary_arn},
+        # The CI roles change only by an operator's hand: the deploy role could otherwise widen its own
+        # grants, or the preview role's trust and grants, which pull requests use.
+        {"Sid": "CiRolesAreFixed", "Effect": "Deny", "NotAction": ["iam:Get*", "iam:List*"],
+         "Resource": scope.iam("role", CI_ROLES)},
+        # No other identity's credentials: no role chaining (a trust policy naming this role would
+        # otherwise suffice within the account) and no new access keys (operators rotate them).
+        {"Sid": "NoOtherIdentities", "Effect": "Deny", "Action": ["sts:AssumeRole", "iam:CreateAccessKey"],
+         "Resource": "*"},
+        # No identity of the estate reads or deletes a dump (the host only adds them; operators restore
+        # with a policy of their own), whatever a bucket policy it could write would grant.
+        {"Sid": "NoDatabaseDumps", "Effect": "Deny",
+         "Action": ["s3:GetObject", "s3:GetObjectVersion", "s3:DeleteObject", "s3:DeleteObjectVersion"],
+         "Resource": [f"arn:aws:s3:::{bucket}/*" for bucket in scope.buckets]},
+    ]
+
+
+def workload_statements(scope: EstateScope) -> list[dict]:
+    """What the estate's own identities need beyond the deploy role's grants (the boundary holds them)."""
+    return [
+        {"Sid": "SendAsTheIdentity", "Effect": "Allow", "Action": ["ses:SendEmail", "ses:SendRawEmail"],
+         "Resource": scope.ses_arns},
+        {"Sid": "WriteDumps", "Effect": "Allow", "Action": "s3:PutObject",
+         "Resource": [f"arn:aws:s3:::{bucket}/*" for bucket in scope.buckets]},
+        {"Sid": "PreviewPeerLocks", "Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+         "Resource": f"arn:aws:s3:::{scope.state_bucket}/{CI_LOCK_PREFIX}/*"},
+    ]
+
+
+def deploy_statements(scope: EstateScope) -> list[dict]:
+    return [*_ec2_statements(scope), *_dns_statements(scope), *_ses_statements(scope), *_s3_statements(scope),
+            *_iam_statements(scope)]
+
+
+def deploy_policy(scope: EstateScope) -> str:
+    """Everything `pulumi up` does to the estate, and only to the estate. It may write the backup
+    bucket's policy, so it is also denied adding a dump itself (a planted dump would be restored)."""
+    return document(*deploy_statements(scope), *guard_statements(scope),
+                    {"Sid": "NoDumpWrites", "Effect": "Deny", "Action": "s3:PutObject",
+                     "Resource": [f"arn:aws:s3:::{bucket}/*" for bucket in scope.buckets]})
+
+
+def boundary_policy(scope: EstateScope) -> str:
+    """The permissions boundary of every estate role and user: what the deploy role may do and what the
+    workloads need, with coarser actions (a managed policy holds 6,144 characters) but the same
+    resources, the same conditions on grants and the same guards. tests/test_deploy_role.py checks
+    that it allows everything the deploy role's policy does."""
+    deploy = {statement["Sid"]: statement for statement in deploy_statements(scope)}
+    tagged = deploy["Ec2ManageTagged"]["Resource"]
+    iam = deploy["IamManage"]["Resource"]
+    statements = (
+        # Reading configuration (no data): EC2, Route 53 and IAM.
+        {"Sid": "Read", "Effect": "Allow",
+         "Action": ["ec2:Describe*", "route53:Get*", "route53:List*", "iam:Get*", "iam:List*"], "Resource": "*"},
+        deploy["Ec2CreateTagged"], deploy["Ec2TagOnCreate"], deploy["Ec2LaunchInto"],
+        deploy["Ec2UbuntuImagesOnly"],
+        {"Sid": "Ec2Estate", "Effect": "Allow", "Action": "ec2:*", "Resource": tagged,
+         "Condition": _tagged("ResourceTag")},
+        {**deploy["Ec2KeyPair"], "Action": "ec2:*"},
+        deploy["DnsRecordsOfTheEstate"],
+        {**deploy["SesIdentitySettings"], "Action": ["ses:Get*", "ses:Verify*", "ses:Set*", "ses:Describe*",
+                                                     "ses:Update*"]},
+        {"Sid": "SesEstate", "Effect": "Allow", "Action": "ses:*", "Resource": scope.ses_arns},
+        {"Sid": "EstateBuckets", "Effect": "Allow", "Action": "s3:*", "Resource": deploy["EstateBuckets"]["Resource"]},
+        # The state bucket: the backend's objects and the preview's peer leases.
+        {"Sid": "State", "Effect": "Allow", "Action": [*deploy["StateBucket"]["Action"], *deploy["StateObjects"]["Action"]],
+         "Resource": [deploy["StateBucket"]["Resource"], f"{deploy['StateBucket']['Resource']}/*"]},
+        workload_statements(scope)[1],
+        deploy["IamGrantWithinBoundary"], deploy["IamAttachKnownPolicies"],
+        {"Sid": "IamManage", "Effect": "Allow",
+         "Action": ["iam:Update*", "iam:Tag*", "iam:Untag*", "iam:Delete*", "iam:CreatePolicy*",
+                    "iam:SetDefaultPolicyVersion", "iam:*InstanceProfile*", "iam:*OpenIDConnectProvider*"],
+         "Resource": iam},
+        deploy["IamPassToEc2"],
+        *guard_statements(scope),
+    )
+    # Without statement IDs: the limit leaves no room for them (the Sids above name each in this code).
+    return document(*({k: v for k, v in statement.items() if k != "Sid"} for statement in statements))
+
+
+def preview_policy(scope: EstateScope) -> str:
+    """The preview role's inline policy beside ReadOnlyAccess (which the boundary narrows to the estate's
+    configuration, never a dump): the leases on its WireGuard peers (tools/lock.py)."""
+    return document(workload_statements(scope)[2])

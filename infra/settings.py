@@ -149,6 +149,7 @@ class BackupSettings:
 @dataclass(frozen=True)
 class PipelineSettings:
     github_repository: str
+    state_bucket: str  # the S3 bucket of the Pulumi backend, which the CI roles may use
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,8 @@ _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*[0-9][a-z0-9-]*\.(nano|micro|small
 _WIREGUARD_KEY = re.compile(r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$")
 _TIME = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 _GITHUB_REPO = re.compile(r"^[A-Za-z0-9-]+/[A-Za-z0-9._-]+$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_BUCKET_FORM = "an S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)"
 _IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # the OCI distribution spec's tag grammar
 # Tags that move: they name whatever was pushed last, so a rebuilt cluster would not run what ran before.
 MOVING_TAGS = frozenset({"latest", "main", "master", "edge", "nightly", "stable"})
@@ -645,8 +648,7 @@ def load() -> Settings:
         hosts=_hosts(read, imports) if is_prod else None,
         email=_email(read) if is_prod else None,
         backups=BackupSettings(
-            bucket=read.string("backupBucket", lambda v: bool(re.match(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$", v)),
-                               "an S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)"),
+            bucket=read.string("backupBucket", lambda v: bool(_BUCKET.match(v)), _BUCKET_FORM),
             retention_days=read.integer("backupRetentionDays", 1, 3650),
             time_utc=read.string("backupTime", lambda v: bool(_TIME.match(v)),
                                  'a UTC time HH:MM with two-digit hours, quoted, e.g. "03:30"'),
@@ -654,5 +656,6 @@ def load() -> Settings:
         pipeline=PipelineSettings(
             github_repository=read.string("githubRepository", lambda v: bool(_GITHUB_REPO.match(v)),
                                           "a GitHub repository as owner/name"),
+            state_bucket=read.string("stateBucket", lambda v: bool(_BUCKET.match(v)), _BUCKET_FORM),
         ) if is_prod else None,
     )

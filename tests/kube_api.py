@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import contextlib
 import copy
 import datetime
 import gzip
@@ -335,6 +336,23 @@ class KubeApi:
             if restart:
                 runs.append(ContainerLog())
             self.changed.notify_all()
+
+    @contextlib.contextmanager
+    def kept(self) -> Iterator[None]:
+        """Whatever a test changes inside (objects, logs) is put back afterwards: the served estate is shared."""
+        with self.lock:
+            saved = {key: _frozen(obj) for key, obj in self.objects.items()}
+            logs = copy.deepcopy(self.logs)
+        try:
+            yield
+        finally:
+            for key in [key for key in list(self.objects) if key not in saved]:
+                self.remove(key[0].api_version, key[0].kind, key[2], key[1])
+            for key, obj in saved.items():
+                if self.objects.get(key) != obj:
+                    self.add(obj)
+            with self.lock:
+                self.logs = logs
 
     # routes ------------------------------------------------------------------------------------
 
@@ -1124,6 +1142,21 @@ def serve(objects: Iterable[dict]) -> KubeApi:
 def kube_api():
     """The live estate's cluster, served for the whole session (read-only: build your own KubeApi to change it)."""
     api = serve(live_estate())
+    try:
+        yield api
+    finally:
+        api.stop()
+
+
+@pytest.fixture(scope="session")
+def running_cluster():
+    """The running estate (`running_estate`), served for the whole session, with its deployment
+    controller (`running_cluster.controller`, outcomes per (namespace, app)) and the moment it was built
+    (`running_cluster.now`). A test that changes it does so inside `with running_cluster.kept():`."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    api = serve_running(now)
+    api.now = now
+    api.controller = DeploymentController(api)
     try:
         yield api
     finally:

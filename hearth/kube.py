@@ -1,0 +1,137 @@
+"""The cluster, through the operator's own kubeconfig, with lightkube (tools/discover_cluster.py says why:
+it imports in 0.11 s, against 0.69 s for the official client, and has watches and followed logs).
+
+Everything hearth asks the API server goes through `Cluster`, which turns the ways a cluster can be
+missing (no kubeconfig, an unreachable server, refused credentials) into one `HearthError` line, exit 2.
+Objects come back as plain dicts, as the API server sends them (camelCase).
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+import httpx2
+import yaml
+from lightkube import ApiError, Client, KubeConfig
+from lightkube.core.exceptions import ConfigError
+from lightkube.resources.apps_v1 import Deployment, ReplicaSet
+from lightkube.resources.core_v1 import Node, Pod
+
+from tools.discover_cluster import kubeconfig_path
+
+CONNECT_SECONDS = 3.0  # the API is reached through the VPN: when it is down, say so soon
+READ_SECONDS = 15.0
+EXIT_USAGE = 2  # the command could not ask: bad usage, no kubeconfig, no cluster
+
+
+class HearthError(Exception):
+    """A failure told in one line; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def as_dict(obj) -> dict:
+    return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+
+
+class Cluster:
+    def __init__(self, explicit: Optional[str], environ: Mapping[str, str]):
+        self.path = kubeconfig_path(explicit, dict(environ))
+        if not self.path.is_file():
+            raise HearthError(f"no kubeconfig at {self.path}: write it with `pulumi stack output kubeconfig "
+                              "--show-secrets --stack prod > ~/.kube/katforge-config`, or pass --kubeconfig or set "
+                              "KUBECONFIG", EXIT_USAGE)
+        try:
+            config = KubeConfig.from_file(self.path)
+            self.server = config.get().cluster.server
+        except (ConfigError, yaml.YAMLError, AttributeError, KeyError, TypeError) as error:
+            raise HearthError(f"{self.path} is not a usable kubeconfig: {error}", EXIT_USAGE) from None
+        timeout = httpx2.Timeout(READ_SECONDS, connect=CONNECT_SECONDS)
+        self.client = Client(config, timeout=timeout, field_manager="hearth")
+
+    @contextlib.contextmanager
+    def reached(self) -> Iterator[None]:
+        """Turn an unreachable or refusing cluster into one line (exit 2)."""
+        try:
+            yield
+        except ApiError as error:
+            if error.status.code in (401, 403):
+                raise HearthError(f"the cluster at {self.server} refused the credentials of {self.path}: "
+                                  f"{error.status.code} {error.status.message}", EXIT_USAGE) from None
+            raise
+        except (httpx2.TransportError, OSError) as error:
+            raise HearthError(f"cannot reach the cluster at {self.server} ({type(error).__name__}: {error or 'no answer'})"
+                              ": the k3s API answers only through the VPN", EXIT_USAGE) from None
+
+    # reads -------------------------------------------------------------------------------------
+
+    def deployments(self, namespace: str) -> list[dict]:
+        with self.reached():
+            return [as_dict(d) for d in self.client.list(Deployment, namespace=namespace)]
+
+    def deployment(self, namespace: str, name: str) -> Optional[dict]:
+        with self.reached():
+            try:
+                return as_dict(self.client.get(Deployment, name, namespace=namespace))
+            except ApiError as error:
+                if error.status.code == 404:
+                    return None
+                raise
+
+    def replica_sets(self, namespace: str, labels: Optional[dict] = None) -> list[dict]:
+        with self.reached():
+            return [as_dict(r) for r in self.client.list(ReplicaSet, namespace=namespace, labels=labels)]
+
+    def pods(self, namespace: str, labels: Optional[dict] = None) -> list[dict]:
+        with self.reached():
+            return [as_dict(p) for p in self.client.list(Pod, namespace=namespace, labels=labels)]
+
+    def nodes(self) -> list[dict]:
+        with self.reached():
+            return [as_dict(n) for n in self.client.list(Node)]
+
+
+
+def pod_listing(cluster: Cluster, namespace: str, labels: dict) -> tuple[list[dict], str]:
+    """The pods and the resourceVersion of the listing, to watch from."""
+    with cluster.reached():
+        listing = cluster.client.list(Pod, namespace=namespace, labels=labels)
+        pods = [as_dict(p) for p in listing]
+        return pods, listing.resourceVersion
+
+
+def watch_pods(cluster: Cluster, namespace: str, labels: dict, since_version: str) -> Iterator[tuple[str, dict]]:
+    """Pod events after `since_version`; lightkube starts a new watch whenever the server ends one."""
+    with cluster.reached():
+        for kind, pod in cluster.client.watch(Pod, namespace=namespace, labels=labels, resource_version=since_version):
+            yield kind, as_dict(pod)
+
+
+def watch_deployment(cluster: Cluster, namespace: str, name: str, since_version: str) -> Iterator[tuple[str, dict]]:
+    with cluster.reached():
+        for kind, deployment in cluster.client.watch(Deployment, namespace=namespace, resource_version=since_version,
+                                                     fields={"metadata.name": name}):
+            yield kind, as_dict(deployment)
+
+
+def log_lines(cluster: Cluster, namespace: str, pod: str, container: str, *, follow: bool,
+              since: Optional[int]) -> Iterator[str]:
+    with cluster.reached():
+        yield from cluster.client.log(pod, namespace=namespace, container=container, follow=follow, since=since,
+                                      newlines=False)
+
+
+def patch_deployment(cluster: Cluster, namespace: str, name: str, operations: list[dict]) -> dict:
+    """A JSON patch (application/json-patch+json), as `kubectl rollout undo` sends it."""
+    from lightkube.types import PatchType
+
+    with cluster.reached():
+        try:
+            return as_dict(cluster.client.patch(Deployment, name, operations, namespace=namespace,
+                                                patch_type=PatchType.JSON))
+        except ApiError as error:
+            raise HearthError(f"the cluster refused the rollback of {name}: {error.status.code} "
+                              f"{error.status.message}") from None

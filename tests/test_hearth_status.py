@@ -1,0 +1,400 @@
+"""`hearth status` against the local estate: the running cluster (tests/kube_api.py), a TLS server with
+certificates of a test CA (tests/tls_server.py), a DNS server (tests/dns_server.py) and the backup bucket
+in moto's S3. Every probe goes to 127.0.0.1: --connect-to and --dns-server point them there.
+"""
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from hearth.cli import main
+from tests.kube_api import AppState, app_objects
+from tools.offline import ROOT
+
+pytest_plugins = ["tests.kube_api", "tests.tls_server", "tests.dns_server", "tests.live_account"]
+
+BUCKET = "hearth-test-backups"
+SCHEMA = ROOT / "hearth" / "status.schema.json"
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def dump_key(stage: str, database: str, at: datetime.datetime) -> str:
+    return f"{stage}/{database}/{at.strftime('%Y%m%dT%H%M%SZ')}.dump"
+
+
+@pytest.fixture(scope="session")
+def backups(moto_server, running_cluster):
+    """The bucket as the backup timer fills it: prod's newest dump 5 h old, qa's 50 h (a missed run)."""
+    account = moto_server.account("333333333333")
+    s3 = account.client("s3")
+    s3.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "us-east-2"})
+    now = running_cluster.now
+    for key, size in ((dump_key("prod", "katforge", now - datetime.timedelta(hours=29)), 1400),
+                      (dump_key("prod", "katforge", now - datetime.timedelta(hours=5)), 1536),
+                      ("prod/katforge/README", 10),  # not a dump
+                      (dump_key("qa", "katforge_qa", now - datetime.timedelta(hours=50)), 900)):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"x" * size)
+    return account
+
+
+@pytest.fixture
+def hearth(running_cluster, tls_server, dns_server, backups, tmp_path, monkeypatch):
+    """Run hearth in-process against the local estate: (argv...) -> Result."""
+    for name, value in backups.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("BACKUP_BUCKET", BUCKET)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_server.authority.ca_file))
+    monkeypatch.setenv("KUBECONFIG", str(running_cluster.kubeconfig(tmp_path / "katforge-config")))
+
+    def run(*argv: str, probes: bool = True) -> Result:
+        out, err = io.StringIO(), io.StringIO()
+        local = ["--dns-server", dns_server.address, "--connect-to", f"::127.0.0.1:{tls_server.port}",
+                 "--timeout", "1"] if probes else []
+        code = main([argv[0], *local, *argv[1:]], environ=os.environ, stdout=out, stderr=err, now=running_cluster.now)
+        return Result(code, out.getvalue().replace(running_cluster.url, "http://127.0.0.1:PORT"), err.getvalue())
+    return run
+
+
+def swap_app(api, stage: str, app: str, state: AppState) -> None:
+    """Replace the app's Deployment, ReplicaSets and pods with those of another state (inside `api.kept()`)."""
+    namespace = "default" if stage == "prod" else stage
+    for (kind, ns, name), obj in list(api.objects.items()):
+        if ns == namespace and kind.kind in ("Deployment", "ReplicaSet", "Pod") and \
+                (obj["metadata"].get("labels") or {}).get("app") == app:
+            api.remove(kind.api_version, kind.kind, name, ns)
+    objects, _ = app_objects(stage, app, api.now, state=state)
+    api.add(*objects)
+
+
+def normalized(text: str) -> str:
+    """The table with the one thing that depends on the moment: the newest dump's name."""
+    import re
+    return re.sub(r"\d{8}T\d{6}Z\.dump", "<timestamp>.dump", text)
+
+
+HEALTHY = """\
+prod (namespace default) at http://127.0.0.1:PORT
+
+APP      VERSION  READY  RESTARTS  ROLLED OUT  STATE  ROUTES
+api      v1.4.2   1/1    0         2d ago      ok     api.katforge.com
+web      v1.4.2   1/1    0         2d ago      ok     katforge.com, www.katforge.com -> katforge.com
+lextris  v1.4.2   1/1    0         2d ago      ok     katforge.com/play/lextris/
+stumper  v1.4.2   1/1    0         2d ago      ok     stumper.gg
+
+CHECK        SUBJECT                                  STATE  DETAIL
+backup       s3://hearth-test-backups/prod/katforge/  ok     <timestamp>.dump: 1.5 KiB, 5 h old
+certificate  api.katforge.com                         ok     expires in 60 days
+certificate  katforge.com                             ok     expires in 60 days
+certificate  stumper.gg                               ok     expires in 60 days
+certificate  www.katforge.com                         ok     expires in 60 days
+dns          katforge.com                             ok     resolves to 3.19.192.157
+dns          www.katforge.com                         ok     resolves to 3.19.192.157
+dns          api.katforge.com                         ok     resolves to 3.19.192.157
+dns          stumper.gg                               ok     resolves to 3.19.192.157
+dns          k3s.katforge.com                         ok     resolves to 3.19.192.157
+dns          vpn.katforge.com                         ok     resolves to 3.15.140.218
+memory       ip-172-31-14-98                          ok     no memory pressure; allocatable 2075 MiB, the pods' limits 2062 MiB (budget: 2075 MiB allocatable)
+
+healthy
+"""
+
+
+def test_a_healthy_estate(hearth):
+    result = hearth("status")
+    assert (result.code, result.err) == (0, "")
+    assert normalized(result.out) == HEALTHY
+
+
+CRASH_LOOPING_ROWS = """\
+APP      VERSION  READY  RESTARTS  ROLLED OUT  STATE          ROUTES
+api      v1.4.2   1/1    0         2d ago      ok             api.katforge.com
+web      v1.4.2   0/1    7         2d ago      crash-looping  katforge.com, www.katforge.com -> katforge.com
+    web is crash-looping: restarted 7 times, last exit code 255 (Error)
+lextris  v1.4.2   1/1    0         2d ago      ok             katforge.com/play/lextris/
+stumper  v1.4.2   1/1    0         2d ago      ok             stumper.gg
+"""
+
+
+def test_a_crash_looping_app(hearth, running_cluster):
+    with running_cluster.kept():
+        swap_app(running_cluster, "prod", "web", AppState("crash-loop"))
+        result = hearth("status")
+    assert result.code == 1
+    assert CRASH_LOOPING_ROWS in result.out
+    assert result.out.endswith("\nunhealthy: web (crash-looping)\n")
+
+
+FAILED_MIGRATION_ROWS = """\
+APP      VERSION  READY  RESTARTS  ROLLED OUT  STATE   ROUTES
+api      v1.5.0   1/1    3         28m ago     failed  api.katforge.com
+    migrate failed 4 times, exit code 1 (Error): In AbstractPostgreSQLDriver.php line 79: An exception occurred \
+in the driver: SQLSTATE[08006] [7] connection to server at "172.31.14.98", port 5432 failed: FATAL: password \
+authentication failed for user "katforge"
+web      v1.4.2   1/1    0         2d ago      ok      katforge.com, www.katforge.com -> katforge.com
+"""
+
+
+def test_a_failed_migration(hearth, running_cluster):
+    """A rollout to v1.5.0 whose migrate init container fails: v1.4.2's pod still serves (1/1), the
+    rollout is failed with the container's reason."""
+    with running_cluster.kept():
+        swap_app(running_cluster, "prod", "api", AppState("migrate-failed"))
+        result = hearth("status")
+        report = json.loads(hearth("status", "--json").out)
+    assert result.code == 1
+    assert FAILED_MIGRATION_ROWS in result.out
+    assert result.out.endswith("\nunhealthy: api (failed)\n")
+    [api] = [a for a in report["apps"] if a["name"] == "api"]
+    assert api["rollout"]["state"] == "failed"
+    assert api["rollout"]["message"].startswith("migrate failed 4 times, exit code 1 (Error): In AbstractPostgreSQLDriver")
+    assert report["problems"] == [f"api: {api['rollout']['message']}"]
+
+
+def test_qa_is_its_namespace_its_names_and_its_dumps(hearth):
+    result = hearth("status", "--qa")
+    assert result.code == 1  # qa's newest dump is 50 h old
+    lines = result.out.splitlines()
+    assert lines[0] == "qa (namespace qa) at http://127.0.0.1:PORT"
+    assert [line.split()[0] for line in lines[3:5]] == ["api", "web"]
+    assert "qa.api.katforge.com" in lines[3] and "qa.katforge.com" in lines[4]
+    checks = {tuple(line.split()[:3]) for line in lines if line.split()[:1] in (["dns"], ["certificate"])}
+    assert checks == {("certificate", "qa.api.katforge.com", "ok"), ("certificate", "qa.katforge.com", "ok"),
+                      ("dns", "qa.katforge.com", "ok"), ("dns", "qa.api.katforge.com", "ok")}
+    assert "backup       s3://hearth-test-backups/qa/katforge_qa/  stale" in result.out
+    assert "the newest dump is 50 h old, over 26 h" in result.out
+    assert result.out.endswith("unhealthy: backup s3://hearth-test-backups/qa/katforge_qa/ (stale)\n")
+
+
+# --- JSON ----------------------------------------------------------------------------------------------
+
+def test_json_is_the_documented_schema_and_stable(hearth):
+    first, second = hearth("status", "--json"), hearth("status", "--json")
+    assert first.code == 0 and first.out == second.out
+    report = json.loads(first.out)
+    jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text())).validate(report)
+    assert first.out == json.dumps(report, indent=2, sort_keys=True) + "\n"  # sorted keys
+    assert report["healthy"] is True and report["problems"] == []
+    [api] = [a for a in report["apps"] if a["name"] == "api"]
+    assert (api["version"], api["image"], api["revision"]) == ("v1.4.2", "ghcr.io/katforge/api.katforge.com:v1.4.2", 7)
+    assert api["replicas"] == {"desired": 1, "ready": 1, "updated": 1, "available": 1}
+    assert report["backup"]["sizeBytes"] == 1536 and report["backup"]["ageSeconds"] == 5 * 3600
+    assert {c["name"]: c["daysLeft"] for c in report["certificates"]} == dict.fromkeys(
+        ["api.katforge.com", "katforge.com", "stumper.gg", "www.katforge.com"], 60)
+    assert report["memory"]["budget"]["allocatableMiB"] == report["memory"]["nodes"][0]["allocatableMiB"]
+
+
+def test_an_unhealthy_report_keeps_to_the_schema(hearth, running_cluster, tls_server, dns_server):
+    schema = jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text()))
+    with running_cluster.kept():
+        swap_app(running_cluster, "prod", "web", AppState("crash-loop"))
+        running_cluster.remove("apps/v1", "Deployment", "stumper", "default")
+        dns_server.silent.add("vpn.katforge.com")
+        try:
+            result = hearth("status", "--json", "--timeout", "0.3")
+        finally:
+            dns_server.silent.discard("vpn.katforge.com")
+    report = json.loads(result.out)
+    schema.validate(report)
+    assert result.code == 1 and not report["healthy"]
+    assert {a["name"]: a["state"] for a in report["apps"]} == {"api": "ok", "web": "crash-looping", "lextris": "ok",
+                                                              "stumper": "missing"}
+    assert "stumper: no Deployment stumper in namespace default" in report["problems"]
+    assert [d["state"] for d in report["dns"] if d["name"] == "vpn.katforge.com"] == ["unreachable"]
+
+
+# --- the checks beyond the cluster ------------------------------------------------------------------------
+
+def check_row(out: str, check: str, subject: str) -> str:
+    [row] = [line for line in out.splitlines() if line.split()[:2] == [check, subject]]
+    return " ".join(row.split()[2:])
+
+
+def test_certificates_expiring_expired_untrusted_or_unreachable(hearth, tls_server, running_cluster):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    authority = tls_server.authority
+    tls_server.by_name.update({
+        "katforge.com": authority.issue("soon", ["katforge.com"], now + datetime.timedelta(days=5, hours=1)),
+        "www.katforge.com": authority.issue("gone", ["www.katforge.com"], now - datetime.timedelta(days=2, hours=1)),
+        "stumper.gg": authority.issue("self", ["stumper.gg"], now + datetime.timedelta(days=80), self_signed=True),
+    })
+    try:
+        out = main(["status", "--connect-to", f"api.katforge.com:443:127.0.0.1:{tls_server.silent_port}",
+                    "--connect-to", f"::127.0.0.1:{tls_server.port}", "--dns-server", hearth_dns(hearth),
+                    "--timeout", "0.5"], environ=os.environ, stdout=(buffer := io.StringIO()), stderr=io.StringIO(),
+                   now=running_cluster.now)
+    finally:
+        tls_server.by_name.clear()
+    text = buffer.getvalue()
+    assert out == 1
+    assert check_row(text, "certificate", "katforge.com").startswith(
+        "expiring expires in 5 days: Traefik renews at 30 days left, so renewal is failing")
+    assert check_row(text, "certificate", "www.katforge.com") == "expired expired 3 days ago"
+    assert check_row(text, "certificate", "stumper.gg").startswith("untrusted not trusted: self-signed certificate")
+    assert check_row(text, "certificate", "api.katforge.com") == "unreachable no answer within 0.5 s"
+    assert {"katforge.com", "www.katforge.com", "stumper.gg"} <= set(tls_server.seen)  # each asked by its name
+
+
+def hearth_dns(hearth) -> str:
+    return hearth.__closure__ and next(c.cell_contents.address for c in hearth.__closure__
+                                       if hasattr(c.cell_contents, "silent"))
+
+
+def test_dns_names_that_resolve_elsewhere_not_at_all_or_never_answer(hearth, dns_server):
+    saved = dict(dns_server.records)
+    dns_server.records["stumper.gg"] = ("A", "203.0.113.9")
+    del dns_server.records["k3s.katforge.com"]
+    dns_server.silent.add("vpn.katforge.com")
+    try:
+        result = hearth("status", "--timeout", "0.3")
+    finally:
+        dns_server.records.clear()
+        dns_server.records.update(saved)
+        dns_server.silent.discard("vpn.katforge.com")
+    assert result.code == 1
+    assert check_row(result.out, "dns", "stumper.gg") == "wrong resolves to 203.0.113.9, declared 3.19.192.157"
+    assert check_row(result.out, "dns", "k3s.katforge.com") == "unresolved does not resolve (NXDOMAIN)"
+    assert check_row(result.out, "dns", "vpn.katforge.com") == "unreachable no answer within 0.3 s"
+    assert check_row(result.out, "dns", "www.katforge.com") == "ok resolves to 3.19.192.157"  # through its CNAME
+
+
+def test_checks_that_hang_are_cut_at_their_timeout(hearth, dns_server, tls_server, running_cluster):
+    """Every DNS server silent and every handshake hanging: the answer still comes, after the timeout."""
+    import time
+    dns_server.silent.update(dns_server.records)
+    try:
+        started = time.monotonic()
+        code = main(["status", "--dns-server", dns_server.address, "--connect-to", f"::127.0.0.1:{tls_server.silent_port}",
+                     "--timeout", "0.3"], environ=os.environ, stdout=(out := io.StringIO()), stderr=io.StringIO(),
+                    now=running_cluster.now)
+        took = time.monotonic() - started
+    finally:
+        dns_server.silent.clear()
+    assert code == 1 and took < 3  # not one 0.3 s wait per name, and nothing left hanging
+    rows = [line.split()[2] for line in out.getvalue().splitlines() if line.split()[:1] in (["dns"], ["certificate"])]
+    assert rows == ["unreachable"] * 10
+
+
+def test_the_system_resolver_is_the_default():
+    from hearth import probes
+    assert probes.resolves("localhost", "127.0.0.1", None).state == "ok"
+
+
+def test_backups_missing_or_unreadable(hearth, monkeypatch, backups):
+    backups.client("s3").create_bucket(Bucket="hearth-empty-backups",
+                                       CreateBucketConfiguration={"LocationConstraint": "us-east-2"})
+    monkeypatch.setenv("BACKUP_BUCKET", "hearth-empty-backups")
+    missing = hearth("status")
+    monkeypatch.setenv("BACKUP_BUCKET", "hearth-no-such-bucket")
+    unreadable = hearth("status")
+    assert missing.code == unreadable.code == 1
+    assert check_row(missing.out, "backup", "s3://hearth-empty-backups/prod/katforge/") == (
+        "missing no dump under s3://hearth-empty-backups/prod/katforge/")
+    assert check_row(unreadable.out, "backup", "s3://hearth-no-such-bucket/prod/katforge/").startswith(
+        "error s3://hearth-no-such-bucket: NoSuchBucket:")
+
+
+def test_memory_pressure_and_an_overcommitted_node(hearth, running_cluster):
+    with running_cluster.kept():
+        node = running_cluster.get("v1", "Node", "ip-172-31-14-98")
+        node["status"]["conditions"][0].update(status="True", reason="KubeletHasInsufficientMemory")
+        running_cluster.add(node)
+        pressed = hearth("status")
+        node["status"]["conditions"][0].update(status="False", reason="KubeletHasSufficientMemory")
+        node["status"]["allocatable"]["memory"] = "3000Mi"
+        running_cluster.add(node)
+        roomy = hearth("status")
+        node["status"]["allocatable"]["memory"] = "2000Mi"
+        running_cluster.add(node)
+        tight = hearth("status")
+    assert pressed.code == 1 and check_row(pressed.out, "memory", "ip-172-31-14-98").startswith(
+        "pressure MemoryPressure on ip-172-31-14-98; allocatable 2075 MiB")
+    assert roomy.code == 0
+    assert tight.code == 1 and check_row(tight.out, "memory", "ip-172-31-14-98") == (
+        "overcommitted allocatable 2000 MiB, the pods' limits 2062 MiB (budget: 2075 MiB allocatable): "
+        "the pods can use more than the kubelet allocates")
+
+
+# --- the cluster cannot be asked -------------------------------------------------------------------------
+
+def one_line(result: Result) -> str:
+    assert result.out == "" and result.err.count("\n") == 1 and result.err.startswith("hearth: "), result
+    return result.err
+
+
+def test_no_kubeconfig(hearth, tmp_path):
+    result = hearth("status", "--kubeconfig", str(tmp_path / "absent"), probes=False)
+    assert result.code == 2
+    assert one_line(result) == (f"hearth: no kubeconfig at {tmp_path / 'absent'}: write it with `pulumi stack output "
+                                "kubeconfig --show-secrets --stack prod > ~/.kube/katforge-config`, or pass --kubeconfig "
+                                "or set KUBECONFIG\n")
+
+
+def test_the_default_kubeconfig_is_the_operators(hearth, monkeypatch, tmp_path):
+    monkeypatch.delenv("KUBECONFIG")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = hearth("status", probes=False)
+    assert result.code == 2 and f"no kubeconfig at {tmp_path}/.kube/katforge-config" in one_line(result)
+
+
+def test_an_unreachable_cluster(hearth, tmp_path):
+    import socket
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # bound, not listening: refused
+        config = tmp_path / "kubeconfig"
+        config.write_text(Path(os.environ["KUBECONFIG"]).read_text().replace(
+            _server(), f"http://127.0.0.1:{port}"))
+        result = hearth("status", "--kubeconfig", str(config), probes=False)
+    assert result.code == 2
+    assert one_line(result).startswith(f"hearth: cannot reach the cluster at http://127.0.0.1:{port} (ConnectError: ")
+    assert result.err.endswith("): the k3s API answers only through the VPN\n")
+
+
+def _server() -> str:
+    import yaml
+    return yaml.safe_load(Path(os.environ["KUBECONFIG"]).read_text())["clusters"][0]["cluster"]["server"]
+
+
+def test_refused_credentials_and_a_broken_kubeconfig(hearth, tmp_path):
+    import yaml
+    config = yaml.safe_load(Path(os.environ["KUBECONFIG"]).read_text())
+    config["users"][0]["user"]["token"] = "not-the-token"
+    (tmp_path / "wrong").write_text(yaml.safe_dump(config))
+    (tmp_path / "broken").write_text("clusters: [")
+    refused = hearth("status", "--kubeconfig", str(tmp_path / "wrong"), probes=False)
+    broken = hearth("status", "--kubeconfig", str(tmp_path / "broken"), probes=False)
+    assert refused.code == broken.code == 2
+    assert one_line(refused).startswith("hearth: the cluster at http://127.0.0.1:") and \
+        refused.err.endswith(f"refused the credentials of {tmp_path / 'wrong'}: 401 Unauthorized\n")
+    assert one_line(broken).startswith(f"hearth: {tmp_path / 'broken'} is not a usable kubeconfig: ")
+
+
+def test_bad_usage_is_one_line_too(hearth):
+    result = hearth("status", "--connect-to", "nonsense", probes=False)
+    assert result.code == 2
+    assert one_line(result) == ("hearth: hearth status: argument --connect-to: --connect-to nonsense: expected "
+                                "NAME:PORT:ADDRESS:PORT (NAME and PORT may be empty) (see hearth --help)\n")
+
+
+def test_the_console_script_exits_2_on_a_missing_cluster(tmp_path):
+    """The installed entry point (`python -m hearth` runs the same main) against no cluster at all."""
+    env = {**os.environ, "KUBECONFIG": str(tmp_path / "none"), "HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "hearth", "status"], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"hearth: no kubeconfig at {tmp_path / 'none'}") and done.stderr.count("\n") == 1

@@ -45,6 +45,17 @@ plan-diff: $(VENV)/.plan-installed ## the offline plans of BASE (a git ref) and 
 discover: $(VENV)/.tools-installed ## what runs live, for STACK: build/discovered-STACK.json (ARGS=--help)
 	@$(PY) -m tools.discover --stack $(STACK) $(ARGS)
 
+# The operators' command line (hearth status|logs|rollback), with their own kubeconfig and AWS credentials;
+# editable, so it reads this checkout's tables and stack files. See the README's "Operating the estate".
+.PHONY: hearth
+hearth: $(VENV)/bin/hearth ## install the hearth command into .venv: .venv/bin/hearth status
+	@echo "hearth: $(abspath $(VENV))/bin/hearth (put $(abspath $(VENV))/bin on PATH, or alias it)"
+
+$(VENV)/bin/hearth: pyproject.toml $(VENV)/.tools-installed
+	$(PIP) --no-deps -e .
+	@rm -rf katforge_estate.egg-info  # setuptools' leftover in the checkout; the install keeps its own copy
+	@touch $@
+
 diagram: $(VENV)/.plan-installed ## docs/estate.svg and docs/estate.png from both stacks' plans (needs Graphviz)
 	@$(PY) -m tools.diagram
 

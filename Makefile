@@ -9,7 +9,7 @@ STACK ?= prod
 RESTORE_USAGE := make restore STAGE=prod|qa AT=latest|YYYYMMDDTHHMMSSZ TARGET=<database> [FORCE=1] [DATABASE=<dumped database>]
 
 .DEFAULT_GOAL := help
-.PHONY: help plan test plan-diff diagram discover restore clean
+.PHONY: help plan test plan-diff diagram discover preflight restore clean
 
 help: ## list the targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-z-]+:.*## / { printf "  make %-10s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -44,6 +44,10 @@ plan-diff: $(VENV)/.plan-installed ## the offline plans of BASE (a git ref) and 
 # (~/.kube/katforge-config or KUBECONFIG), the hosts over SSH. ARGS passes options, e.g. ARGS=--no-hosts.
 discover: $(VENV)/.tools-installed ## what runs live, for STACK: build/discovered-STACK.json (ARGS=--help)
 	@$(PY) -m tools.discover --stack $(STACK) $(ARGS)
+
+# Offline, from build/discovered-STACK.json and Pulumi.STACK.yaml: exits 1 while the first `pulumi up` is unsafe.
+preflight: $(VENV)/.tools-installed ## what the first pulumi up of STACK does to each live object, and its hazards
+	@$(PY) -m tools.preflight --stack $(STACK) $(ARGS)
 
 # The operators' command line (hearth status|logs|rollback), with their own kubeconfig and AWS credentials;
 # editable, so it reads this checkout's tables and stack files. See the README's "Operating the estate".

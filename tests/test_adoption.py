@@ -77,7 +77,8 @@ def test_each_resource_maps_to_where_discovery_records_its_name(found):
         "EipAssociation:k3s": "aws.instances.k3s.elasticIp.association", "User:ses-sender": "aws.iam.users.ses-sender",
         "KeyPair:operators": "aws.keyPairs.katforge-operators",
         "DomainDkim:katforge.com": "aws.ses.identities.katforge.com.dkim",
-        "Record:katforge.com-a": "aws.route53.records[0]", "Namespace:cluster-ci-namespace": "cluster.objects.Namespace ci"}
+        "Record:katforge.com-a": "aws.route53.records[0]",
+        "Namespace:cluster-ci-namespace": "cluster.objects.Namespace ci"}
     assert found["Instance:k3s"].import_id == "i-0k3s" and found["Record:katforge.com-a"].import_id == \
         "Z0LIVEKATFORGE_katforge.com_A"
     assert found["DomainDkim:katforge.com"].exists  # DKIM is a setting of the identity: on means it exists
@@ -93,7 +94,7 @@ def test_absent_unknown_and_not_looked_for_are_told_apart(found):
     # An existing role lists all its policies: one it does not list is absent.
     attachment = found["RolePolicyAttachment:katforge-github-preview-ReadOnlyAccess"]
     assert attachment.known and not attachment.exists
-    assert found["Record:stumper.gg-a"].live is None  # its zone was not found: nothing says
+    assert found["Record:stumper.gg-a"].live == {"exists": False}  # its zone does not exist either
     assert found["Role:katforge-github-deploy"].live is None  # discovery did not look for this name
     assert found["Namespace:cluster-ci-namespace"].known and not found["Namespace:cluster-ci-namespace"].exists
     # A bucket name held by another account exists, though its facts are an error.

@@ -170,8 +170,9 @@ def _record(resource: PlannedResource, inputs: dict, document: dict) -> Optional
         return f"aws.route53.records[{found[0]}]", {"exists": True, **records[found[0]]}
     zone = next((z for n, z in aws.get("route53", {}).get("zones", {}).items()
                  if name == n or name.endswith("." + n)), None)
-    # Every record of a zone discovery read is listed: one not listed is absent.
-    return "aws.route53.records", ({"exists": False} if zone and zone.get("exists") else None)
+    # Every record of a zone discovery read is listed, and a zone that does not exist holds none: a record
+    # not listed is absent. A zone discovery could not tell (two of that name) says nothing.
+    return "aws.route53.records", ({"exists": False} if zone and "error" not in zone else None)
 
 
 def match(resource: PlannedResource, inputs: dict, document: dict) -> Match:

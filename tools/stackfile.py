@@ -339,7 +339,8 @@ def write(path: Path, values: dict[str, Any], schema: dict[str, dict]) -> list[s
         block = "".join(_block(key, wanted[key], 2) + "\n" for key in added)
         key_node = _config_key(document)
         if key_node is None:  # no `config:` at all: a new section at the end
-            edits.append((len(text), len(text), ("" if not text or text.endswith("\n") else "\n") + "config:\n" + block))
+            head = "" if not text or text.endswith("\n") else "\n"
+            edits.append((len(text), len(text), head + "config:\n" + block))
         else:  # `config:` with nothing under it: the keys go on the lines after it
             value = next(node for key, node in document.value if key is key_node)
             edits.append((key_node.end_mark.index, value.end_mark.index, ":"))

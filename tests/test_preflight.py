@@ -1,0 +1,352 @@
+"""`make preflight` against the simulated estate (tests/discovered.py: moto's live account, the local
+Kubernetes API, the fake hosts over real sshd): it fails before discovery writes the config, passes with
+no hazard after it (and the runbook's host steps), and shows every live stateful object as an import;
+an empty account plans as creates. Then one test per hazard: each is found in a broken estate or
+config and gone once fixed as its line says."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lightkube", reason="lightkube is not installed: make test must install requirements-tools.txt")
+
+from tests.discovered import moto_zone_ids, stack_copy
+from tools import adoption, discover, preflight, stackfile
+from tools.offline import ROOT, effective_config, project_config_schema
+
+pytest_plugins = ["tests.discovered"]
+
+SCHEMA = project_config_schema()
+# What a first `up` must import rather than create: the hosts, their addresses, every account-unique name
+# that exists live, and the cluster's objects that exist.
+STATEFUL = ("Instance:k3s", "Instance:vpn", "Eip:k3s", "Eip:vpn", "EipAssociation:k3s", "EipAssociation:vpn",
+            "DomainIdentity:katforge.com", "ConfigurationSet:katforge", "User:ses-sender", "User:dns-challenge",
+            "KeyPair:operators", "OpenIdConnectProvider:github-actions", "Namespace:cluster-ci-namespace",
+            "Deployment:apps-api", "Deployment:apps-web", "Service:apps-api-service", "Secret:apps-ghcr")
+
+
+class Plans:
+    """Plans by stack-file config and account, evaluated once each: most hazards change only the
+    discovered facts, which a plan does not depend on."""
+
+    def __init__(self):
+        self.cache: dict[str, object] = {}
+
+    def __call__(self, stack_file: Path, document: dict):
+        config = effective_config("prod", adoption.stack_file_config("prod", stack_file))[0]
+        key = json.dumps([config, adoption.cloud_of(document)], sort_keys=True)
+        if key not in self.cache:
+            with moto_zone_ids():
+                self.cache[key] = adoption.plan_against("prod", stack_file, document)
+        return self.cache[key]
+
+
+@pytest.fixture(scope="session")
+def plans() -> Plans:
+    return Plans()
+
+
+@pytest.fixture(scope="session")
+def passing(adoption) -> tuple[dict, bytes]:
+    """The discovered estate after the runbook, and the stack file discovery wrote for it."""
+    return adoption.runs[2].document, adoption.after_last
+
+
+@pytest.fixture
+def stack(tmp_path, passing) -> Path:
+    """A copy of the passing stack file, to break and fix."""
+    path = stack_copy(tmp_path)
+    path.write_bytes(passing[1])
+    return path
+
+
+def assess(plans: Plans, stack_file: Path, document: dict, waived=()) -> preflight.Report:
+    return preflight.assess(plans(stack_file, document), document, waived)
+
+
+def only(report: preflight.Report, text: str) -> str:
+    """The one hazard line that holds `text`, and no other hazard."""
+    assert len(report.hazards) == 1 and text in report.hazards[0], report.hazards
+    return report.hazards[0]
+
+
+def setting(path: Path, **values) -> Path:
+    stackfile.write(path, {f"katforge:{k}": v for k, v in values.items()}, SCHEMA)
+    return path
+
+
+def rediscover(path: Path, document: dict) -> Path:
+    """What the hazards say to do for a live fact: make discover writes it (here from the same JSON)."""
+    with moto_zone_ids():
+        discover.write_config("prod", document, path)
+    return path
+
+
+# --- the runbook, end to end ------------------------------------------------------------------------
+
+def test_preflight_fails_before_discovery_writes_the_config(adoption, tmp_path, capsys):
+    untouched = stack_copy(tmp_path)
+    discovered = tmp_path / "discovered.json"
+    discovered.write_bytes(adoption.runs[0].json)
+    with moto_zone_ids():
+        status = preflight.main(["--stack", "prod", "--discovered", str(discovered), "--stack-file", str(untouched)])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "hazard: the program stops before any change" in out
+
+
+def test_after_discovery_only_what_the_runbook_does_on_the_hosts_is_left(adoption, plans, tmp_path, fake_hosts):
+    written = stack_copy(tmp_path)
+    written.write_bytes(adoption.written)
+    report = assess(plans, written, adoption.runs[1].document)
+    assert [h.split(":")[0] for h in report.hazards] == [f"PostgreSQL role {fake_hosts.roles['md5']}", "PostgreSQL"]
+    assert "\\password " + fake_hosts.roles["md5"] in report.hazards[0]
+    assert "pulumi config set katforge:postgresAllowRestart true --stack prod" in report.hazards[1]
+
+
+def test_preflight_passes_after_discovery_and_the_runbook(adoption, capsys, tmp_path):
+    discovered = tmp_path / "discovered.json"
+    discovered.write_bytes(adoption.runs[2].json)
+    with moto_zone_ids():
+        status = preflight.main(["--stack", "prod", "--discovered", str(discovered),
+                                 "--stack-file", str(adoption.stack_file)])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "hazard:" not in out and out.rstrip().endswith("reaches every host")
+
+
+def test_every_live_stateful_resource_is_imported(adoption, plans, passing):
+    report = assess(plans, adoption.stack_file, passing[0])
+    ops = {row.resource: row.op for row in report.rows}
+    assert {key: ops.get(key) for key in STATEFUL} == {
+        key: ops[key] for key in STATEFUL if ops.get(key) in ("import unchanged", "import then update")}
+    assert not report.of("replace") and not report.of("collision")
+    # The live hosts take the program's settings in place (not their root volumes: those stay as they are).
+    assert "metadataOptions.httpTokens optional → required" in report.row("Instance:k3s").detail
+    assert "rootBlockDevice" not in report.row("Instance:vpn").detail.replace("rootBlockDevice.deleteOnTermination", "")
+    assert report.row("HelmChartConfig:cluster-traefik-config").op == "risk"
+    # Live records are taken over in place (an UPSERT), with their TTL.
+    assert report.row("Record:katforge.com-a").detail == "takes over the live one in place: ttl 3600 → 300"
+
+
+def test_an_empty_account_plans_every_resource_as_a_create(greenfield, plans, tmp_path):
+    path = stack_copy(tmp_path)
+    with moto_zone_ids():
+        discover.write_config("prod", greenfield.document, path)
+    report = assess(plans, path, greenfield.document)
+    assert {row.op for row in report.rows} == {"create"}
+    # A greenfield has no VPN to come through yet: the bootstrap reaches both new hosts from the operator's
+    # address only, so adminCidrs must name it (README, first deployment, step 3).
+    assert [h.split(":")[0] for h in report.hazards] == ["k3s host", "vpn host"]
+    assert assess(plans, setting(path, adminCidrs=["198.51.100.7/32"]), greenfield.document).hazards == []
+
+
+# --- one test per hazard ----------------------------------------------------------------------------
+
+def test_a_protected_resource_that_would_be_replaced(plans, stack, passing):
+    report = assess(plans, setting(stack, k3sRootVolumeEncrypted=True), passing[0])
+    line = only(report, "Instance:k3s: importing it would replace it (rootBlockDevice.encrypted (live false, planned "
+                        "true)), protected, so pulumi up stops with an error midway")
+    assert "pulumi config set katforge:k3sRootVolumeEncrypted false --stack prod" in line
+    assert report.row("Instance:k3s").op == "replace"
+    assert assess(plans, setting(stack, k3sRootVolumeEncrypted=False), passing[0]).hazards == []
+
+
+def test_a_root_volume_that_would_shrink(plans, stack, passing):
+    report = assess(plans, setting(stack, vpnRootVolumeGb=8), passing[0])
+    only(report, "Instance:vpn: the root volume would shrink from 20 GB to 8 GB, which EBS refuses midway: "
+                 "pulumi config set katforge:vpnRootVolumeGb 20 --stack prod")
+    assert assess(plans, setting(stack, vpnRootVolumeGb=20), passing[0]).hazards == []
+
+
+def test_a_create_that_collides_with_a_live_name(plans, stack, passing):
+    lines = [line for line in stackfile.read(stack, SCHEMA)["katforge:imports"]
+             if not line.startswith("User:ses-sender=")]
+    report = assess(plans, setting(stack, imports=lines), passing[0])
+    only(report, "User:ses-sender: ses-sender exists live, so creating it fails: run make discover")
+    assert report.row("User:ses-sender").op == "collision"
+    assert assess(plans, rediscover(stack, passing[0]), passing[0]).hazards == []
+
+
+def test_a_kubernetes_object_that_exists_but_is_not_imported(plans, stack, passing):
+    imports = stackfile.read(stack, SCHEMA)["katforge:imports"]
+    report = assess(plans, setting(stack, imports=[line for line in imports if not line.startswith("Namespace:")]),
+                    passing[0])
+    only(report, "Namespace:cluster-ci-namespace: Kubernetes object ci exists but is not imported")
+    assert assess(plans, setting(stack, imports=imports), passing[0]).hazards == []
+
+
+def test_a_live_rule_that_would_be_dropped(plans, stack, passing, live_account):
+    group = live_account.made["k3s"]["group"]
+    report = assess(plans, setting(stack, k3sKeepSecurityGroups=[]), passing[0])
+    line = only(report, f"k3s host: adopting it detaches live security group {group} (k3s) and with it tcp 22 from "
+                        "203.0.113.7/32")
+    assert line.endswith(f"add {group} to katforge:k3sKeepSecurityGroups (make discover does), or add 203.0.113.7/32 "
+                         "to katforge:adminCidrs")
+    # Either fix: the operator's address among adminCidrs, or the live group kept.
+    assert assess(plans, setting(stack, adminCidrs=["203.0.113.7/32"]), passing[0]).hazards == []
+    assert assess(plans, setting(stack, adminCidrs=[], k3sKeepSecurityGroups=[group]), passing[0]).hazards == []
+
+
+def test_a_live_wireguard_peer_missing_from_config(plans, stack, passing):
+    peers = stackfile.read(stack, SCHEMA)["katforge:wireguardPeers"]
+    report = assess(plans, setting(stack, wireguardPeers=peers[1:]), passing[0])
+    line = only(report, f"WireGuard peer {peers[0].split(',')[1]} ({peers[0].split(',')[2]}) runs live but is not in "
+                        "katforge:wireguardPeers")
+    assert f"pulumi config set --path 'katforge:wireguardPeers[{len(peers) - 1}]'" in line
+    assert assess(plans, setting(stack, wireguardPeers=peers), passing[0]).hazards == []
+
+
+def test_a_live_wireguard_peer_at_another_address(plans, stack, passing):
+    document = copy.deepcopy(passing[0])
+    peer = next(p for p in document["hosts"]["vpn"]["wireguard"]["peers"] if "config" in p["in"])
+    peer["allowedIps"] = peer["runningAllowedIps"] = "10.99.0.20/32"
+    line = only(assess(plans, stack, document), "live AllowedIPs 10.99.0.20/32, config ")
+    assert line.endswith("set its address in katforge:wireguardPeers to 10.99.0.20/32 (make discover does)")
+    peers = [line if peer["publicKey"] not in line else line.rsplit(",", 1)[0] + ",10.99.0.20/32"
+             for line in stackfile.read(stack, SCHEMA)["katforge:wireguardPeers"]]
+    assert assess(plans, setting(stack, wireguardPeers=peers), document).hazards == []
+    # Two addresses for one peer: no line of wireguardPeers can keep it.
+    peer["allowedIps"] = peer["runningAllowedIps"] = "10.99.0.20/32,10.99.0.21/32"
+    only(assess(plans, stack, document), "which wireguard.sh cannot keep (one /32 per peer)")
+
+
+def test_a_hosted_zone_missing_from_the_account(plans, stack, passing):
+    document = copy.deepcopy(passing[0])
+    document["aws"]["route53"]["zones"]["stumper.gg"] = {"exists": False}
+    records = document["aws"]["route53"]["records"]
+    document["aws"]["route53"]["records"] = [r for r in records if r["zone"] != "stumper.gg"]
+    zones = [line for line in stackfile.read(stack, SCHEMA)["katforge:zoneIds"] if not line.startswith("stumper.gg=")]
+    only(assess(plans, setting(stack, zoneIds=zones), document), "hosted zone stumper.gg: not in the account; the "
+                                                                 "program only looks zones up: create it by hand")
+
+
+def test_a_host_the_bootstrap_cannot_reach_over_ssh(plans, stack, passing):
+    # The VPN's live group without its SSH rule: discovery keeps no group for it, and only adminCidrs are left.
+    document = copy.deepcopy(passing[0])
+    vpn = document["aws"]["instances"]["vpn"]
+    for group in vpn["securityGroups"].values():
+        group["ingress"] = [r for r in group["ingress"] if r["fromPort"] != 22]
+    setting(stack, vpnKeepSecurityGroups=[])
+    assert adoption.groups_to_keep(plans(stack, document), document)["vpn"] == []  # what make discover keeps
+    only(assess(plans, stack, document), "vpn host: the bootstrap connects to its public address on tcp 22 and "
+                                         "nothing would allow it: pulumi config set --path 'katforge:adminCidrs[0]'")
+    assert assess(plans, setting(stack, adminCidrs=["198.51.100.7/32"]), document).hazards == []
+
+
+def test_mail_from_that_would_reject_mail(plans, stack, passing):
+    report = assess(plans, setting(stack, mailFromMxFailure="RejectMessage"), passing[0])
+    only(report, "MailFrom:katforge.com: MAIL FROM mail.katforge.com is not verified live (not set up), so "
+                 "RejectMessage would refuse every send: pulumi config set katforge:mailFromMxFailure UseDefaultValue")
+    # Verified live, RejectMessage is what runs, and discovery keeps it.
+    verified = copy.deepcopy(passing[0])
+    verified["aws"]["ses"]["identities"]["katforge.com"]["mailFrom"] = {
+        "exists": True, "domain": "mail.katforge.com", "status": "Success", "behaviorOnMxFailure": "RejectMessage",
+        "import": {"type": "aws:ses/mailFrom:MailFrom", "id": "katforge.com"}}
+    assert assess(plans, stack, verified).hazards == []
+    assert assess(plans, setting(stack, mailFromMxFailure="UseDefaultValue"), passing[0]).hazards == []
+
+
+def test_the_traefik_manifest_that_the_handover_cannot_take(plans, stack, passing):
+    document = copy.deepcopy(passing[0])
+    config = document["cluster"]["objects"]["HelmChartConfig kube-system/traefik"]
+    config["deployController"] = {"owned": False, "ownerGvk": None, "owner": "None/None"}  # applied by hand
+    imports = stackfile.read(stack, SCHEMA)["katforge:imports"]
+    setting(stack, imports=[*imports, "HelmChartConfig:cluster-traefik-config=kube-system/traefik"])  # as discover does
+    only(assess(plans, stack, document), "Traefik: the manifest file ")
+    # The operator moves the file out of the manifests directory: nothing applies over Pulumi's object.
+    document["hosts"]["k3s"]["k3s"]["traefikManifest"]["present"] = False
+    report = assess(plans, stack, document)
+    assert report.hazards == [] and report.row("HelmChartConfig:cluster-traefik-config").op != "risk"
+
+
+def test_md5_roles_that_pg_configure_refuses(plans, stack, passing):
+    document = copy.deepcopy(passing[0])
+    document["hosts"]["k3s"]["postgres"]["roles"]["katforge"] = {"login": True, "password": "md5", "superuser": False}
+    only(assess(plans, stack, document), "PostgreSQL role katforge: its password has an md5 hash")
+    document["hosts"]["k3s"]["postgres"]["roles"]["katforge"]["password"] = "scram-sha-256"
+    assert assess(plans, stack, document).hazards == []
+
+
+def test_postgresql_settings_that_need_a_restart_not_allowed(plans, stack, passing):
+    report = assess(plans, setting(stack, postgresAllowRestart=False), passing[0])
+    only(report, "max_connections (100 → 60)")
+    assert assess(plans, setting(stack, postgresAllowRestart=True), passing[0]).hazards == []
+
+
+def test_secrets_encryption_on_in_config_and_off_live(plans, stack, passing):
+    only(assess(plans, setting(stack, k3sSecretsEncryption=True), passing[0]),
+         "k3s: the live cluster keeps Secrets unencrypted and katforge:k3sSecretsEncryption is true")
+    # Either opt in to encrypting them, or keep what runs (discovery sets it).
+    assert assess(plans, setting(stack, k3sEncryptExistingSecrets=True), passing[0]).hazards == []
+    assert assess(plans, setting(stack, k3sEncryptExistingSecrets=False, k3sSecretsEncryption=False),
+                  passing[0]).hazards == []
+
+
+def test_a_wireguard_port_other_than_the_live_one(plans, stack, passing):
+    only(assess(plans, setting(stack, wireguardPort=51821), passing[0]),
+         "WireGuard: the live server listens on 51820, the program would move it to 51821: pulumi config set "
+         "katforge:wireguardPort 51820")
+    assert assess(plans, setting(stack, wireguardPort=51820), passing[0]).hazards == []
+
+
+def test_an_iam_user_without_room_for_the_new_key(plans, stack, passing):
+    document = copy.deepcopy(passing[0])
+    document["aws"]["iam"]["users"]["ses-sender"]["accessKeys"] = 2
+    only(assess(plans, stack, document), "IAM user ses-sender has 2 access keys, the most AWS allows")
+    document["aws"]["iam"]["users"]["ses-sender"]["accessKeys"] = 1
+    assert assess(plans, stack, document).hazards == []
+
+
+def test_a_source_discovery_did_not_read(plans, stack, passing):
+    document = copy.deepcopy(passing[0])
+    document["sources"]["hosts"] = {"status": "skipped", "why": "--no-hosts"}
+    document["hosts"] = None
+    only(assess(plans, stack, document), "hosts: not checked (--no-hosts): run make discover with it")
+    report = assess(plans, stack, document, waived=["hosts"])
+    assert report.hazards == [] and report.notes == ["hosts not checked (--no-hosts): waived with --accept-unchecked "
+                                                     "hosts"]
+
+
+def test_a_fact_discovery_could_not_read(plans, stack, passing):
+    document = copy.deepcopy(passing[0])
+    document["aws"]["iam"]["users"]["ses-sender"] = {"error": "AccessDenied: not allowed iam:GetUser"}
+    only(assess(plans, stack, document), "User:ses-sender: not checked: discovery could not read "
+                                         "aws.iam.users.ses-sender (AccessDenied")
+    assert assess(plans, stack, passing[0]).hazards == []
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+def test_a_missing_or_foreign_discovered_file_exits_2_with_one_line(tmp_path, adoption, capsys):
+    assert preflight.main(["--stack", "prod", "--discovered", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run make discover STACK=prod first" in err
+    other = tmp_path / "qa.json"
+    other.write_bytes(adoption.runs[0].json.replace(b'"stack": "prod"', b'"stack": "qa"'))
+    assert preflight.main(["--stack", "prod", "--discovered", str(other)]) == 2
+    assert "discovered for stack qa, not prod" in capsys.readouterr().err
+
+
+def test_rows_read_as_their_operation_then_the_import_line_name():
+    assert str(preflight.Row("import then update", "Instance:k3s", "tags.Name katforge-k3s → k3s")) == \
+        "import then update  Instance:k3s: tags.Name katforge-k3s → k3s"
+
+
+def test_help_reads_like_a_readme_paragraph():
+    result = subprocess.run([sys.executable, "-m", "tools.preflight", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, check=True)
+    text = " ".join(result.stdout.split())
+    assert "build/discovered-<stack>.json" in text and "one row per resource" in text
+    assert "Exits 0 when the first `up` is safe" in text and "--accept-unchecked" in text
+
+
+def test_make_preflight_passes_the_stack(tmp_path):
+    result = subprocess.run(["make", "-n", "preflight", "STACK=qa"], cwd=ROOT, capture_output=True, text=True,
+                            check=True)
+    assert "-m tools.preflight --stack qa" in result.stdout

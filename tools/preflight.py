@@ -1,0 +1,711 @@
+"""make preflight STACK=prod|qa: what the first `pulumi up` would do to each live object, and whether that
+is safe, from the offline plan and build/discovered-<stack>.json (make discover), before anyone runs it.
+
+The plan is evaluated with the stack file's config, its lookups answered from the discovered account
+(tools/adoption.py). Each resource is matched with its live object (tools/adoption.py) and gets one row:
+`import unchanged`, `import then update` (the fields), `replace` (the field that forces it: the force-new
+table of tools/force_new.py, as `make plan-diff` uses it), `create`, `collision` (a create where a live
+object holds the name) or `risk` (what the first `up` does on purpose that an operator should know, or
+what could not be checked). Then every hazard, one line each, with how to resolve it; the exit status
+is 1 while there is one, 0 when the first `up` is safe as far as discovery can tell, 2 when the
+discovered file is missing or belongs to another stack.
+
+Only what discovery reads is compared: a field discovery does not know is not compared, so `pulumi
+preview` still has the last word on drift.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, TextIO
+
+import yaml
+
+from infra.settings import STAGES, SettingsError
+from tools import adoption
+from tools.adoption import Match, PlannedNetwork, Rule
+from tools.discover import SCHEMA
+from tools.force_new import ABSENT, replacement_reasons, same, with_ignored
+from tools.offline import PROJECT, ROOT, NotFound, Plan
+from tools.stackfile import StackFileError
+
+OPS = ("replace", "collision", "risk", "import then update", "import unchanged", "create")
+
+DESCRIPTION = """\
+Before the first `pulumi up` of a stack that adopts the running estate: what it would do to each live
+object, and whether that is safe. It reads build/discovered-<stack>.json (make discover), evaluates the
+offline plan with the stack file's config against the discovered account, and prints one row per
+resource: `import unchanged`, `import then update` (the fields), `replace` (the field that forces it, from
+the same force-new table as make plan-diff), `create`, `collision` (a create where a live object holds the
+name) or `risk` (what the first run does on purpose, or could not check). Then one line per hazard, each
+saying how to resolve it: a protected or live resource that would be replaced, a create that collides
+with an existing name, a live security group rule that would go, a live WireGuard peer missing from
+config, a host the bootstrap could not reach over SSH, MAIL FROM that would reject mail, a Kubernetes
+object that exists but is not imported, the Traefik manifest file that the handover cannot take, what the
+host scripts would refuse midway (md5 roles, a PostgreSQL restart not allowed, Secrets encryption, the
+WireGuard address or port), and every source discovery did not read ("not checked"). Exits 0 when the
+first `up` is safe as far as discovery can tell, 1 with the hazards, 2 when the discovered file is missing
+or belongs to another stack.
+"""
+
+
+class PreflightError(Exception):
+    """The discovered file cannot be used; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Row:
+    op: str
+    resource: str  # <Type>:<name>, as katforge:imports names it
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.op:<19} {self.resource}" + (f": {self.detail}" if self.detail else "")
+
+
+@dataclass
+class Report:
+    stack: str
+    rows: list[Row] = field(default_factory=list)
+    hazards: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, resource: str) -> Row:
+        return next(r for r in self.rows if r.resource == resource)
+
+    def of(self, op: str) -> list[Row]:
+        return [r for r in self.rows if r.op == op]
+
+
+# --- live facts as planned inputs -----------------------------------------------------------------
+
+def _instance(live: dict, planned: dict) -> dict:
+    volume = live.get("rootVolume") or {}
+    profile = live.get("instanceProfile") or {}
+    facts = {
+        "instanceType": live.get("instanceType"), "subnetId": (live.get("subnet") or {}).get("id"),
+        "privateIp": live.get("privateIp"), "ami": live.get("imageId"), "keyName": live.get("keyName"),
+        "rootBlockDevice": {"volumeSize": volume.get("sizeGb"), "volumeType": volume.get("type"),
+                            "encrypted": volume.get("encrypted"),
+                            "deleteOnTermination": volume.get("deleteOnTermination")},
+        "metadataOptions": live.get("metadataOptions") or {},
+        "sourceDestCheck": live.get("sourceDestCheck"),
+        "vpcSecurityGroupIds": sorted(live.get("securityGroups") or {}),
+        "tags": {key: (live.get("tags") or {}).get(key, ABSENT) for key in planned.get("tags") or {}},
+        "iamInstanceProfile": profile.get("name"),
+    }
+    if isinstance(live.get("disableApiTermination"), bool):
+        facts["disableApiTermination"] = live["disableApiTermination"]
+    return facts
+
+
+def _record(live: dict, planned: dict) -> dict:
+    values = live.get("values") or []
+    if live.get("type") in ("TXT", "SPF"):  # the provider shows TXT values without their quotes
+        values = [v[1:-1] if len(v) > 1 and v[0] == v[-1] == '"' else v for v in values]
+    return {"name": live.get("name"), "type": live.get("type"), "ttl": live.get("ttl"), "records": sorted(values)}
+
+
+def _kubernetes(live: dict, planned: dict) -> dict:
+    metadata = planned.get("metadata") or {}
+    labels = live.get("labels") or {}
+    facts: dict[str, Any] = {"metadata": {
+        # Server-side apply sets the labels the program names and leaves the others.
+        "labels": {key: labels.get(key, ABSENT) for key in metadata.get("labels") or {}}}}
+    spec = planned.get("spec") or {}
+    if "images" in live:  # a Deployment
+        pod = ((spec.get("template") or {}).get("spec") or {})
+        facts["spec"] = {"selector": {"matchLabels": live.get("selector")}, "replicas": live.get("replicas"),
+                         "template": {"spec": {
+                             kind: [{"image": (live.get(images) or {}).get(c.get("name"))} for c in pod.get(kind) or []]
+                             for kind, images in (("containers", "images"), ("initContainers", "initImages"))}}}
+    elif "clusterIP" in live:  # a Service
+        facts["spec"] = {"type": live.get("type"), "selector": live.get("selector")}
+    elif "keys" in live:  # a Secret
+        facts["type"] = live.get("type")
+    return facts
+
+
+def _secret_data(m: Match) -> list[tuple[str, Any, Any]]:
+    """A Secret's data is never discovered: an imported one is written from config, which may differ."""
+    if m.resource.type != "kubernetes:core/v1:Secret":
+        return []
+    return [(key, "[secret]", "[secret, from config]") for key in ("data", "stringData") if key in m.inputs]
+
+
+LIVE_INPUTS = {
+    "aws:ec2/instance:Instance": _instance,
+    "aws:ec2/eip:Eip": lambda live, planned: {"domain": live.get("domain")},
+    "aws:ec2/keyPair:KeyPair": lambda live, planned: {"keyName": (live.get("import") or {}).get("id")},
+    "aws:iam/user:User": lambda live, planned: {"name": (live.get("import") or {}).get("id"),
+                                                "path": live.get("path")},
+    "aws:iam/role:Role": lambda live, planned: {"name": (live.get("import") or {}).get("id")},
+    "aws:iam/instanceProfile:InstanceProfile": lambda live, planned: {
+        "name": (live.get("import") or {}).get("id"),
+        **({"role": live["roles"][0]} if len(live.get("roles") or []) == 1 else {})},
+    "aws:iam/policy:Policy": lambda live, planned: {
+        "name": (live.get("import") or {}).get("id", "").rsplit("/", 1)[-1]},
+    "aws:iam/openIdConnectProvider:OpenIdConnectProvider": lambda live, planned: {
+        "clientIdLists": sorted(live.get("clientIds") or []), "thumbprintLists": sorted(live.get("thumbprints") or [])},
+    "aws:s3/bucket:Bucket": lambda live, planned: {"bucket": (live.get("import") or {}).get("id")},
+    "aws:ses/domainIdentity:DomainIdentity": lambda live, planned: {"domain": (live.get("import") or {}).get("id")},
+    "aws:ses/domainDkim:DomainDkim": lambda live, planned: {"domain": (live.get("import") or {}).get("id")},
+    "aws:ses/mailFrom:MailFrom": lambda live, planned: {"mailFromDomain": live.get("domain"),
+                                                        "behaviorOnMxFailure": live.get("behaviorOnMxFailure")},
+    # SES's defaults when a configuration set has no such options.
+    "aws:ses/configurationSet:ConfigurationSet": lambda live, planned: {
+        "deliveryOptions": {"tlsPolicy": live.get("tlsPolicy") or "Optional"},
+        "reputationMetricsEnabled": bool(live.get("reputationMetricsEnabled"))},
+    "aws:route53/record:Record": _record,
+}
+# Lists whose order means nothing.
+UNORDERED = ("vpcSecurityGroupIds", "records", "clientIdLists", "thumbprintLists")
+
+
+def live_inputs(m: Match) -> dict:
+    convert = LIVE_INPUTS.get(m.resource.type) or (_kubernetes if m.resource.type.startswith("kubernetes:") else None)
+    return convert(m.live, m.inputs) if convert else {}
+
+
+def _restricted(tree: Any, mask: Any) -> Any:
+    """`tree` cut down to the paths `mask` has too (what both sides know)."""
+    if isinstance(tree, dict) and isinstance(mask, dict):
+        return {k: _restricted(v, mask[k]) for k, v in tree.items() if k in mask and mask[k] is not None}
+    if isinstance(tree, list) and isinstance(mask, list) and all(isinstance(v, dict) for v in tree + mask):
+        return [_restricted(v, w) for v, w in zip(tree, mask)]
+    return tree
+
+
+def _leaves(tree: Any, path: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {p: v for k, item in tree.items() for p, v in _leaves(item, f"{path}.{k}" if path else k).items()}
+    if isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        return {p: v for i, item in enumerate(tree) for p, v in _leaves(item, f"{path}[{i}]").items()}
+    return {path: tree}
+
+
+def _sorted(tree: dict) -> dict:
+    tree = dict(tree)  # not a deep copy: ABSENT must stay itself
+    for key in UNORDERED:
+        if isinstance(tree.get(key), list):
+            tree[key] = sorted(tree[key], key=json.dumps)
+    return tree
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    if value is ABSENT or value is None:
+        return "(none)"
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+@dataclass
+class Comparison:
+    changes: list[tuple[str, Any, Any]]  # (path, live, planned)
+    replaced_by: list[str]
+
+
+def compare(m: Match) -> Comparison:
+    """The planned inputs against the live object's, on the fields both know, ignoreChanges applied."""
+    live = _sorted(live_inputs(m))
+    planned = _sorted(_restricted(m.inputs, live))
+    live = _restricted(live, planned)
+    planned = with_ignored(live, planned, m.resource.options.get("ignore_changes", ()))
+    before, after = _leaves(live), _leaves(planned)
+    changes = [(path, before.get(path, ABSENT), after.get(path, ABSENT))
+               for path in sorted(before.keys() | after.keys())
+               if not same(before.get(path, ABSENT), after.get(path, ABSENT))]
+    reasons = replacement_reasons(m.resource.type, live, planned,
+                                  replace_on_changes=m.resource.options.get("replace_on_changes", ()))
+    return Comparison(changes, reasons)
+
+
+# --- rows -----------------------------------------------------------------------------------------
+
+# Creating these over a live object of the same name takes it over in place: a record is an UPSERT
+# (allowOverwrite), DKIM and MAIL FROM are settings of the identity, a *Patch applies its fields only.
+TAKES_OVER = ("aws:route53/record:Record", "aws:ses/domainDkim:DomainDkim", "aws:ses/mailFrom:MailFrom")
+
+
+class Checks:
+    """The rows and hazards of one plan against one discovered file."""
+
+    def __init__(self, plan: Plan, document: dict, waived: Iterable[str] = ()):
+        self.plan, self.document = plan, document
+        self.report = Report(plan.stack)
+        self.waived = set(waived)
+        self.matches = adoption.matches(plan, document)
+        self.by_urn = {m.resource.urn: m for m in self.matches}
+
+    def hazard(self, line: str) -> None:
+        if line not in self.report.hazards:
+            self.report.hazards.append(line)
+
+    def add(self, op: str, m: Match, detail: str = "") -> None:
+        self.report.rows.append(Row(op, m.key, detail))
+
+    # -- sources -------------------------------------------------------------------------------
+
+    def not_read(self) -> dict[str, str]:
+        """Each source discovery did not read, and why."""
+        sources = self.document.get("sources") or {}
+        return {source: state.get("error") or state.get("why") or state.get("status", "missing")
+                for source in adoption.SOURCES
+                for state in [sources.get(source, {"why": "not in the file"})] if state.get("status") != "read"}
+
+    def moot(self) -> set[str]:
+        """Sources with nothing to read: with AWS read and no host live, there is no cluster and no host (a
+        greenfield account)."""
+        instances = (self.document.get("aws") or {}).get("instances")
+        if "aws" in self.not_read() or instances is None or any(i.get("exists") for i in instances.values()):
+            return set()
+        return {"cluster", "hosts"}
+
+    def sources(self) -> None:
+        for source, why in self.not_read().items():
+            if source in self.moot():
+                self.report.notes.append(f"{source} not read ({why}): no host runs, so there is nothing to read")
+            elif source in self.waived:
+                self.report.notes.append(f"{source} not checked ({why}): waived with --accept-unchecked {source}")
+            else:
+                self.hazard(f"{source}: not checked ({why}): run make discover with it (or waive it: "
+                            f"--accept-unchecked {source})")
+
+    # -- resources -----------------------------------------------------------------------------
+
+    def resources(self) -> None:
+        for m in self.matches:
+            self.resource(m)
+
+    def resource(self, m: Match) -> None:
+        importing = m.resource.options.get("import_id")
+        if m.at is None:  # nothing live to take over: the program's own group, a key, a host step
+            self.add("create", m)
+        elif not m.known:
+            self.unknown(m, importing)
+        elif not m.exists:
+            self.add("risk" if importing else "create", m, f"imports {importing}, which discovery did not find"
+                     if importing else "")
+            if importing:
+                self.hazard(f"{m.key}: {PROJECT}:imports names {importing}, but discovery found nothing at {m.at}: "
+                            "run make discover (it drops the line), or correct the ID")
+        elif m.handed_over:
+            self.add("risk", m, "the Traefik handover deletes the object k3s applied from its manifest file and "
+                                "Pulumi creates it anew: Traefik runs on the chart's defaults for the seconds between")
+        elif m.live.get("ours") is False:
+            self.add("collision", m, f"{m.live_id or m.at} belongs to another account")
+            self.hazard(f"{m.key}: the name {m.at.rsplit('.', 1)[-1]} belongs to another account: choose another "
+                        f"({PROJECT}:backupBucket)")
+        elif not importing:
+            self.unimported(m)
+        elif m.import_id and importing != m.import_id:
+            self.add("risk", m, f"imports {importing}, but the live object is {m.import_id}")
+            self.hazard(f"{m.key}: {PROJECT}:imports names {importing}, but the live object is {m.import_id}: "
+                        "run make discover")
+        else:
+            self.imported(m, importing)
+
+    def unknown(self, m: Match, importing: Optional[str]) -> None:
+        if m.live is not None:  # discovery looked and was refused
+            self.add("risk", m, f"not checked: {m.live['error']}")
+            self.hazard(f"{m.key}: not checked: discovery could not read {m.at} ({m.live['error']}): give make "
+                        "discover the permission it lacks and run it again")
+        elif m.source in self.moot() and not importing:
+            self.add("create", m)
+        elif m.source in self.not_read():  # the source's hazard (or its waiver) says what to do
+            self.add("risk", m, f"not checked: {m.source} was not read"
+                     + (" (waived)" if m.source in self.waived else ""))
+        else:
+            self.add("risk", m, "not checked: discovery did not look for it")
+            self.hazard(f"{m.key}: not checked: discovery did not look for {m.at}: run make discover again "
+                        "(the stack declares names it did not know then)")
+
+    def unimported(self, m: Match) -> None:
+        if m.resource.type in TAKES_OVER or m.resource.type.endswith("Patch"):
+            changes = compare(m).changes
+            self.add("create", m, "takes over the live one in place" + (
+                ": " + ", ".join(f"{p} {shown(a)} → {shown(b)}" for p, a, b in changes) if changes else ""))
+            return
+        name = m.live_id or m.at
+        self.add("collision", m, f"{name} exists live and is not imported")
+        if m.key in self.plan.adoptable:
+            problem = (f"Kubernetes object {name} exists but is not imported (pulumi-kubernetes fails with "
+                       "AlreadyExists)" if m.resource.type.startswith("kubernetes:")
+                       else f"{name} exists live, so creating it fails")
+            fix = "run make discover (it writes the import line) and review it"
+        else:
+            problem = f"{name} exists live and this program cannot import it"
+            fix = "delete or rename the live one, or let the program adopt it (infra/adopt.py)"
+        self.hazard(f"{m.key}: {problem}: {fix}")
+
+    def imported(self, m: Match, importing: str) -> None:
+        comparison = compare(m)
+        if comparison.replaced_by:
+            reason = comparison.replaced_by[0]
+            value = next(((a, b) for p, a, b in comparison.changes if p == reason or p.startswith(reason + ".")), None)
+            detail = reason + (f" (live {shown(value[0])}, planned {shown(value[1])})" if value else "")
+            self.add("replace", m, detail)
+            what = ("protected, so pulumi up stops with an error midway" if m.resource.options.get("protect")
+                    else "the live object would be deleted and created anew")
+            key = FORCE_NEW_KEYS.get((m.resource.type, reason), "").format(host=m.resource.name)
+            fix = (f"pulumi config set {PROJECT}:{key} {shown(value[0]) if value else '<live value>'} --stack "
+                   f"{self.plan.stack} (make discover sets it)" if key else
+                   "make the program declare what is live, or change the live object by hand first")
+            self.hazard(f"{m.key}: importing it would replace it ({detail}), {what}: {fix}")
+        elif comparison.changes or _secret_data(m):
+            comparison.changes += _secret_data(m)
+            self.add("import then update", m, ", ".join(f"{p} {shown(a)} → {shown(b)}"
+                                                        for p, a, b in comparison.changes))
+            self.shrinking(m, comparison)
+        else:
+            self.add("import unchanged", m, importing)
+
+    def shrinking(self, m: Match, comparison: Comparison) -> None:
+        """EBS grows a volume in place and never shrinks one: the update fails midway."""
+        for path, live, planned in comparison.changes:
+            if path == "rootBlockDevice.volumeSize" and isinstance(live, int) and isinstance(planned, int) \
+                    and planned < live:
+                self.hazard(f"{m.key}: the root volume would shrink from {live} GB to {planned} GB, which EBS refuses "
+                            f"midway: pulumi config set {PROJECT}:{m.resource.name}RootVolumeGb {live} --stack "
+                            f"{self.plan.stack} (make discover sets it)")
+
+    # -- what only the whole plan shows ----------------------------------------------------------
+
+    def access_keys(self) -> None:
+        for m in self.matches:
+            if m.resource.type != "aws:iam/accessKey:AccessKey":
+                continue
+            user = next((u for u in self.matches if u.resource.type == "aws:iam/user:User"
+                         and u.inputs.get("name") == m.inputs.get("user")), None)
+            if user is not None and user.exists and (user.live.get("accessKeys") or 0) >= 2:
+                self.hazard(f"{m.key}: IAM user {m.inputs.get('user')} has {user.live['accessKeys']} access keys, "
+                            "the most AWS allows, so the new key fails: delete the one nothing uses (aws iam "
+                            f"list-access-keys --user-name {m.inputs.get('user')}, then delete-access-key)")
+
+    def zones(self) -> None:
+        zones = ((self.document.get("aws") or {}).get("route53") or {}).get("zones") or {}
+        for zone, found in sorted(zones.items()):
+            if found.get("exists") is False:
+                self.hazard(f"hosted zone {zone}: not in the account; the program only looks zones up: create it by "
+                            "hand and point the registrar at its name servers")
+            elif "error" in found:
+                self.hazard(f"hosted zone {zone}: {found['error']}: delete the stray zone, or set {PROJECT}:zoneIds")
+
+    def mail_from(self) -> None:
+        for m in self.matches:
+            if m.resource.type != "aws:ses/mailFrom:MailFrom" or m.inputs.get("behaviorOnMxFailure") != "RejectMessage":
+                continue
+            live = m.live if m.exists else {}
+            if not (live.get("status") == "Success" and live.get("domain") == m.inputs.get("mailFromDomain")):
+                self.hazard(f"{m.key}: MAIL FROM {m.inputs.get('mailFromDomain')} is not verified live "
+                            f"({live.get('status') or 'not set up'}), so RejectMessage would refuse every send: "
+                            f"pulumi config set {PROJECT}:mailFromMxFailure UseDefaultValue --stack {self.plan.stack} "
+                            "until SES shows it verified")
+
+    def security_groups(self, network: PlannedNetwork) -> None:
+        for lost in adoption.dropped(self.plan, self.document, network):
+            rules = "; ".join(str(r) for r in lost.rules)
+            cidrs = [r.peer.cidr for r in lost.rules if r.peer.cidr and not r.egress and _public(r.peer.cidr)
+                     and ipaddress.ip_network(r.peer.cidr).prefixlen >= 16]
+            # Every rule an operator's address: adminCidrs covers them as well.
+            also = f", or add {', '.join(cidrs)} to {PROJECT}:adminCidrs" if len(cidrs) == len(lost.rules) else ""
+            self.hazard(f"{lost.host} host: adopting it detaches live security group {lost.group} ({lost.name}) and "
+                        f"with it {rules}: add {lost.group} to {PROJECT}:{lost.host}KeepSecurityGroups (make discover "
+                        f"does){also}")
+
+    def ssh(self, network: PlannedNetwork) -> None:
+        """The bootstrap reaches each host at its public address on tcp 22: from the operator's address (a
+        public range: adminCidrs, or a kept live group), or, to a host other than the VPN's, through the
+        VPN, if the VPN host runs already (a greenfield has no VPN to come through yet)."""
+        if not self.commands():
+            return
+        members = adoption.live_members(self.document)
+        instances = {r.name: r for r in self.plan.of_type(adoption.INSTANCE)}
+        vpn = instances.get("vpn")
+        vpn_runs = vpn is not None and self.by_urn[vpn.urn].exists
+        vpn_address = self.public_address("vpn")
+        for host in sorted(instances):
+            groups = ((self.document.get("aws") or {}).get("instances", {}).get(host) or {}).get("securityGroups") or {}
+            rules = network.own_rules(host) + [r for g in network.kept(host) if g in groups
+                                               for r in adoption.live_rules(groups[g], members)]
+            if not any(_admits_ssh(r, host, vpn_runs, vpn_address) for r in rules):
+                self.hazard(f"{host} host: the bootstrap connects to its public address on tcp 22 and nothing would "
+                            f"allow it: pulumi config set --path '{PROJECT}:adminCidrs[0]' <your address>/32 --stack "
+                            f"{self.plan.stack}, and run pulumi up from there")
+
+    def public_address(self, host: str) -> Optional[str]:
+        eip = next((m for m in self.matches if m.resource.type == "aws:ec2/eip:Eip" and m.resource.name == host), None)
+        return (eip.live or {}).get("publicIp") if eip and eip.exists else None
+
+    # -- the host steps --------------------------------------------------------------------------
+
+    def commands(self) -> list[Match]:
+        return [m for m in self.matches if m.resource.type == "command:remote:Command"]
+
+    def step(self, script: str) -> Optional[tuple[dict[str, str], str]]:
+        """The environment and stdin the plan runs a host script with, or None when it does not run it."""
+        for m in self.commands():
+            create = m.resource.raw_inputs.get("create")
+            if not isinstance(create, str) or not create.endswith(f"/{script}") or " install " in create:
+                continue
+            words = shlex.split(create)
+            environment = dict(w.split("=", 1) for w in words[words.index("env") + 1:] if "=" in w) \
+                if "env" in words else {}
+            stdin = m.resource.raw_inputs.get("stdin")
+            return environment, stdin if isinstance(stdin, str) else ""
+        return None
+
+    def postgres(self) -> None:
+        step = self.step("pg-configure.sh")
+        pg = (((self.document.get("hosts") or {}).get("k3s") or {}).get("postgres"))
+        if step is None or pg is None:
+            return
+        if "error" in pg:
+            self.hazard(f"PostgreSQL: not checked ({pg['error']}): make discover must read it on the k3s host")
+            return
+        environment, conf = step
+        for role, facts in sorted((pg.get("roles") or {}).items()):
+            if facts.get("login") and facts.get("password") == "md5":
+                self.hazard(f"PostgreSQL role {role}: its password has an md5 hash, which pg-configure.sh refuses "
+                            "(scram-sha-256 cannot check it): sudo -u postgres psql -c \"SET password_encryption = "
+                            f"'scram-sha-256'\" -c '\\password {role}' (the same password), then make discover")
+        wanted = dict(re.findall(r"^\s*(\w+)\s*=\s*'?([^'#\n]*?)'?\s*(?:#.*)?$", conf, flags=re.M))
+        wanted["listen_addresses"] = environment.get("PG_LISTEN_ADDRESSES", "")
+        live = pg.get("settings") or {}
+        pending = [f"{name} ({values['running']} now, {values['configured']} after a restart)"
+                   for name, values in sorted((pg.get("pendingRestart") or {}).items())]
+        pending += [f"{name} ({live[name]} → {wanted[name]})" for name in RESTART_SETTINGS
+                    if name in live and name in wanted and not _same_setting(name, live[name], wanted[name])]
+        if pending and environment.get("PG_ALLOW_RESTART") not in ("1", "true", "yes"):
+            self.hazard(f"PostgreSQL: {', '.join(pending)} need a restart, which pg-configure.sh may not do, so "
+                        f"pulumi up fails there: pulumi config set {PROJECT}:postgresAllowRestart true --stack "
+                        f"{self.plan.stack} (one restart; the apps reconnect), or restart it yourself when it stops")
+
+    def k3s(self) -> None:
+        step = self.step("k3s-install.sh")
+        k3s = (((self.document.get("hosts") or {}).get("k3s") or {}).get("k3s"))
+        if step is None or k3s is None:
+            return
+        environment, config = step
+        try:
+            wanted = bool((yaml.safe_load(config) or {}).get("secrets-encryption"))
+        except yaml.YAMLError:
+            return
+        status = (k3s.get("secretsEncryption") or {})
+        if "error" in status or not status.get("status"):
+            self.hazard(f"k3s secrets encryption: not checked ({status.get('error', 'no status')}): make discover must "
+                        "read it on the k3s host")
+        elif wanted and status["status"] == "Disabled" and environment.get("K3S_ENCRYPT_EXISTING_SECRETS") != "1":
+            self.hazard(f"k3s: the live cluster keeps Secrets unencrypted and {PROJECT}:k3sSecretsEncryption is true, "
+                        f"which k3s-install.sh refuses: pulumi config set {PROJECT}:k3sSecretsEncryption false --stack "
+                        f"{self.plan.stack} (make discover sets it), or back up the server and set "
+                        f"{PROJECT}:k3sEncryptExistingSecrets true")
+
+    def wireguard(self) -> None:
+        step = self.step("wireguard.sh")
+        wg = (((self.document.get("hosts") or {}).get("vpn") or {}).get("wireguard"))
+        if step is None or wg is None:
+            return
+        environment, peers_text = step
+        stack = self.plan.stack
+        running = wg.get("running") or {}
+        address = running.get("address") or wg["config"].get("address")
+        if address and environment.get("WG_ADDRESS") and address != environment["WG_ADDRESS"]:
+            network = ipaddress.ip_interface(address).network
+            self.hazard(f"WireGuard: the live server is {address}, the program would make it "
+                        f"{environment['WG_ADDRESS']} and move every client: pulumi config set {PROJECT}:vpnClientCidr "
+                        f"{network} --stack {stack} (make discover sets it)")
+        port = running.get("listenPort") or wg["config"].get("listenPort")
+        if port and environment.get("WG_PORT") and str(port) != environment["WG_PORT"]:
+            self.hazard(f"WireGuard: the live server listens on {port}, the program would move it to "
+                        f"{environment['WG_PORT']}: pulumi config set {PROJECT}:wireguardPort {port} --stack {stack} "
+                        "(make discover sets it)")
+        planned = {parts[1]: parts for parts in (line.split(",") for line in peers_text.splitlines())
+                   if len(parts) == 3}
+        index = len(planned)
+        for peer in wg.get("peers") or []:
+            allowed = peer.get("runningAllowedIps") or peer.get("allowedIps") or ""
+            name = planned.get(peer["publicKey"], [None])[0]
+            if "," in allowed or not allowed.endswith("/32"):
+                self.hazard(f"WireGuard peer {peer.get('name') or peer['publicKey']}: allows {allowed or 'nothing'}, "
+                            "which wireguard.sh cannot keep (one /32 per peer): give it one address on the VPN host "
+                            "first")
+            elif name is None:
+                line = f"{peer.get('name') or 'live'},{peer['publicKey']},{allowed}"
+                self.hazard(f"WireGuard peer {peer['publicKey']} ({allowed}) runs live but is not in "
+                            f"{PROJECT}:wireguardPeers, so wireguard.sh refuses: pulumi config set --path "
+                            f"'{PROJECT}:wireguardPeers[{index}]' '{line}' --stack {stack} (make discover adds it), "
+                            "or remove the peer from the host")
+                index += 1
+            elif planned[peer["publicKey"]][2] != allowed:
+                configured = planned[peer["publicKey"]][2]
+                self.hazard(f"WireGuard peer {name}: live AllowedIPs {allowed}, config {configured}: set its address "
+                            f"in {PROJECT}:wireguardPeers to {allowed} (make discover does)")
+
+    def traefik(self) -> None:
+        """k3s applies every file of its manifests directory over what Pulumi sets: the operators'
+        traefik-config.yaml must leave it, and the HelmChartConfig must be either the one the handover
+        deletes (owned by that file's Addon) or one no file applies (imported)."""
+        config = next((m for m in self.matches if m.resource.type == adoption.HELM_CHART_CONFIG), None)
+        if config is None:
+            return
+        owner = ((config.live or {}).get("deployController") or {}) if config.exists else {}
+        if owner.get("owned") and owner.get("owner") != adoption.TRAEFIK_ADDON:
+            source = (owner.get("addon") or {}).get("source") or "source unknown"
+            self.hazard(f"Traefik: HelmChartConfig kube-system/traefik is applied by k3s from another manifest file "
+                        f"(Addon {owner.get('owner')}, {source}), which the handover does not take: move that file "
+                        "out of the manifests directory, delete the object, then make discover")
+        manifest = ((((self.document.get("hosts") or {}).get("k3s") or {}).get("k3s") or {}).get("traefikManifest")
+                    or {})
+        if not manifest.get("present"):
+            return
+        path = manifest.get("path", "traefik-config.yaml")
+        if self.step("traefik-handover.sh") is None:
+            self.hazard(f"Traefik: the manifest file {path} still exists and this program has no handover step: k3s "
+                        "would apply it over Pulumi's object; move it out of the manifests directory first")
+        elif config.exists and not owner.get("owned"):
+            self.hazard(f"Traefik: the manifest file {path} still exists but HelmChartConfig kube-system/traefik is "
+                        "not applied from it, so the handover cannot take it: move the file out yourself (sudo mv "
+                        f"{path} /var/lib/rancher/k3s/server/traefik-config.yaml.pre-katforge), then make discover")
+
+    def run(self) -> Report:
+        network = PlannedNetwork(self.plan)
+        self.sources()
+        self.resources()
+        for check in (self.access_keys, self.zones, self.mail_from, self.postgres, self.k3s, self.wireguard,
+                      self.traefik):
+            check()
+        if self.document.get("aws") is not None:
+            self.security_groups(network)
+            self.ssh(network)
+        self.report.rows.sort(key=lambda r: (OPS.index(r.op), r.resource))
+        return self.report
+
+
+# Settings pg-configure.sh writes that PostgreSQL reads only at start (postmaster context, PostgreSQL 16)
+# and that discovery reads.
+RESTART_SETTINGS = ("listen_addresses", "max_connections", "shared_buffers")
+_UNITS = {"kB": 1, "MB": 1024, "GB": 1024 ** 2, "TB": 1024 ** 3}
+
+
+def _same_setting(name: str, live: str, wanted: str) -> bool:
+    if name == "listen_addresses":
+        return {a.strip() for a in live.split(",")} == {a.strip() for a in wanted.split(",")}
+    sizes = [re.fullmatch(r"\s*(\d+)\s*(kB|MB|GB|TB)?\s*", v) for v in (live, wanted)]
+    if all(sizes):
+        return len({int(s.group(1)) * _UNITS.get(s.group(2) or "kB", 1) for s in sizes}) == 1
+    return live.strip() == wanted.strip()
+
+
+def _admits_ssh(rule: Rule, host: str, vpn_runs: bool, vpn_address: Optional[str]) -> bool:
+    anyone = adoption.Peer(cidr="0.0.0.0/0")
+    if rule.egress or not Rule(False, rule.protocol, rule.from_port, rule.to_port, anyone).holds(
+            Rule(False, "tcp", 22, 22, anyone)):
+        return False
+    through_vpn = "vpn" in rule.peer.hosts or bool(vpn_address and rule.peer.cidr and rule.peer.cidr.endswith("/32")
+                                                   and rule.peer.cidr == f"{vpn_address}/32")
+    if through_vpn:
+        return host != "vpn" and vpn_runs
+    return bool(rule.peer.cidr) and _public(rule.peer.cidr)
+
+
+# Where no operator's machine comes from over the internet (RFC 1918, shared, link-local, loopback). Not
+# ipaddress's is_private, which counts the documentation ranges too.
+NOT_INTERNET = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                                        "100.64.0.0/10", "169.254.0.0/16", "127.0.0.0/8"))
+
+
+def _public(cidr: str) -> bool:
+    try:
+        network = ipaddress.ip_network(cidr)
+    except ValueError:
+        return False
+    return network.version == 4 and not any(network.subnet_of(private) for private in NOT_INTERNET)
+
+
+# The config key that holds a live fact an import would otherwise replace.
+FORCE_NEW_KEYS = {
+    ("aws:ec2/instance:Instance", "rootBlockDevice.encrypted"): "{host}RootVolumeEncrypted",
+    ("aws:ec2/instance:Instance", "subnetId"): "{host}SubnetId",
+    ("aws:ec2/instance:Instance", "privateIp"): "{host}PrivateIp",
+}
+
+
+def assess(plan: Plan, document: dict, waived: Iterable[str] = ()) -> Report:
+    """The rows and hazards of `plan` (evaluated against `document`'s account) for the live estate."""
+    return Checks(plan, document, waived).run()
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+def load(path: Path, stack: str) -> dict:
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PreflightError(f"{path}: no discovered file: run make discover STACK={stack} first") from None
+    except (OSError, ValueError) as error:
+        raise PreflightError(f"{path}: cannot be read ({error}): run make discover STACK={stack} again") from None
+    if not isinstance(document, dict) or document.get("schema") != SCHEMA:
+        raise PreflightError(f"{path}: not a discovered file of schema {SCHEMA}: run make discover STACK={stack} again")
+    if document.get("stack") != stack:
+        raise PreflightError(f"{path}: discovered for stack {document.get('stack')}, not {stack}: run make discover "
+                             f"STACK={stack}, or pass --discovered build/discovered-{stack}.json")
+    return document
+
+
+def check(stack: str, document: dict, stack_file: Path, waived: Iterable[str] = ()) -> Report:
+    """Evaluate the plan with the stack file against the discovered account, then assess it. A program
+    that stops before any change is the one hazard."""
+    try:
+        plan = adoption.plan_against(stack, stack_file, document)
+    except (SettingsError, StackFileError, NotFound) as error:
+        return Report(stack, hazards=[f"the program stops before any change: {error} (make discover sets what "
+                                      "runs live in the stack file)"])
+    return assess(plan, document, waived)
+
+
+def render(report: Report, discovered: Path) -> str:
+    counts = ", ".join(f"{len(report.of(op))} {op}" for op in OPS)
+    lines = [f"preflight {report.stack}: {len(report.rows)} resources, against {discovered}", *map(str, report.rows),
+             counts, *report.notes]
+    if report.hazards:
+        lines.append(f"{len(report.hazards)} hazard{'s' if len(report.hazards) > 1 else ''}: the first pulumi up of "
+                     f"{report.stack} is not safe yet")
+        lines += [f"hazard: {h}" for h in report.hazards]
+    else:
+        lines.append(f"no hazards: the first pulumi up of {report.stack} replaces nothing live, collides with nothing, "
+                     "drops no live rule and reaches every host")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None, stdout: Optional[TextIO] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.preflight", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stack", required=True, choices=sorted(STAGES), help="the stack to check")
+    parser.add_argument("--discovered", metavar="PATH", help="default: build/discovered-<stack>.json")
+    parser.add_argument("--stack-file", metavar="PATH", help="default: Pulumi.<stack>.yaml of the repository")
+    parser.add_argument("--accept-unchecked", action="append", default=[], choices=adoption.SOURCES,
+                        metavar="SOURCE", help="a source (aws, cluster, hosts) discovery did not read that you "
+                                               "accept as not checked (repeatable)")
+    args = parser.parse_args(argv)
+    stdout = stdout or sys.stdout
+    discovered = Path(args.discovered) if args.discovered else ROOT / "build" / f"discovered-{args.stack}.json"
+    try:
+        document = load(discovered, args.stack)
+    except PreflightError as error:
+        print(f"preflight: {error}", file=sys.stderr)
+        return 2
+    stack_file = Path(args.stack_file) if args.stack_file else ROOT / f"Pulumi.{args.stack}.yaml"
+    report = check(args.stack, document, stack_file, args.accept_unchecked)
+    print(render(report, discovered), file=stdout)
+    return 1 if report.hazards else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

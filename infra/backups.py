@@ -30,14 +30,17 @@ INCOMPLETE_UPLOAD_DAYS = 1
 
 
 def writer_policy(bucket_arn: str, stages: Iterable[str]) -> str:
-    """The host may add dumps under each stage's prefix: no read, no list, no delete."""
-    return document({
-        "Sid": "PutDumpsOnly",
-        "Effect": "Allow",
+    """The host may add dumps under each stage's prefix and read them back (a HEAD confirms an upload whose
+    answer was lost; the drill and the restore on the host read them), but never delete or overwrite a
+    version away: no s3:DeleteObject*, no s3:GetObjectVersion, and versioning keeps an overwritten dump.
+    Reading discloses nothing the host does not hold already: the live databases are on it."""
+    objects = [f"{bucket_arn}/{stage}/*" for stage in sorted(stages)]
+    return document(
         # Also covers the multipart upload calls the AWS CLI makes for large files.
-        "Action": "s3:PutObject",
-        "Resource": [f"{bucket_arn}/{stage}/*" for stage in sorted(stages)],
-    })
+        {"Sid": "PutDumps", "Effect": "Allow", "Action": "s3:PutObject", "Resource": objects},
+        {"Sid": "ReadDumps", "Effect": "Allow", "Action": "s3:GetObject", "Resource": objects},
+        {"Sid": "FindDumps", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": bucket_arn},
+    )
 
 
 def restore_policy(bucket_arn: str) -> str:

@@ -78,7 +78,7 @@ def test_dumps_expire_after_the_configured_days_and_old_versions_after_7(days):
 
 # --- identities ---------------------------------------------------------------------------------
 
-def test_the_writer_may_only_put_objects_under_the_stage_prefixes(prod):
+def test_the_writer_may_put_and_read_objects_under_the_stage_prefixes_and_list_them(prod):
     arn = bucket_arn(prod)
     role = one(prod, "aws:iam/role:Role", "backups-writer")
     role_refs = {role.name + "-id", role.inputs["name"]}
@@ -86,10 +86,12 @@ def test_the_writer_may_only_put_objects_under_the_stage_prefixes(prod):
     [policy] = [p for p in prod.of_type("aws:iam/rolePolicy:RolePolicy") if p.inputs["role"] in role_refs]
     assert [p for p in prod.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment")
             if p.inputs["role"] in role_refs] == []
-    assert statements(policy) == [{
-        "Sid": "PutDumpsOnly", "Effect": "Allow", "Action": "s3:PutObject",
-        "Resource": sorted(f"{arn}/{stage}/*" for stage in ("prod", "qa")),
-    }]
+    objects = sorted(f"{arn}/{stage}/*" for stage in ("prod", "qa"))
+    assert statements(policy) == [
+        {"Sid": "PutDumps", "Effect": "Allow", "Action": "s3:PutObject", "Resource": objects},
+        {"Sid": "ReadDumps", "Effect": "Allow", "Action": "s3:GetObject", "Resource": objects},
+        {"Sid": "FindDumps", "Effect": "Allow", "Action": "s3:ListBucket", "Resource": arn},
+    ]
     assert statements(role, "assumeRolePolicy") == [
         {"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}]
 

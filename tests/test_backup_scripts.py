@@ -1,126 +1,26 @@
-"""The backup and restore scripts, run for real: PostgreSQL 16 (the shared `pg` fixture) and the S3 API of
-moto in server mode on 127.0.0.1, with IAM enforced. The host writes with exactly the writer policy that
-infra/backups.py attaches to the instance role, and restores read with exactly the operators' policy."""
+"""The backup script, run for real: PostgreSQL 16 (the shared `pg` fixture) and moto's S3 on 127.0.0.1
+with IAM enforced, the host writing with exactly the writer policy of infra/backups.py
+(tests/s3_sandbox.py). Restores have their own module, tests/test_restore.py."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import http.client
 import json
-import os
-import secrets
 import subprocess
-import sys
-import urllib.request
+import time
 import uuid
-from pathlib import Path
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from threading import Thread
+from typing import Callable
 
-import boto3
 import pytest
 from botocore.exceptions import ClientError
-from moto.server import ThreadedMotoServer
 
-from infra.backups import restore_policy, writer_policy
 from infra.settings import STAGES
-from tests.pgcluster import SERVER_USER, free_port
+from tests.s3_sandbox import BACKUP, RUN_AS, STAGE, Backups, timestamp_of
 
-HOST = Path(__file__).resolve().parent.parent / "infra" / "host"
-BACKUP = HOST / "backup-databases.sh"
-RESTORE = HOST / "restore-database.sh"
-REGION = "us-east-2"
-STAGE = "prod"
-ADMIN_POLICY = json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
-
-
-class S3Sandbox:
-    """moto's S3 and IAM on 127.0.0.1, answering only signed requests that an IAM policy allows."""
-
-    def __init__(self) -> None:
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
-        self.server.start()
-        host, port = self.server.get_host_and_port()
-        self.endpoint = f"http://{host}:{port}"
-        self.admin = self._user("admin", ADMIN_POLICY, client=boto3.client("iam", **self._anonymous()))
-        # From here on every request must be signed by a user whose policies allow it.
-        self._moto_api("reset-auth", b"0")
-
-    def _moto_api(self, action: str, data: bytes) -> None:
-        request = urllib.request.Request(f"{self.endpoint}/moto-api/{action}", data=data,
-                                         headers={"Content-Type": "text/plain"})  # a raw body, not a form
-        urllib.request.urlopen(request).close()
-
-    def _anonymous(self) -> dict:
-        return dict(endpoint_url=self.endpoint, region_name=REGION, aws_access_key_id="bootstrap",
-                    aws_secret_access_key="bootstrap")
-
-    def _user(self, name: str, policy: str, client=None) -> dict[str, str]:
-        iam = client or self.client("iam")
-        iam.create_user(UserName=name)
-        iam.put_user_policy(UserName=name, PolicyName=name, PolicyDocument=policy)
-        key = iam.create_access_key(UserName=name)["AccessKey"]
-        return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
-
-    def user(self, policy: str) -> dict[str, str]:
-        return self._user(f"u{uuid.uuid4().hex[:12]}", policy)
-
-    def client(self, service: str, credentials: dict[str, str] | None = None):
-        credentials = credentials or self.admin
-        return boto3.client(service, endpoint_url=self.endpoint, region_name=REGION,
-                            aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"])
-
-    def environment(self, credentials: dict[str, str]) -> dict[str, str]:
-        """What the AWS CLI in the scripts needs to reach this sandbox, and nothing from the caller's setup."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": REGION, "AWS_CONFIG_FILE": "/dev/null",
-                "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_EC2_METADATA_DISABLED": "true", **credentials}
-
-    def stop(self) -> None:
-        # moto's settings are process-wide: leave it as other tests expect it.
-        self._moto_api("reset-auth", b"inf")
-        self._moto_api("reset", b"")
-        self.server.stop()
-
-
-class Backups:
-    """One bucket with the host's writer and an operator, and the scripts wired to them and to `pg`."""
-
-    def __init__(self, s3: S3Sandbox, pg, tmp_path: Path):
-        self.s3, self.pg, self.tmp_path = s3, pg, tmp_path
-        self.bucket = f"backups-{uuid.uuid4().hex[:12]}"
-        self.admin = s3.client("s3")
-        self.admin.create_bucket(Bucket=self.bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
-        self.admin.put_bucket_versioning(Bucket=self.bucket, VersioningConfiguration={"Status": "Enabled"})
-        arn = f"arn:aws:s3:::{self.bucket}"
-        self.writer = s3.user(writer_policy(arn, STAGES))
-        self.operator = s3.user(restore_policy(arn))
-
-    def _env(self, credentials: dict[str, str], **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in self.pg.env().items() if not k.startswith("AWS_")}
-        # The AWS CLI pinned in requirements-test.txt, installed beside this Python.
-        env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-        return {**env, **self.s3.environment(credentials), "BACKUP_BUCKET": self.bucket, **extra}
-
-    def backup(self, *targets: str, **env: str) -> subprocess.CompletedProcess:
-        # As on the host: pg_dump runs as the server's OS user over the socket (there: postgres).
-        env = {"BACKUP_RUN_AS": SERVER_USER if os.geteuid() == 0 else "",
-               "BACKUP_LOCK": str(self.tmp_path / "backup.lock"), **env}
-        return subprocess.run(["bash", str(BACKUP), *targets], env=self._env(self.writer, **env),
-                              capture_output=True, text=True, timeout=60)
-
-    def restore(self, *args: str, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(RESTORE), *args], env=self._env(self.operator, **env),
-                              capture_output=True, text=True, timeout=60)
-
-    def keys(self, prefix: str = "") -> list[str]:
-        listing = self.admin.list_object_versions(Bucket=self.bucket, Prefix=prefix)
-        return sorted(v["Key"] for v in listing.get("Versions", []))
-
-
-@pytest.fixture(scope="module")
-def s3():
-    sandbox = S3Sandbox()
-    try:
-        yield sandbox
-    finally:
-        sandbox.stop()
+pytest_plugins = ["tests.s3_sandbox"]
 
 
 @pytest.fixture
@@ -164,43 +64,57 @@ CREATE VIEW leaders AS SELECT name, score FROM players WHERE score > 500;
 """
 
 
-def rows(pg, database: str) -> list[str]:
-    """Every row of the seeded table as PostgreSQL prints it, in id order."""
-    return json.loads(pg.psql("SELECT json_agg(p::text ORDER BY id) FROM players p", database=database))
+def only_dump(backups: Backups, database: str) -> str:
+    dumps = backups.dumps(database)
+    assert len(dumps) == 1, dumps
+    return dumps[0]
 
 
-def only_key(backups: Backups, database: str) -> str:
-    keys = backups.keys(f"{STAGE}/{database}/")
-    assert len(keys) == 1, keys
-    return keys[0]
-
-
-def timestamp_of(key: str) -> str:
-    return key.rsplit("/", 1)[1].removesuffix(".dump")
-
-
-def test_backup_then_restore_into_a_fresh_database_brings_back_every_row(backups, databases, pg):
+def test_a_backup_is_a_dump_and_a_manifest_that_vouches_for_it(backups, databases, pg):
     source = databases()
+    pg.psql(f"ALTER DATABASE {source} SET work_mem = '64MB'; COMMENT ON DATABASE {source} IS 'the game''s'")
     result = backups.backup(f"{STAGE}:{source}")
     assert result.returncode == 0, result.stderr
 
-    key = only_key(backups, source)
-    assert key.startswith(f"{STAGE}/{source}/") and key.endswith(".dump")
-    # The key's timestamp is UTC, compact ISO 8601.
+    key = only_dump(backups, source)
+    # The key's timestamp is UTC, compact ISO 8601; the manifest sits beside the dump.
     assert len(timestamp_of(key)) == 16 and timestamp_of(key)[8] == "T" and key.endswith("Z.dump")
-    body = backups.admin.get_object(Bucket=backups.bucket, Key=key)["Body"].read()
+    assert backups.keys(f"{STAGE}/{source}/") == [key, key.removesuffix(".dump") + ".manifest.json"]
+    body = backups.get(key)
     assert body.startswith(b"PGDMP")  # pg_dump's custom format
+    manifest = backups.manifest(key)
+    assert manifest["dump"] == key
+    assert manifest["sha256"] == hashlib.sha256(body).hexdigest() and manifest["bytes"] == len(body)
+    assert f"ok {key} ({len(body)} bytes, sha256 {manifest['sha256']})" in result.stderr
+    database = manifest["database"]
+    assert database["name"] == source and database["owner"] == "postgres" and database["encoding"] == "UTF8"
+    assert database["comment"] == "the game's"
+    assert {"role": None, "setting": "work_mem=64MB"} in database["settings"]
+    assert {"grantee": "PUBLIC", "privilege": "CONNECT", "grantable": False} in database["acl"]
+    # Row counts and checksums, as the drill compares them, read in the dump's snapshot.
+    [players] = [r for r in manifest["relations"] if r.get("table") == "public.players"]
+    assert players["rows"] == 500 and players["checksum"].lstrip("-").isdigit()
+    assert {"sequence": "public.players_id_seq", "value": 500} in manifest["relations"]
+    assert (backups.work / "state" / "backup" / f"{STAGE}.{source}.last-success").read_text() == key + "\n"
 
-    target = f"{source}_restored"
-    result = backups.restore("--stage", STAGE, "--database", source, "--at", timestamp_of(key), "--target", target)
-    assert result.returncode == 0, result.stderr
+
+def test_the_manifest_is_read_in_the_snapshot_the_dump_is(backups, databases, pg):
+    """Rows written while the dump runs are in neither: both read one exported snapshot."""
+    source = databases()
+    writer = subprocess.Popen(
+        ["bash", "-c", f"for i in $(seq 1 400); do echo 'INSERT INTO players (name) VALUES (''w'');'; done | "
+                       f"psql -X -q -d {source}"], env=pg.env())
     try:
-        assert rows(pg, target) == rows(pg, source)
-        assert len(rows(pg, target)) == 500
-        assert pg.psql("SELECT count(*) FROM leaders", database=target) == \
-            pg.psql("SELECT count(*) FROM leaders", database=source)
+        result = backups.backup(f"{STAGE}:{source}")
     finally:
-        pg.psql(f"DROP DATABASE IF EXISTS {target} WITH (FORCE)")
+        writer.wait(timeout=30)
+    assert result.returncode == 0, result.stderr
+    key = only_dump(backups, source)
+    [players] = [r for r in backups.manifest(key)["relations"] if r.get("table") == "public.players"]
+    dumped = subprocess.run(["pg_restore", "--data-only", "--table=players", "-f", "-"], input=backups.get(key),
+                            capture_output=True, env=pg.env(), check=True).stdout
+    copied = dumped.split(b"FROM stdin;\n", 1)[1].split(b"\n\\.\n", 1)[0].count(b"\n") + 1
+    assert players["rows"] == copied
 
 
 def test_a_failed_dump_exits_non_zero_and_uploads_nothing(backups, databases):
@@ -220,101 +134,7 @@ def test_one_failed_database_does_not_stop_the_others(backups, databases):
     assert result.returncode != 0
     assert f"FAILED {STAGE}/{missing}/" in result.stderr
     assert backups.keys(f"{STAGE}/{missing}/") == []
-    only_key(backups, good)
-
-
-def test_latest_restores_the_newest_dump(backups, databases, pg):
-    source = databases()
-    old_rows = rows(pg, source)
-    assert backups.backup(f"{STAGE}:{source}").returncode == 0
-    old_key = only_key(backups, source)
-    old_dump = backups.admin.get_object(Bucket=backups.bucket, Key=old_key)["Body"].read()
-    backups.admin.delete_object(Bucket=backups.bucket, Key=old_key)  # back below, under an older name
-    pg.psql("UPDATE players SET name = 'renamed' WHERE id <= 10; DELETE FROM players WHERE id > 400", database=source)
-    new_rows = rows(pg, source)
-    assert backups.backup(f"{STAGE}:{source}").returncode == 0
-    # The older dump is uploaded last: neither upload order nor modification time may decide.
-    older = f"{STAGE}/{source}/20000101T000000Z.dump"
-    backups.admin.put_object(Bucket=backups.bucket, Key=older, Body=old_dump)
-
-    target = databases(seed=False)
-    result = backups.restore("--stage", STAGE, "--at", "latest", "--target", target)
-    assert result.returncode == 0, result.stderr
-    assert older not in result.stderr
-    assert rows(pg, target) == new_rows != old_rows
-
-
-def test_restore_refuses_a_non_empty_database_without_force(backups, databases, pg):
-    source = databases()
-    assert backups.backup(f"{STAGE}:{source}").returncode == 0
-    at = timestamp_of(only_key(backups, source))
-    target = databases(seed=False)
-    # A table of the same name as one in the dump, holding something else.
-    pg.psql("CREATE TABLE players (id int, note text); INSERT INTO players VALUES (1, 'precious')", database=target)
-    before = rows(pg, target)
-
-    result = backups.restore("--stage", STAGE, "--database", source, "--at", at, "--target", target)
-    assert result.returncode != 0
-    assert "REFUSED" in result.stderr
-    assert rows(pg, target) == before == ['(1,precious)']
-
-    # --force replaces what the dump holds.
-    result = backups.restore("--stage", STAGE, "--database", source, "--at", at, "--target", target, "--force")
-    assert result.returncode == 0, result.stderr
-    assert rows(pg, target) == rows(pg, source)
-
-
-@pytest.fixture
-def stage_database(pg):
-    """A database owned by a login role that is no superuser and may not create databases, as the stage's
-    role is on the host (infra/host/pg-database.sh); dropped after the test."""
-    name, password = f"bk_{uuid.uuid4().hex[:10]}", f"pw-{secrets.token_urlsafe(12)}"
-    pg.psql(f"CREATE ROLE {name} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE")
-    # The password goes through the environment, not a command line.
-    subprocess.run(["psql", "-X", "-v", "ON_ERROR_STOP=1"], env=pg.env(KATFORGE_PASSWORD=password), check=True,
-                   input=f"\\getenv password KATFORGE_PASSWORD\nALTER ROLE {name} PASSWORD :'password';\n",
-                   capture_output=True, text=True)
-    pg.psql(f"CREATE DATABASE {name} OWNER {name}")
-    pg.psql(f"REVOKE CONNECT ON DATABASE {name} FROM PUBLIC")
-    yield name, password
-    pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    pg.psql(f"DROP ROLE IF EXISTS {name}")
-
-
-def test_the_stage_role_restores_over_its_own_database_with_force_over_tcp(backups, stage_database, pg):
-    role, password = stage_database
-    # As the README has operators connect: the stage's role, by password over TCP.
-    tcp = {"PGHOST": "127.0.0.1", "PGPORT": str(pg.port), "PGUSER": role, "PGPASSWORD": password}
-    assert pg.psql("SELECT rolsuper OR rolcreatedb FROM pg_roles WHERE rolname = current_user",
-                   **tcp, PGDATABASE=role) == "f"
-    # This path checks the password (pg_hba: scram-sha-256 from 127.0.0.1); if another test left pg_hba
-    # otherwise, this says so rather than passing without a password check.
-    refused = subprocess.run(["psql", "-X", "-c", "SELECT 1"], capture_output=True, text=True,
-                             env=pg.env(**{**tcp, "PGPASSWORD": "wrong"}, PGDATABASE=role))
-    assert "password authentication failed" in refused.stderr
-
-    pg.psql(SEED, database=role, **tcp)  # the role owns what the apps create
-    seeded, leaders = rows(pg, role), pg.psql("SELECT json_agg(l) FROM leaders l", database=role)
-    assert backups.backup(f"{STAGE}:{role}").returncode == 0
-    at = timestamp_of(only_key(backups, role))
-    pg.psql("UPDATE players SET name = 'changed', score = -1 WHERE id <= 10; DELETE FROM players WHERE id > 400;"
-            "INSERT INTO players (name) VALUES ('added after the dump')", database=role, **tcp)
-    changed = rows(pg, role)
-    assert changed != seeded and pg.psql("SELECT count(*) FROM leaders", database=role) == "0"
-
-    restore = ("--stage", STAGE, "--database", role, "--at", at, "--target", role)
-    result = backups.restore(*restore, **tcp)
-    assert result.returncode != 0
-    assert "REFUSED" in result.stderr
-    assert rows(pg, role) == changed
-
-    result = backups.restore(*restore, "--force", **tcp)
-    assert result.returncode == 0, result.stderr
-    assert rows(pg, role) == seeded
-    assert len(seeded) == 500
-    assert pg.psql("SELECT json_agg(l) FROM leaders l", database=role) == leaders
-    assert pg.psql("SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class WHERE relname IN ('players', 'leaders')",
-                   database=role) == role
+    only_dump(backups, good)
 
 
 def test_a_second_run_does_not_start_while_one_holds_the_lock(backups, databases, tmp_path):
@@ -328,19 +148,161 @@ def test_a_second_run_does_not_start_while_one_holds_the_lock(backups, databases
     assert backups.keys() == []
 
 
-def test_the_writer_can_only_add_dumps_under_a_stage_prefix(backups):
+def test_the_dump_streams_to_s3_without_a_temporary_file(backups, databases):
+    """Finding 9: the dump's temporary file shared the database's disk. No file is written at all now:
+    with nowhere to write one, the backup still succeeds."""
+    source = databases()
+    result = backups.backup(f"{STAGE}:{source}", TMPDIR="/nonexistent/katforge-tmp")
+    assert result.returncode == 0, result.stderr
+    only_dump(backups, source)
+
+
+def session(pg, database: str, *statements: str) -> subprocess.Popen:
+    """A psql session that runs the statements and then stays connected, in its transaction, until closed."""
+    process = subprocess.Popen(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", database], env=pg.env(),
+                               stdin=subprocess.PIPE, text=True)
+    process.stdin.write("".join(f"{s};\n" for s in statements) + "SELECT pg_sleep(0);\n")
+    process.stdin.flush()
+    return process
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_dump_waiting_for_a_lock_gives_up_before_a_migration_queued_behind_it_would(backups, databases, pg):
+    """Finding 9: pg_dump locks its tables one by one and holds each; stuck behind a transaction on one
+    of them, it held a migration waiting for another indefinitely. It waits BACKUP_LOCK_WAIT at most."""
+    source = databases()
+    pg.psql("CREATE TABLE later (id int)", database=source)  # pg_dump locks players first (lower OID)
+    holder = session(pg, source, "BEGIN", "LOCK TABLE later IN ACCESS EXCLUSIVE MODE")
+    backup = subprocess.Popen(["bash", str(BACKUP), f"{STAGE}:{source}"], stderr=subprocess.PIPE, text=True,
+                              env=backups.env(backups.writer, BACKUP_RUN_AS=RUN_AS, BACKUP_LOCK=str(backups.work / "lock"),
+                                              BACKUP_LOCK_WAIT="1s", BACKUP_TRIES="1"))
+    try:
+        wait_for(lambda: pg.psql("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                 f"AND datname = '{source}' AND application_name = 'pg_dump'") == "1",
+                 "pg_dump to wait for the lock")
+        # The migration: it waits for pg_dump's lock on players, and gives up after 4 s of waiting.
+        started = time.monotonic()
+        pg.psql("SET lock_timeout = '4s'; ALTER TABLE players ADD COLUMN migrated int", database=source)
+        assert time.monotonic() - started < 3
+        _, errors = backup.communicate(timeout=30)
+    finally:
+        holder.communicate("ROLLBACK;\n", timeout=10)
+        backup.kill()
+    assert backup.returncode != 0
+    assert f"FAILED {STAGE}/{source}/" in errors and "stayed locked for 1s" in errors, errors
+    assert backups.keys() == []
+
+
+class FaultyS3:
+    """An HTTP proxy in front of moto that passes requests on, except those `fault` picks: each of them
+    reaches S3 but its answer never comes back (`lost="answer"`), or never reaches S3 (`lost="request"`);
+    either way the connection closes, as a network failure would close it."""
+
+    def __init__(self, upstream: str, fault: Callable[[str, str], bool], lost: str):
+        host, port = upstream.removeprefix("http://").split(":")
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                if "chunked" in self.headers.get("Transfer-Encoding", ""):
+                    body = b""
+                    while True:
+                        line = self.rfile.readline()
+                        body += line
+                        size = int(line.split(b";")[0], 16)
+                        body += self.rfile.read(size + 2)
+                        if size == 0:
+                            break
+                else:
+                    body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                faulty = fault(self.command, self.path)
+                if faulty and lost == "request":
+                    self.close_connection = True
+                    return
+                upstream_connection = http.client.HTTPConnection(host, int(port), timeout=30)
+                upstream_connection.request(self.command, self.path, body=body, headers=dict(self.headers))
+                answer = upstream_connection.getresponse()
+                data = answer.read()
+                upstream_connection.close()
+                if faulty:
+                    proxy.faults += 1
+                    self.close_connection = True
+                    return
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(name, value)
+                # A HEAD's length is the object's; it comes without a body.
+                self.send_header("Content-Length", answer.getheader("Content-Length", "0") if self.command == "HEAD"
+                                 else str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.faults = 0
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("lost", ["answer", "request"])
+def test_failed_means_no_complete_dump_in_the_bucket(backups, databases, lost):
+    """Finding 8: a dump whose upload reported an error after the object had landed was logged FAILED.
+    Whether it landed is asked of S3 (a HEAD of the key, the whole size)."""
+    source = databases()
+    proxy = FaultyS3(backups.s3.endpoint, lambda method, path: method == "PUT" and path.endswith(".dump"), lost)
+    backups.endpoint = proxy.url
+    try:
+        result = backups.backup(f"{STAGE}:{source}", AWS_MAX_ATTEMPTS="1", AWS_RETRY_MODE="standard")
+    finally:
+        proxy.stop()
+    if lost == "answer":
+        assert proxy.faults >= 1
+        assert result.returncode == 0, result.stderr
+        assert "FAILED" not in result.stderr
+        key = only_dump(backups, source)
+        assert "the upload reported an error, but the whole object" in result.stderr
+        assert backups.manifest(key)["sha256"] == hashlib.sha256(backups.get(key)).hexdigest()
+    else:
+        assert result.returncode != 0
+        assert f"FAILED {STAGE}/{source}/" in result.stderr and "no complete object" in result.stderr
+        assert backups.keys() == []
+
+
+def test_the_writer_adds_and_reads_dumps_but_cannot_delete_or_write_elsewhere(backups):
+    """The host writes the dumps and reads them back (the drill, confirming an upload); it may never
+    delete one (versions included) nor write outside a stage's prefix."""
     key = f"{STAGE}/katforge/20240101T033000Z.dump"
-    backups.admin.put_object(Bucket=backups.bucket, Key=key, Body=b"PGDMP")
+    backups.put(key, b"PGDMP")
     writer = backups.s3.client("s3", backups.writer)
+    assert writer.get_object(Bucket=backups.bucket, Key=key)["Body"].read() == b"PGDMP"
+    assert [o["Key"] for o in writer.list_objects_v2(Bucket=backups.bucket)["Contents"]] == [key]
+    version = backups.admin.list_object_versions(Bucket=backups.bucket)["Versions"][0]["VersionId"]
     denied = [
-        lambda: writer.get_object(Bucket=backups.bucket, Key=key),
-        lambda: writer.list_objects_v2(Bucket=backups.bucket),
         lambda: writer.delete_object(Bucket=backups.bucket, Key=key),
+        lambda: writer.delete_object(Bucket=backups.bucket, Key=key, VersionId=version),
         lambda: writer.put_object(Bucket=backups.bucket, Key="elsewhere/katforge.dump", Body=b"x"),
+        lambda: writer.put_bucket_lifecycle_configuration(Bucket=backups.bucket, LifecycleConfiguration={"Rules": []}),
     ]
     for call in denied:
         with pytest.raises(ClientError, match="AccessDenied"):
             call()
     for stage in STAGES:
         writer.put_object(Bucket=backups.bucket, Key=f"{stage}/katforge/probe.dump", Body=b"x")
-

@@ -126,7 +126,8 @@ reader.join()
 if status != 0 or upload_ended:
     upload.kill()  # before its input closes: an upload that saw the end of its input would complete
     upload.wait()
-    sys.exit(5 if any(b"could not obtain lock" in line for line in errors) else 3)
+    # pg_dump's lock wait is a statement timeout on its LOCK TABLE statement.
+    sys.exit(5 if any(b"Query was: LOCK TABLE" in line for line in errors) else 3)
 upload.stdin.close()
 print(digest.hexdigest(), size)
 sys.exit(0 if upload.wait() == 0 else 4)

@@ -70,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to-revision", type=int, default=0, metavar="N",
                           help="the revision to go back to (default: the previous one)")
     rollback.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    rollback.add_argument("--timeout", type=_duration, default="0", metavar="DURATION",
+                          help="stop waiting after this long, e.g. 5m (default: 0, until the Deployment's progress "
+                               "deadline fails it)")
     return top
 
 
@@ -109,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None, *, environ: Mapping[str, str] = o
                             and not environ.get("NO_COLOR"))
         from hearth import rollback
         return rollback.run(cluster, estate, args.app, to_revision=args.to_revision, yes=args.yes, stdin=stdin,
-                            out=stdout, tty=stdout.isatty())
+                            out=stdout, tty=stdout.isatty(), timeout=args.timeout)
     except HearthError as error:
         stderr.write(f"hearth: {' '.join(str(error).split())}\n")  # one line, whatever a library's message holds
         return error.code

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Optional, TextIO
 
 from hearth import kube, rollout
@@ -66,8 +67,10 @@ def _pump(events: "queue.Queue", source) -> None:
 
 
 def wait(cluster: Cluster, namespace: str, name: str, deployment: dict, pod_hash: Optional[str], out: TextIO,
-         tty: bool) -> Optional[str]:
-    """Until the rollout completes (None) or fails (why). The Deployment and the target's pods are watched."""
+         tty: bool, timeout: float = 0) -> Optional[str]:
+    """Until the rollout completes (None), fails (why) or `timeout` seconds pass (0: no limit but the
+    Deployment's progress deadline). The Deployment and the target's pods are watched."""
+    deadline = time.monotonic() + timeout if timeout else None
     events: "queue.Queue" = queue.Queue()
     version = deployment["metadata"]["resourceVersion"]
     threading.Thread(target=_pump, daemon=True,
@@ -91,7 +94,11 @@ def wait(cluster: Cluster, namespace: str, name: str, deployment: dict, pod_hash
                 progress.show(f"deployment {name}: {state.message}")
                 return None
             progress.show(f"waiting for deployment {name}: {state.message}")
-            kind, obj = events.get()
+            try:
+                kind, obj = events.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return (f"it did not finish within {timeout:g} s ({state.message}); it goes on in the cluster: "
+                        "hearth status")
             if kind == "ERROR":
                 raise obj
             if obj.get("kind") == "Deployment" or "template" in (obj.get("spec") or {}):
@@ -105,7 +112,7 @@ def wait(cluster: Cluster, namespace: str, name: str, deployment: dict, pod_hash
 
 
 def run(cluster: Cluster, estate: Estate, app: str, *, to_revision: int, yes: bool, stdin: TextIO, out: TextIO,
-        tty: bool) -> int:
+        tty: bool, timeout: float = 0) -> int:
     ns = estate.namespace
     deployment = cluster.deployment(ns, app)
     if deployment is None:
@@ -136,7 +143,7 @@ def run(cluster: Cluster, estate: Estate, app: str, *, to_revision: int, yes: bo
     out.write(f"{app} rolled back to the template of revision {to_revision_found}\n")
     pod_hash = (target["metadata"].get("labels") or {}).get(rollout.TEMPLATE_HASH)
     try:
-        failure = wait(cluster, ns, app, patched, pod_hash, out, tty)
+        failure = wait(cluster, ns, app, patched, pod_hash, out, tty, timeout)
     except KeyboardInterrupt:
         raise HearthError(f"stopped waiting: the rollout of {app} goes on in the cluster (hearth status"
                           f"{' --qa' if estate.stage.name == 'qa' else ''})", 130) from None

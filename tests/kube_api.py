@@ -1059,15 +1059,23 @@ class DeploymentController:
 
     def __init__(self, api: KubeApi, outcomes: Optional[dict[tuple[str, str], str]] = None, step: float = 0.05):
         self.api, self.outcomes, self.step = api, outcomes or {}, step
-        self.done = threading.Event()
+        self.rolls: list[threading.Thread] = []
         api.listen(self.changed)
+
+    def settle(self, timeout: float = 5) -> None:
+        """Wait for the rollouts under way to play out."""
+        for roll in self.rolls:
+            roll.join(timeout)
+        self.rolls = [roll for roll in self.rolls if roll.is_alive()]
 
     def changed(self, event: Event) -> None:
         obj = event.object
         if event.kind.kind == "Deployment" and event.type == "MODIFIED" and \
                 obj["metadata"].get("generation", 0) > obj.get("status", {}).get("observedGeneration", 0):
-            threading.Thread(target=self.roll, args=(obj["metadata"]["namespace"], obj["metadata"]["name"]),
-                             daemon=True).start()
+            roll = threading.Thread(target=self.roll, args=(obj["metadata"]["namespace"], obj["metadata"]["name"]),
+                                    daemon=True)
+            self.rolls.append(roll)
+            roll.start()
 
     def owned(self, owners: Iterable[dict], kind: str) -> list[dict]:
         uids = {owner["metadata"]["uid"] for owner in owners}
@@ -1084,6 +1092,11 @@ class DeploymentController:
         now = datetime.datetime.now(datetime.timezone.utc)
         [target] = [rs for rs in sets if without_hash(rs["spec"]["template"]) == template] or [
             replica_set(deployment, template, revision=revision, replicas=0, created=iso(now))]
+        if target in sets and int(target["metadata"]["annotations"][REVISION]) == revision - 1:
+            # The template it already runs (a scale, say): nothing rolls, the new spec is observed.
+            deployment["status"]["observedGeneration"] = deployment["metadata"]["generation"]
+            api.add(deployment)
+            return
         annotations = target["metadata"]["annotations"]
         if REVISION in annotations and annotations[REVISION] != str(revision) and target in sets:
             annotations["deployment.kubernetes.io/revision-history"] = annotations[REVISION]
@@ -1129,7 +1142,6 @@ class DeploymentController:
             with_status(deployment, replicas=1, updated=1, ready=1, available=1, at=iso(now),
                         progressing=("True", "NewReplicaSetAvailable", f'ReplicaSet "{rs_name}" has successfully progressed.'))
             api.add(deployment)
-        self.done.set()
 
 
 def serve(objects: Iterable[dict]) -> KubeApi:

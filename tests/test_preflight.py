@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("lightkube", reason="lightkube is not installed: make test must install requirements-tools.txt")
 
-from tests.discovered import moto_zone_ids, stack_copy
+from tests.discovered import discover_into, moto_zone_ids, stack_copy, use_account
 from tools import adoption, discover, preflight, stackfile
 from tools.offline import ROOT, effective_config, project_config_schema
 
@@ -132,6 +132,23 @@ def test_every_live_stateful_resource_is_imported(adoption, plans, passing):
     assert report.row("HelmChartConfig:cluster-traefik-config").op == "risk"
     # Live records are taken over in place (an UPSERT), with their TTL.
     assert report.row("Record:katforge.com-a").detail == "takes over the live one in place: ttl 3600 → 300"
+
+
+def test_qa_adopts_its_namespace_and_apps_beside_the_adopted_prod(adoption, live_account, kube_api, tmp_path,
+                                                                   monkeypatch, capsys):
+    use_account(monkeypatch, live_account)
+    path = stack_copy(tmp_path / "stack").with_name("Pulumi.qa.yaml")
+    path.with_name("Pulumi.prod.yaml").write_bytes(adoption.after_last)  # qa's plan reads prod's outputs
+    run = discover_into(["--stack", "qa", "--kubeconfig", str(kube_api.kubeconfig(tmp_path / "kubeconfig")),
+                         "--no-hosts", "--stack-file", str(path)], tmp_path / "qa.json")
+    assert run.status == 0, run.stdout
+    with moto_zone_ids():
+        status = preflight.main(["--stack", "qa", "--discovered", str(run.path), "--stack-file", str(path),
+                                 "--accept-unchecked", "hosts"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    imported = {line.split(": ", 1)[0].split()[-1] for line in out.splitlines() if line.startswith("import ")}
+    assert {"Namespace:apps-namespace", "Deployment:apps-api", "Deployment:apps-web", "Secret:apps-ghcr"} <= imported
 
 
 def test_an_empty_account_plans_every_resource_as_a_create(greenfield, plans, tmp_path):

@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable, Optional
 
 from tools import stackfile
 from tools.discover_targets import kube_object
-from tools.offline import (CLOUD, KNOWN_AFTER_DEPLOY, PROJECT, ROOT, Plan, PlannedResource, evaluate,
-                           project_config_schema, stack_config)
+from tools.offline import (CLOUD, KNOWN_AFTER_DEPLOY, ROOT, Plan, PlannedResource, configured_cloud,
+                           effective_config, evaluate, project_config_schema, stack_config)
 
 SOURCES = ("aws", "cluster", "hosts")
 INSTANCE = "aws:ec2/instance:Instance"
@@ -398,21 +398,17 @@ def stack_file_config(stack: str, path: Path) -> dict[str, Any]:
     return {**{key: None for key in stack_config(stack) if key not in chosen}, **chosen}
 
 
-def plan_against(stack: str, stack_file: Path, document: dict, extra: Optional[dict[str, Any]] = None) -> Plan:
+def plan_against(stack: str, stack_file: Path, document: Optional[dict] = None,
+                 extra: Optional[dict[str, Any]] = None) -> Plan:
     """The offline plan of `stack` with the config of `stack_file` (and `extra` on top), its lookups
-    answered from the discovered account. qa's reads prod's stack file beside it, or the committed one."""
+    answered from the discovered account (without one, from the account the config names). qa's plan
+    reads prod's stack file beside it, or the committed one; qa's discovery does not look at prod's hosts,
+    so those are as prod's stack file names them."""
     config = {**stack_file_config(stack, stack_file), **(extra or {})}
     prod_file = stack_file.with_name("Pulumi.prod.yaml")
     prod = None if stack == "prod" else stack_file_config("prod", prod_file if prod_file.exists()
                                                           else ROOT / "Pulumi.prod.yaml")
-    return evaluate(stack, config, prod, cloud=cloud_of(document))
-
-
-# What only the account answers, left out of the plan that names what discovery looks for: any zone or
-# subnet ID in the stack file would otherwise need the account before it is read.
-ACCOUNT_KEYS = {f"{PROJECT}:zoneIds": [], f"{PROJECT}:vpnSubnetId": "", f"{PROJECT}:imports": []}
-
-
-def names_plan(stack: str, stack_file: Path) -> Plan:
-    """The plan whose names (users, roles, records, Kubernetes objects...) discovery looks for."""
-    return plan_against(stack, stack_file, {}, ACCOUNT_KEYS)
+    cloud = None if document is None else cloud_of(document)
+    if cloud is not None and prod is not None:
+        cloud = configured_cloud(effective_config("prod", prod)[0], cloud)
+    return evaluate(stack, config, prod, cloud=cloud)

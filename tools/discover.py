@@ -154,9 +154,10 @@ def stack_file(args: argparse.Namespace) -> Path:
 
 
 def discover(args: argparse.Namespace) -> dict:
-    from tools.adoption import names_plan
+    from tools.adoption import plan_against
     from tools.discover_targets import targets as targets_of
-    targets = targets_of(args.stack, names_plan(args.stack, stack_file(args)))
+    # The names to look for come from the stack file's plan, against the account it names.
+    targets = targets_of(args.stack, plan_against(args.stack, stack_file(args)))
     document: dict[str, Any] = {"schema": SCHEMA, "stack": args.stack, "sources": {}}
     secrets: list[dict] = []
     for source, skipped, reader in (("aws", args.no_aws, lambda: read_aws(targets)),
@@ -387,7 +388,6 @@ def write_config(stack: str, document: dict, path: Path) -> ConfigWrite:
     if _read(document, "hosts"):
         wireguard, notes = wireguard_facts(document, current)
         values.update(wireguard)
-        values.update(k3s_facts(document, effective))
     refusal, planned_notes = None, []
     extra = {f"{PROJECT}:{key}": value for key, value in values.items()}
     for with_imports in (False, True):
@@ -398,6 +398,8 @@ def write_config(stack: str, document: dict, path: Path) -> ConfigWrite:
             refusal = str(error)
             break
         planned, planned_notes = planned_facts(plan, document, current)
+        if _read(document, "hosts") and any(r.name == "k3s" for r in plan.of_type(adoption.INSTANCE)):
+            planned.update(k3s_facts(document, effective))  # the stack that installs k3s (qa reads PostgreSQL)
         extra.update({f"{PROJECT}:{key}": value for key, value in planned.items()})
     # Only keys the project declares (one the program no longer reads stays out), and none that would
     # only repeat its default.

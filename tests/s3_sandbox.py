@@ -112,7 +112,7 @@ class Backups:
 
     def restore(self, *args: str, credentials: dict[str, str] | None = None, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(RESTORE), *args],
-                              env=self.env(credentials or self.operator, RESTORE_RUN_AS=RUN_AS, **env),
+                              env=self.env(credentials or self.operator, **{"RESTORE_RUN_AS": RUN_AS, **env}),
                               capture_output=True, text=True, timeout=60)
 
     def keys(self, prefix: str = "") -> list[str]:

@@ -335,9 +335,7 @@ sql postgres <"$workdir/properties.sql"
 restored=$EPOCHREALTIME
 
 scale() {
-  kubectl replace --raw "/apis/apps/v1/namespaces/$namespace/deployments/$1/scale" -f - >/dev/null <<JSON
-{"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "$1", "namespace": "$namespace"}, "spec": {"replicas": $2}}
-JSON
+  kubectl --namespace="$namespace" patch deployment "$1" --type=merge --patch="{\"spec\": {\"replicas\": $2}}" >/dev/null
 }
 # shellcheck disable=SC2329 # run by cleanup
 scale_back() {
@@ -354,11 +352,8 @@ scale_back() {
 
 if [[ -n $target_exists ]]; then
   if [[ -n $stop_apps ]]; then
-    deployments=$(kubectl get --raw "/apis/apps/v1/namespaces/$namespace/deployments" | python3 -c '
-import json, sys
-for d in json.load(sys.stdin)["items"]:
-    if d["spec"].get("replicas", 1):
-        print(d["metadata"]["name"], d["spec"].get("replicas", 1))')
+    deployments=$(kubectl --namespace="$namespace" get deployments \
+                  --output=jsonpath='{range .items[?(@.spec.replicas>0)]}{.metadata.name} {.spec.replicas}{"\n"}{end}')
     while read -r deployment replicas; do
       [[ -n $deployment ]] || continue
       scaled+=("$deployment $replicas")

@@ -19,7 +19,7 @@ import pytest
 
 class DnsServer:
     def __init__(self, records: dict[str, tuple[str, str]]):
-        """records: name -> ("A", address) or ("CNAME", target name)."""
+        """records: name -> ("A", address[,address...]) or ("CNAME", target name)."""
         self.records = dict(records)
         self.silent: set[str] = set()
         self.asked: list[str] = []
@@ -44,7 +44,7 @@ class DnsServer:
                 name = value
                 continue
             if question.rdtype == dns.rdatatype.A:
-                reply.answer.append(dns.rrset.from_text(f"{name}.", 300, "IN", "A", value))
+                reply.answer.append(dns.rrset.from_text(f"{name}.", 300, "IN", "A", *value.split(",")))
             return reply
         if not reply.answer:
             reply.set_rcode(dns.rcode.NXDOMAIN)

@@ -257,6 +257,7 @@ def hearth_dns(hearth) -> str:
 def test_dns_names_that_resolve_elsewhere_not_at_all_or_never_answer(hearth, dns_server):
     saved = dict(dns_server.records)
     dns_server.records["stumper.gg"] = ("A", "203.0.113.9")
+    dns_server.records["katforge.com"] = ("A", "3.19.192.157,203.0.113.10")  # a stray second record
     del dns_server.records["k3s.katforge.com"]
     dns_server.silent.add("vpn.katforge.com")
     try:
@@ -269,7 +270,10 @@ def test_dns_names_that_resolve_elsewhere_not_at_all_or_never_answer(hearth, dns
     assert check_row(result.out, "dns", "stumper.gg") == "wrong resolves to 203.0.113.9, declared 3.19.192.157"
     assert check_row(result.out, "dns", "k3s.katforge.com") == "unresolved does not resolve (NXDOMAIN)"
     assert check_row(result.out, "dns", "vpn.katforge.com") == "unreachable no answer within 0.3 s"
-    assert check_row(result.out, "dns", "www.katforge.com") == "ok resolves to 3.19.192.157"  # through its CNAME
+    assert check_row(result.out, "dns", "katforge.com") == "wrong resolves to 203.0.113.10, 3.19.192.157, declared 3.19.192.157"
+    assert check_row(result.out, "dns", "www.katforge.com") == (  # through its CNAME
+        "wrong resolves to 203.0.113.10, 3.19.192.157, declared 3.19.192.157")
+    assert check_row(result.out, "dns", "api.katforge.com").startswith("wrong")
 
 
 def test_checks_that_hang_are_cut_at_their_timeout(hearth, dns_server, tls_server, running_cluster):

@@ -22,9 +22,10 @@ HTTPS_PORT = 443
 CERTIFICATE_WARN_DAYS = 14
 # The backup timer runs daily (infra/backups.py, backupTime): older than a day and two hours, a run was missed.
 BACKUP_WARN_HOURS = 26
-# The dumps' keys: <stage>/<database>/<UTC timestamp>.dump (infra/host/backup-databases.sh; the restore
-# script picks the newest by the same pattern).
-DUMP_KEY = re.compile(r"/(?P<at>\d{8}T\d{6}Z)\.dump$")
+# The dumps' keys: <stage>/<database>/<UTC timestamp>.dump, and <UTC timestamp>.manifest.json beside each
+# once it completed (infra/host/backup-databases.sh: a dump counts only once its manifest exists, as the
+# restore script has it). Dumps from before manifests existed count as they are, where none has one.
+DUMP_KEY = re.compile(r"/(?P<at>\d{8}T\d{6}Z)\.(?P<kind>dump|manifest\.json)$")
 
 
 class Pending:
@@ -228,12 +229,14 @@ def newest_backup(bucket: str, prefix: str, region: str, now: datetime.datetime,
     config = botocore.config.Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1})
     try:
         s3 = boto3.session.Session().client("s3", region_name=region, config=config)
-        found = []
+        dumps, manifests = {}, set()
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 match = DUMP_KEY.search(obj["Key"])
-                if match:
-                    found.append((match["at"], obj))
+                if match and match["kind"] == "dump":
+                    dumps[match["at"]] = obj
+                elif match:
+                    manifests.add(match["at"])
     except botocore.exceptions.NoCredentialsError:
         return Probe("error", "no AWS credentials: set AWS_PROFILE (or the AWS_* variables) to an identity with "
                               "the katforge-backup-restore policy", facts)
@@ -242,9 +245,11 @@ def newest_backup(bucket: str, prefix: str, region: str, now: datetime.datetime,
         return Probe("error", f"s3://{bucket}: {detail.get('Code')}: {detail.get('Message')}", facts)
     except (botocore.exceptions.BotoCoreError, OSError) as error:
         return Probe("unreachable", f"s3://{bucket}: {error}", facts)
-    if not found:
-        return Probe("missing", f"no dump under s3://{bucket}/{prefix}", facts)
-    at, obj = max(found, key=lambda item: item[0])
+    complete = {at: obj for at, obj in dumps.items() if at in manifests or not manifests}
+    if not complete:
+        return Probe("missing", f"no {'complete ' if dumps else ''}dump under s3://{bucket}/{prefix}", facts)
+    at = max(complete)
+    obj = complete[at]
     taken = datetime.datetime.strptime(at, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
     age = now - taken
     facts.update({"key": obj["Key"], "takenAt": taken.strftime("%Y-%m-%dT%H:%M:%SZ"),

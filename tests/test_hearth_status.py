@@ -49,6 +49,9 @@ def backups(moto_server, running_cluster):
                       ("prod/katforge/README", 10),  # not a dump
                       (dump_key("qa", "katforge_qa", now - datetime.timedelta(hours=50)), 900)):
         s3.put_object(Bucket=BUCKET, Key=key, Body=b"x" * size)
+        s3.put_object(Bucket=BUCKET, Key=key.replace(".dump", ".manifest.json"), Body=b"{}")
+    # a dump that never completed (no manifest): it does not count
+    s3.put_object(Bucket=BUCKET, Key=dump_key("prod", "katforge", now - datetime.timedelta(hours=1)), Body=b"x" * 99)
     return account
 
 
@@ -298,16 +301,31 @@ def test_the_system_resolver_is_the_default():
     assert probes.resolves("localhost", "127.0.0.1", None).state == "ok"
 
 
-def test_backups_missing_or_unreadable(hearth, monkeypatch, backups):
-    backups.client("s3").create_bucket(Bucket="hearth-empty-backups",
-                                       CreateBucketConfiguration={"LocationConstraint": "us-east-2"})
+def test_dumps_from_before_manifests_count_as_they_are(hearth, monkeypatch, backups, running_cluster):
+    s3 = backups.client("s3")
+    s3.create_bucket(Bucket="hearth-old-backups", CreateBucketConfiguration={"LocationConstraint": "us-east-2"})
+    s3.put_object(Bucket="hearth-old-backups", Body=b"x" * 2048,
+                  Key=dump_key("prod", "katforge", running_cluster.now - datetime.timedelta(hours=3)))
+    monkeypatch.setenv("BACKUP_BUCKET", "hearth-old-backups")
+    result = hearth("status")
+    assert normalized(check_row(result.out, "backup", "s3://hearth-old-backups/prod/katforge/")) == (
+        "ok <timestamp>.dump: 2.0 KiB, 3 h old")
+
+
+def test_backups_missing_or_unreadable(hearth, monkeypatch, backups, running_cluster):
+    s3 = backups.client("s3")
+    s3.create_bucket(Bucket="hearth-empty-backups", CreateBucketConfiguration={"LocationConstraint": "us-east-2"})
+    incomplete = dump_key("prod", "katforge", running_cluster.now - datetime.timedelta(hours=2))
+    s3.put_object(Bucket="hearth-empty-backups", Key=incomplete, Body=b"x")
+    s3.put_object(Bucket="hearth-empty-backups", Key=dump_key("prod", "katforge", running_cluster.now).replace(
+        ".dump", ".manifest.json"), Body=b"{}")  # a manifest without its dump: not a dump either
     monkeypatch.setenv("BACKUP_BUCKET", "hearth-empty-backups")
     missing = hearth("status")
     monkeypatch.setenv("BACKUP_BUCKET", "hearth-no-such-bucket")
     unreadable = hearth("status")
     assert missing.code == unreadable.code == 1
     assert check_row(missing.out, "backup", "s3://hearth-empty-backups/prod/katforge/") == (
-        "missing no dump under s3://hearth-empty-backups/prod/katforge/")
+        "missing no complete dump under s3://hearth-empty-backups/prod/katforge/")
     assert check_row(unreadable.out, "backup", "s3://hearth-no-such-bucket/prod/katforge/").startswith(
         "error s3://hearth-no-such-bucket: NoSuchBucket:")
 

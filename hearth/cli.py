@@ -76,8 +76,13 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _colored(stream: TextIO, environ: Mapping[str, str]) -> bool:
+    """Colors on a terminal, unless NO_COLOR is set (no-color.org)."""
+    return stream.isatty() and not environ.get("NO_COLOR")
+
+
 def _paint(stream: TextIO, environ: Mapping[str, str]):
-    if not stream.isatty() or environ.get("NO_COLOR"):
+    if not _colored(stream, environ):
         return lambda state, text: text
     return lambda state, text: f"\x1b[{COLORS.get(state, '31')}m{text}\x1b[0m"
 
@@ -108,8 +113,7 @@ def main(argv: Optional[Sequence[str]] = None, *, environ: Mapping[str, str] = o
         if args.command == "logs":
             from hearth import logs
             return logs.run(cluster, estate, args.apps, since=args.since, follow=not args.no_follow, out=stdout,
-                            err=stderr, color=_paint(stdout, environ) is not None and stdout.isatty()
-                            and not environ.get("NO_COLOR"))
+                            err=stderr, color=_colored(stdout, environ))
         from hearth import rollback
         return rollback.run(cluster, estate, args.app, to_revision=args.to_revision, yes=args.yes, stdin=stdin,
                             out=stdout, tty=stdout.isatty(), timeout=args.timeout)

@@ -340,3 +340,19 @@ def preview_policy(scope: EstateScope) -> str:
     """The preview role's inline policy beside ReadOnlyAccess (which the boundary narrows to the estate's
     configuration, never a dump): the leases on its WireGuard peers (tools/lock.py)."""
     return document(workload_statements(scope)[2])
+
+
+def backup_alert_policy(identity_arn: str, from_address: str, to_addresses: list[str]) -> str:
+    """The k3s host's alerts through SES's SMTP interface (which authorizes ses:SendRawEmail): from the one
+    backup address, to the ops addresses only. ses:Recipients holds every To, Cc and Bcc address; with
+    ForAllValues each of them must be listed (Amazon SES Developer Guide, "Controlling access to Amazon SES")."""
+    return document({
+        "Sid": "MailOpsFromTheBackupAddress",
+        "Effect": "Allow",
+        "Action": "ses:SendRawEmail",
+        "Resource": identity_arn,
+        "Condition": {
+            "StringEquals": {"ses:FromAddress": from_address},
+            "ForAllValues:StringEquals": {"ses:Recipients": sorted(to_addresses)},
+        },
+    })

@@ -144,6 +144,8 @@ class BackupSettings:
     bucket: str
     retention_days: int
     time_utc: str
+    alert_from: str  # the address the k3s host mails backup alerts from (an address of the SES domain)
+    alert_to: str  # the operators' address, the only one the alerts may go to
 
 
 @dataclass(frozen=True)
@@ -652,6 +654,9 @@ def load() -> Settings:
             retention_days=read.integer("backupRetentionDays", 1, 3650),
             time_utc=read.string("backupTime", lambda v: bool(_TIME.match(v)),
                                  'a UTC time HH:MM with two-digit hours, quoted, e.g. "03:30"'),
+            alert_from=read.string("backupAlertFrom", lambda v: is_email(v) and v.endswith("@katforge.com"),
+                                   "an email address at katforge.com (SES sends only from its verified domain)"),
+            alert_to=read.string("opsEmail", is_email, "an email address such as ops@katforge.com"),
         ) if is_prod else None,
         pipeline=PipelineSettings(
             github_repository=read.string("githubRepository", lambda v: bool(_GITHUB_REPO.match(v)),

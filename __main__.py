@@ -7,7 +7,7 @@ import pulumi
 from infra import adopt, capacity, dns
 from infra.addresses import Addresses
 from infra.apps import StageWorkloads, routed_hosts
-from infra.backups import BackupSchedule, BackupStorage
+from infra.backups import BackupAlerts, BackupSchedule, BackupStorage
 from infra.bootstrap import HostBootstrap, KubernetesProviders, StageDatabase, host_target, kubernetes_providers
 from infra.cluster import Cluster
 from infra.dns import Dns
@@ -45,7 +45,8 @@ def prod_estate(settings: Settings) -> StageBase:
     bootstrap = HostBootstrap("bootstrap", settings.bootstrap, settings.network, settings.stage, hosts.k3s, hosts.vpn)
     database = StageDatabase("database", settings.stage_facts, settings.db_password, bootstrap.k3s_target,
                              bootstrap.postgres)
-    BackupSchedule("backup-schedule", settings.backups, STAGES.values(), backups, bootstrap.k3s_target,
+    alerts = BackupAlerts("backup-alerts", settings.backups, settings.email.domain)
+    BackupSchedule("backup-schedule", settings.backups, STAGES.values(), backups, alerts, bootstrap.k3s_target,
                    bootstrap.postgres)
     k3s = kubernetes_providers(bootstrap.kubeconfig, hosts.k3s.instance.id)
     cluster = Cluster("cluster", acme_email=settings.cluster.acme_email, aws_region=REGION,

@@ -1,10 +1,13 @@
-"""Daily pg_dump of every stage database to S3, and the bucket that keeps the dumps.
+"""Daily pg_dump of every stage database to S3, the bucket that keeps the dumps, restores, a monthly
+restore drill, and mail to the operators when any of it fails.
 
 `BackupStorage` (prod, before the hosts): the bucket, the k3s host's writer role and instance profile,
-and the managed policy operators attach to restore. `BackupSchedule` (after the host bootstrap): the
-backup and restore scripts and the systemd timer on the k3s host. The schedule is a host timer, not a
+and the managed policy operators attach to restore. `BackupAlerts`: the IAM user whose SES SMTP
+credentials let the host mail the operators, from the backup address to the ops address only.
+`BackupSchedule` (after the host bootstrap): on the k3s host the backup, restore and drill scripts,
+the alert sender and the backup watchdog, and their systemd timers. The schedule is a host timer, not a
 CronJob, because pods cannot reach the instance role (IMDS hop limit 1) while the host can: no static
-key exists anywhere.
+AWS key exists for the backups (the SMTP credentials are SES's own kind, usable for nothing else).
 """
 from __future__ import annotations
 
@@ -18,12 +21,15 @@ import pulumi_command as command
 
 from infra import adopt
 from infra.bootstrap import Target, install_file
-from infra.policies import document
+from infra.email import SMTP_ENDPOINT, SMTP_PORT
+from infra.policies import backup_alert_policy, document
 from infra.settings import REGION, BackupSettings, Stage
 
 HOST_FILES = Path(__file__).resolve().parent / "host"
 UNIT = "katforge-backup"
 ENVIRONMENT_FILE = "/etc/katforge/backup.env"
+ALERT_ENVIRONMENT_FILE = "/etc/katforge/alert.env"
+ALERT_PASSWORD_FILE = "/etc/katforge/alert-smtp-password"
 NONCURRENT_DAYS = 7  # how long an overwritten or expired dump stays recoverable as an old version
 # The writer cannot abort a failed multipart upload (no s3:AbortMultipartUpload); S3 drops the parts.
 INCOMPLETE_UPLOAD_DAYS = 1
@@ -71,12 +77,31 @@ def backup_targets(stages: Iterable[Stage]) -> str:
     return " ".join(f"{stage.name}:{stage.database}" for stage in stages)
 
 
-def environment_file(bucket: str, region: str, targets: str) -> str:
+def stage_namespaces(stages: Iterable[Stage]) -> str:
+    """Where each stage's apps run, as STAGE:NAMESPACE: the Deployments `katforge-restore --stop-apps` scales."""
+    return " ".join(f"{stage.name}:{stage.namespace}" for stage in stages)
+
+
+def environment_file(bucket: str, region: str, targets: str, namespaces: str) -> str:
     return (
-        "# Written by Pulumi (infra/backups.py); read by katforge-backup.service.\n"
+        "# Written by Pulumi (infra/backups.py); read by the backup, watchdog and drill units and by\n"
+        "# katforge-restore.\n"
         f"BACKUP_BUCKET={bucket}\n"
         f"AWS_DEFAULT_REGION={region}\n"
         f'BACKUP_TARGETS="{targets}"\n'
+        f'STAGE_NAMESPACES="{namespaces}"\n'
+    )
+
+
+def alert_environment_file(smtp_user: str, alert_from: str, alert_to: str) -> str:
+    return (
+        "# Written by Pulumi (infra/backups.py); read by katforge-alert (infra/host/send-alert.py).\n"
+        f"ALERT_SMTP_HOST={SMTP_ENDPOINT}\n"
+        f"ALERT_SMTP_PORT={SMTP_PORT}\n"
+        f"ALERT_SMTP_USER={smtp_user}\n"
+        f"ALERT_FROM={alert_from}\n"
+        f"ALERT_TO={alert_to}\n"
+        f"ALERT_SMTP_PASSWORD_FILE={ALERT_PASSWORD_FILE}\n"
     )
 
 
@@ -156,6 +181,25 @@ class BackupStorage(pulumi.ComponentResource):
                                "restore_policy_arn": self.restore_policy_arn})
 
 
+class BackupAlerts(pulumi.ComponentResource):
+    """The IAM user whose SES SMTP credentials the k3s host mails alerts with: from `alert_from` to
+    `alert_to`, through the SES identity of `domain`, and nothing else."""
+
+    def __init__(self, name: str, backups: BackupSettings, domain: str, opts: pulumi.ResourceOptions | None = None):
+        super().__init__("katforge:backups:BackupAlerts", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        identity = aws.get_caller_identity_output(opts=pulumi.InvokeOptions(parent=self)).account_id.apply(
+            lambda account: f"arn:aws:ses:{REGION}:{account}:identity/{domain}")
+        user = aws.iam.User(name, name="katforge-backup-alerts", opts=child)
+        aws.iam.UserPolicy(name, user=user.name, opts=child, policy=identity.apply(
+            lambda arn: backup_alert_policy(arn, backups.alert_from, [backups.alert_to])))
+        key = aws.iam.AccessKey(name, user=user.name, opts=pulumi.ResourceOptions(
+            parent=self, additional_secret_outputs=["secret", "sesSmtpPasswordV4"]))
+        self.smtp_username = pulumi.Output.secret(key.id)
+        self.smtp_password = pulumi.Output.secret(key.ses_smtp_password_v4)
+        self.register_outputs({"user": user.name})
+
+
 @dataclass(frozen=True)
 class HostFile:
     name: str
@@ -165,23 +209,45 @@ class HostFile:
 
 
 class BackupSchedule(pulumi.ComponentResource):
-    """The backup script and its daily systemd timer on the k3s host (and the restore script beside it)."""
+    """On the k3s host: the backup, restore and drill scripts, the alert sender, the backup watchdog, and
+    their systemd units (daily backup, hourly watchdog, monthly drill of each stage)."""
 
     def __init__(self, name: str, backups: BackupSettings, stages: Iterable[Stage], storage: BackupStorage,
-                 target: Target, postgres_ready: pulumi.Resource, opts: pulumi.ResourceOptions | None = None):
+                 alerts: BackupAlerts, target: Target, postgres_ready: pulumi.Resource,
+                 opts: pulumi.ResourceOptions | None = None):
         super().__init__("katforge:backups:BackupSchedule", name, None, opts)
         # Everything waits for the bootstrap: the host answers SSH and PostgreSQL holds every database.
         after_bootstrap = pulumi.ResourceOptions(parent=self, depends_on=[postgres_ready])
-        targets = backup_targets(stages)
-        environment = storage.bucket_name.apply(lambda bucket: environment_file(bucket, REGION, targets))
+        stages = list(stages)
+        targets, namespaces = backup_targets(stages), stage_namespaces(stages)
+        environment = storage.bucket_name.apply(lambda bucket: environment_file(bucket, REGION, targets, namespaces))
+        alert_environment = pulumi.Output.secret(alerts.smtp_username.apply(
+            lambda user: alert_environment_file(user, backups.alert_from, backups.alert_to)))
+
+        def host(source: str) -> str:
+            return (HOST_FILES / source).read_text()
+
         files = [
-            HostFile("script", f"/usr/local/sbin/{UNIT}", "0755", (HOST_FILES / "backup-databases.sh").read_text()),
-            HostFile("restore", "/usr/local/sbin/katforge-restore", "0755",
-                     (HOST_FILES / "restore-database.sh").read_text()),
-            HostFile("service", f"/etc/systemd/system/{UNIT}.service", "0644",
-                     (HOST_FILES / "backup-databases.service").read_text()),
+            HostFile("script", f"/usr/local/sbin/{UNIT}", "0755", host("backup-databases.sh")),
+            HostFile("restore", "/usr/local/sbin/katforge-restore", "0755", host("restore-database.sh")),
+            HostFile("drill", "/usr/local/sbin/katforge-drill", "0755", host("drill-database.sh")),
+            HostFile("watchdog", "/usr/local/sbin/katforge-backup-watchdog", "0755", host("backup-watchdog.sh")),
+            HostFile("alert", "/usr/local/sbin/katforge-alert", "0755", host("send-alert.py")),
+            HostFile("checksums", "/usr/local/lib/katforge/table-checksums.sql", "0644", host("table-checksums.sql")),
+            HostFile("service", f"/etc/systemd/system/{UNIT}.service", "0644", host("backup-databases.service")),
             HostFile("timer", f"/etc/systemd/system/{UNIT}.timer", "0644", timer_unit(backups.time_utc)),
+            HostFile("watchdog-service", "/etc/systemd/system/katforge-backup-watchdog.service", "0644",
+                     host("backup-watchdog.service")),
+            HostFile("watchdog-timer", "/etc/systemd/system/katforge-backup-watchdog.timer", "0644",
+                     host("backup-watchdog.timer")),
+            HostFile("drill-service", "/etc/systemd/system/katforge-drill@.service", "0644",
+                     host("drill-database@.service")),
+            HostFile("drill-timer", "/etc/systemd/system/katforge-drill@.timer", "0644", host("drill-database@.timer")),
             HostFile("environment", ENVIRONMENT_FILE, "0644", environment),
+            # The SES user's name and its SMTP password: root's alone, written from stdin, never a command line.
+            HostFile("alert-environment", ALERT_ENVIRONMENT_FILE, "0600", alert_environment),
+            HostFile("alert-password", ALERT_PASSWORD_FILE, "0600",
+                     pulumi.Output.secret(alerts.smtp_password.apply(lambda password: password + "\n"))),
         ]
         # The snap is AWS's own build of CLI v2; Ubuntu 24.04 has no awscli package.
         # A replaced host (new instance ID) gets everything again.
@@ -192,12 +258,16 @@ class BackupSchedule(pulumi.ComponentResource):
         installed = [install_file(self, f"{name}-{file.name}", target, file.path, file.content, mode=file.mode,
                                   after=[postgres_ready])
                      for file in files]
-        timer = f"{UNIT}.timer"
+        timers = " ".join([f"{UNIT}.timer", "katforge-backup-watchdog.timer",
+                           *(f"katforge-drill@{stage.name}.timer" for stage in stages)])
         command.remote.Command(
             f"{name}-enable", connection=target.connection,
-            create=f"sudo systemctl daemon-reload && sudo systemctl enable {timer} && sudo systemctl restart {timer}",
-            delete=f"sudo systemctl disable --now {timer}",
-            # Any changed file re-runs this, so systemd reads the new units.
-            triggers=[target.identity, *(file.content for file in files)], add_previous_output_in_env=False,
+            create=f"sudo systemctl daemon-reload && sudo systemctl enable {timers} && sudo systemctl restart {timers}",
+            delete=f"sudo systemctl disable --now {timers}",
+            # A changed script or unit re-runs this, so systemd reads the new units. The environment files
+            # are read at each start (and two are secret, which would hide every trigger in the plan).
+            triggers=[target.identity, *(file.content for file in files if file.path.startswith("/usr/") or
+                                          file.path.startswith("/etc/systemd/"))],
+            add_previous_output_in_env=False,
             opts=pulumi.ResourceOptions(parent=self, depends_on=[aws_cli, *installed]))
-        self.register_outputs({"timer": timer})
+        self.register_outputs({"timers": timers})

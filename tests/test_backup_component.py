@@ -7,7 +7,7 @@ import pytest
 
 from infra.backups import HOST_FILES, timer_unit
 from infra.settings import STAGES
-from tools.offline import evaluate, evaluate_cached
+from tools.offline import SECRET, evaluate, evaluate_cached
 
 BUCKET_TYPE = "aws:s3/bucket:Bucket"
 COMMAND = "command:remote:Command"
@@ -123,17 +123,63 @@ def test_qa_declares_no_backup_resources():
 
 # --- the schedule on the host -------------------------------------------------------------------
 
+# Each host file from the repository, where it lands and with which mode.
+HOST_INSTALLS = {
+    "script": ("backup-databases.sh", "/usr/local/sbin/katforge-backup", "0755"),
+    "restore": ("restore-database.sh", "/usr/local/sbin/katforge-restore", "0755"),
+    "drill": ("drill-database.sh", "/usr/local/sbin/katforge-drill", "0755"),
+    "watchdog": ("backup-watchdog.sh", "/usr/local/sbin/katforge-backup-watchdog", "0755"),
+    "alert": ("send-alert.py", "/usr/local/sbin/katforge-alert", "0755"),
+    "checksums": ("table-checksums.sql", "/usr/local/lib/katforge/table-checksums.sql", "0644"),
+    "service": ("backup-databases.service", "/etc/systemd/system/katforge-backup.service", "0644"),
+    "watchdog-service": ("backup-watchdog.service", "/etc/systemd/system/katforge-backup-watchdog.service", "0644"),
+    "watchdog-timer": ("backup-watchdog.timer", "/etc/systemd/system/katforge-backup-watchdog.timer", "0644"),
+    "drill-service": ("drill-database@.service", "/etc/systemd/system/katforge-drill@.service", "0644"),
+    "drill-timer": ("drill-database@.timer", "/etc/systemd/system/katforge-drill@.timer", "0644"),
+}
+
+
 def test_the_host_gets_the_tested_scripts_and_units(prod):
     installs = {r.name: r.inputs for r in prod.of_type(COMMAND) if r.name.startswith("backup-schedule-")}
-    assert installs["backup-schedule-script"]["stdin"] == (HOST_FILES / "backup-databases.sh").read_text()
-    assert installs["backup-schedule-restore"]["stdin"] == (HOST_FILES / "restore-database.sh").read_text()
+    for name, (source, path, mode) in HOST_INSTALLS.items():
+        assert installs[f"backup-schedule-{name}"]["stdin"] == (HOST_FILES / source).read_text(), name
+        assert installs[f"backup-schedule-{name}"]["create"] == f"sudo install -D -m {mode} /dev/stdin {path}", name
     service = installs["backup-schedule-service"]["stdin"]
-    assert service == (HOST_FILES / "backup-databases.service").read_text()
     # The unit runs the installed script with the environment file Pulumi writes.
     assert "ExecStart=/usr/local/sbin/katforge-backup $BACKUP_TARGETS\n" in service
-    assert installs["backup-schedule-script"]["create"].endswith(" /usr/local/sbin/katforge-backup")
     assert "EnvironmentFile=/etc/katforge/backup.env\n" in service
     assert installs["backup-schedule-environment"]["create"].endswith(" /etc/katforge/backup.env")
+
+
+def test_the_smtp_password_reaches_the_host_on_stdin_into_a_file_only_root_reads(prod):
+    for name, path in (("alert-password", "/etc/katforge/alert-smtp-password"), ("alert-environment", "/etc/katforge/alert.env")):
+        install = command(prod, name)
+        assert install.inputs["create"] == f"sudo install -D -m 0600 /dev/stdin {path}"
+        assert install.inputs["stdin"] == SECRET  # secret in the plan and the state, never on a command line
+    key = one(prod, "aws:iam/accessKey:AccessKey", "backup-alerts")
+    assert {"secret", "sesSmtpPasswordV4"} <= set(key.options["additional_secret_outputs"])
+
+
+def test_the_alert_user_may_only_mail_the_ops_address_from_the_backup_address(prod):
+    user = one(prod, "aws:iam/user:User", "backup-alerts")
+    assert user.inputs["name"] == "katforge-backup-alerts"
+    [policy] = [p for p in prod.of_type("aws:iam/userPolicy:UserPolicy") if p.name == "backup-alerts"]
+    assert statements(policy) == [{
+        "Sid": "MailOpsFromTheBackupAddress", "Effect": "Allow", "Action": "ses:SendRawEmail",
+        "Resource": "arn:aws:ses:us-east-2:123456789012:identity/katforge.com",
+        "Condition": {"StringEquals": {"ses:FromAddress": "backups@katforge.com"},
+                      "ForAllValues:StringEquals": {"ses:Recipients": ["ops@katforge.com"]}},
+    }]
+    assert [p for p in prod.of_type("aws:iam/userPolicyAttachment:UserPolicyAttachment")
+            if p.inputs.get("user") in (user.name + "-id", "katforge-backup-alerts")] == []
+
+
+def test_the_alert_addresses_come_from_config():
+    plan = evaluate("prod", {"katforge:backupAlertFrom": "db@katforge.com", "katforge:opsEmail": "oncall@example.org"})
+    [policy] = [p for p in plan.of_type("aws:iam/userPolicy:UserPolicy") if p.name == "backup-alerts"]
+    [statement] = statements(policy)
+    assert statement["Condition"] == {"StringEquals": {"ses:FromAddress": "db@katforge.com"},
+                                      "ForAllValues:StringEquals": {"ses:Recipients": ["oncall@example.org"]}}
 
 
 def test_every_stage_database_is_dumped_to_the_bucket(prod):
@@ -144,6 +190,8 @@ def test_every_stage_database_is_dumped_to_the_bucket(prod):
     assert targets.split("=", 1)[1].strip('"').split() == ["prod:katforge", "qa:katforge_qa"]
     assert {t.split(":")[1] for t in targets.split("=", 1)[1].strip('"').split()} == \
         {stage.database for stage in STAGES.values()}
+    # Where katforge-restore --stop-apps finds each stage's Deployments.
+    assert 'STAGE_NAMESPACES="prod:default qa:qa"' in environment
 
 
 @pytest.mark.parametrize("time_utc", [None, "01:05"])
@@ -173,11 +221,31 @@ def test_the_schedule_is_installed_after_postgres_and_enabled_last(prod):
     enable = command(prod, "enable")
     installs = [r for r in schedule if r is not enable]
     assert {r.name.removeprefix("backup-schedule-") for r in installs} == \
-        {"aws-cli", "script", "restore", "service", "timer", "environment"}
+        {"aws-cli", "timer", "environment", "alert-environment", "alert-password", *HOST_INSTALLS}
     for install in installs:
         assert postgres.urn in install.options["depends_on"], install.name
         # A replaced host (new instance ID) gets the schedule again.
         assert instance.name + "-id" in install.inputs["triggers"], install.name
     assert {r.urn for r in installs} <= set(enable.options["depends_on"])
-    assert "systemctl enable katforge-backup.timer" in enable.inputs["create"]
-    assert "systemctl daemon-reload" in enable.inputs["create"]
+    timers = "katforge-backup.timer katforge-backup-watchdog.timer katforge-drill@prod.timer katforge-drill@qa.timer"
+    assert enable.inputs["create"] == (f"sudo systemctl daemon-reload && sudo systemctl enable {timers} && "
+                                       f"sudo systemctl restart {timers}")
+    assert enable.inputs["delete"] == f"sudo systemctl disable --now {timers}"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_systemd_accepts_the_units(tmp_path):
+    """Each unit under the name it is installed as. Its programs are not installed here: systemd says so,
+    and must say nothing else (an unknown key or a bad value is only a warning, so any line fails)."""
+    for source, path, mode in HOST_INSTALLS.values():
+        if path.startswith("/etc/systemd/"):
+            (tmp_path / path.rsplit("/", 1)[1]).write_text((HOST_FILES / source).read_text())
+    (tmp_path / "katforge-backup.timer").write_text(timer_unit("03:30"))
+    names = ["katforge-backup.service", "katforge-backup.timer", "katforge-backup-watchdog.service",
+             "katforge-backup-watchdog.timer", "katforge-drill@prod.service", "katforge-drill@prod.timer"]
+    result = subprocess.run(["systemd-analyze", "verify", *names], cwd=tmp_path, capture_output=True, text=True)
+    assert sorted(result.stderr.splitlines()) == sorted(
+        f"{unit}: Command /usr/local/sbin/{program} is not executable: No such file or directory"
+        for unit, program in (("katforge-backup.service", "katforge-backup"),
+                              ("katforge-backup-watchdog.service", "katforge-backup-watchdog"),
+                              ("katforge-drill@prod.service", "katforge-drill"))), result.stderr

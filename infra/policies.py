@@ -92,7 +92,7 @@ class EstateScope:
     ses_configuration_set: str
     buckets: tuple[str, ...]  # the estate's own buckets (backups)
     state_bucket: str  # the Pulumi DIY backend
-    users: tuple[str, ...]  # the IAM users the program declares, by their live names
+    users: tuple[str, ...]  # the IAM users the program declares whose live names are not katforge-*
     name_prefix: str = "katforge-"  # roles, policies and instance profiles
 
     def ec2(self, kind: str, name: str = "*") -> str:
@@ -111,7 +111,8 @@ class EstateScope:
 
     @property
     def user_arns(self) -> list[str]:
-        return [self.iam("user", user) for user in self.users]
+        """The estate's users: katforge-named ones, and the live ones named before that rule."""
+        return [self.iam("user", self.name_prefix + "*"), *(self.iam("user", user) for user in self.users)]
 
     @property
     def ses_arns(self) -> list[str]:
@@ -322,7 +323,8 @@ def boundary_policy(scope: EstateScope) -> str:
         {"Sid": "EstateBuckets", "Effect": "Allow", "Action": "s3:*", "Resource": deploy["EstateBuckets"]["Resource"]},
         # The state bucket: the backend's objects and the preview's peer leases.
         {"Sid": "State", "Effect": "Allow", "Action": [*deploy["StateBucket"]["Action"], *deploy["StateObjects"]["Action"]],
-         "Resource": [deploy["StateBucket"]["Resource"], f"{deploy['StateBucket']['Resource']}/*"]},
+         "Resource": [deploy["StateBucket"]["Resource"], deploy["StateObjects"]["Resource"],
+                      workload_statements(scope)[2]["Resource"]]},
         workload_statements(scope)[1],
         deploy["IamGrantWithinBoundary"], deploy["IamAttachKnownPolicies"],
         {"Sid": "IamManage", "Effect": "Allow",

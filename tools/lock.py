@@ -31,6 +31,7 @@ from urllib.parse import urlparse
 from infra.policies import CI_LOCK_PREFIX
 
 CONTENDED = {"PreconditionFailed", "ConditionalRequestConflict"}  # 412; 409 when two writes race
+CONDITION_FLAGS = {"IfNoneMatch": "--if-none-match", "IfMatch": "--if-match"}  # PutObject's, as the CLI names them
 
 
 class S3Error(Exception):
@@ -61,11 +62,13 @@ class S3:
             raise S3Error(code.group(1) if code else "", result.stderr.strip())
         return json.loads(result.stdout or "{}")
 
-    def put(self, key: str, body: str, condition: tuple[str, str]) -> None:
+    def put(self, key: str, body: str, condition: dict[str, str]) -> None:
+        """Write `key` only if `condition` holds: {"IfNoneMatch": "*"} or {"IfMatch": <ETag>}."""
+        flags = [item for name, value in condition.items() for item in (CONDITION_FLAGS[name], value)]
         with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
             file.write(body)
             file.flush()
-            self._call("put-object", "--key", key, "--body", file.name, *condition)
+            self._call("put-object", "--key", key, "--body", file.name, *flags)
 
     def get(self, key: str) -> Optional[tuple[dict, str]]:
         """The lease and its ETag, or None when there is none."""
@@ -93,7 +96,7 @@ def acquire(s3: S3, peer: str, owner: str, ttl: int, wait: int, poll: float = 15
     while True:
         body = json.dumps({"owner": owner, "expires": int(clock() + ttl)})
         try:
-            s3.put(key, body, ("--if-none-match", "*"))
+            s3.put(key, body, {"IfNoneMatch": "*"})
             print(f"lock: {peer} is ours ({owner}) for at most {ttl} s")
             return
         except S3Error as error:
@@ -107,7 +110,7 @@ def acquire(s3: S3, peer: str, owner: str, ttl: int, wait: int, poll: float = 15
                 return
             if lease.get("expires", 0) < clock():
                 try:
-                    s3.put(key, body, ("--if-match", etag))
+                    s3.put(key, body, {"IfMatch": etag})
                     print(f"lock: {peer} taken over from {lease.get('owner')}, whose lease had expired")
                     return
                 except S3Error as error:

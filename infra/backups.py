@@ -188,11 +188,13 @@ class BackupAlerts(pulumi.ComponentResource):
     def __init__(self, name: str, backups: BackupSettings, domain: str, opts: pulumi.ResourceOptions | None = None):
         super().__init__("katforge:backups:BackupAlerts", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
-        identity = aws.get_caller_identity_output(opts=pulumi.InvokeOptions(parent=self)).account_id.apply(
-            lambda account: f"arn:aws:ses:{REGION}:{account}:identity/{domain}")
+        # The identity by name, in any account: only this account's own identity can be used by its user
+        # (another account's would need a sending authorization policy granting it), and the name needs no
+        # lookup of the account (infra/email.py does not export the identity's ARN).
+        identity = f"arn:aws:ses:{REGION}:*:identity/{domain}"
         user = aws.iam.User(name, name="katforge-backup-alerts", opts=child)
-        aws.iam.UserPolicy(name, user=user.name, opts=child, policy=identity.apply(
-            lambda arn: backup_alert_policy(arn, backups.alert_from, [backups.alert_to])))
+        aws.iam.UserPolicy(name, user=user.name, opts=child,
+                           policy=backup_alert_policy(identity, backups.alert_from, [backups.alert_to]))
         key = aws.iam.AccessKey(name, user=user.name, opts=pulumi.ResourceOptions(
             parent=self, additional_secret_outputs=["secret", "sesSmtpPasswordV4"]))
         self.smtp_username = pulumi.Output.secret(key.id)

@@ -166,7 +166,7 @@ def test_the_alert_user_may_only_mail_the_ops_address_from_the_backup_address(pr
     [policy] = [p for p in prod.of_type("aws:iam/userPolicy:UserPolicy") if p.name == "backup-alerts"]
     assert statements(policy) == [{
         "Sid": "MailOpsFromTheBackupAddress", "Effect": "Allow", "Action": "ses:SendRawEmail",
-        "Resource": "arn:aws:ses:us-east-2:123456789012:identity/katforge.com",
+        "Resource": "arn:aws:ses:us-east-2:*:identity/katforge.com",
         "Condition": {"StringEquals": {"ses:FromAddress": "backups@katforge.com"},
                       "ForAllValues:StringEquals": {"ses:Recipients": ["ops@katforge.com"]}},
     }]

@@ -186,7 +186,9 @@ def test_the_pack_sees_protect_among_the_options_and_secrets_as_secrets(analyzer
     stack_config("prod")
     plan = evaluate_cached("prod")
     assert analyze(analyzer, plan.named("k3s", INSTANCE), protect=False) == ["stateful-protected"]
-    command = next(r for r in plan.of_type("command:remote:Command") if r.inputs.get("stdin") == "[secret]")
+    password = secrets("prod")["dbPassword"]
+    command = next(r for r in plan.of_type("command:remote:Command")
+                   if r.inputs.get("stdin") == "[secret]" and password in str(r.raw_inputs["stdin"]))
     leaked = copy.copy(command)
     leaked.raw_inputs = {**command.raw_inputs, "stdin": command.raw_inputs["stdin"]["value"]}  # unwrapped
     assert analyze(analyzer, command) == [] and analyze(analyzer, leaked) == ["no-plain-secrets"]

@@ -73,5 +73,13 @@ restore: ## restore a backup: make restore STAGE=... AT=... TARGET=... (run it a
 		BACKUP_BUCKET="$$bucket" bash infra/host/restore-database.sh --stage "$(STAGE)" --at "$(AT)" --target "$(TARGET)" \
 		$(if $(DATABASE),--database "$(DATABASE)") $(if $(filter 1 yes true,$(FORCE)),--force)
 
+# On the k3s host over SSH (SSH=user@host, default ubuntu@k3s.katforge.com), exactly as its monthly timer
+# runs it; the result stays in the host's /var/lib/katforge/drill/STAGE.json and the bucket's STAGE/drill/latest.json.
+.PHONY: drill
+drill: ## restore drill of STAGE on the host: latest dump into a scratch database, checked, timed, dropped
+	@echo "$(STAGE)" | grep -Eqx '[a-z0-9-]+' || { echo "usage: make drill STAGE=prod|qa [SSH=ubuntu@k3s.katforge.com]" >&2; exit 2; }
+	ssh $(or $(SSH),ubuntu@k3s.katforge.com) 'since=$$(date +%s); sudo systemctl start katforge-drill@$(STAGE).service; \
+		status=$$?; sudo journalctl --unit=katforge-drill@$(STAGE).service --since=@$$since --output=cat --no-pager; exit $$status'
+
 clean: ## remove .venv and build/
 	rm -rf $(VENV) build

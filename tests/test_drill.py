@@ -4,7 +4,9 @@ tests/test_restore.py, against PostgreSQL 16 and moto's S3."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +92,17 @@ def test_a_drill_with_no_dump_that_passes_fails(drill, s3, pg, tmp_path):
     assert "FAILED: the restore failed" in result.stderr
     assert json.loads(backups.get(f"{STAGE}/drill/latest.json"))["ok"] is False
     assert "restore drill FAILED" in (tmp_path / "alerts.txt").read_text()
+
+
+def test_make_drill_runs_the_hosts_own_drill_unit_over_ssh():
+    root = Path(__file__).resolve().parent.parent
+    shown = subprocess.run(["make", "-s", "-n", "drill", "STAGE=qa", "SSH=ops@k3s.example"], cwd=root,
+                           capture_output=True, text=True, check=True).stdout
+    [line] = [line for line in shown.replace("\\\n", "").splitlines() if line.startswith("ssh ")]
+    assert line.startswith("ssh ops@k3s.example 'since=")
+    remote = shlex.split(line)[2]
+    assert "sudo systemctl start katforge-drill@qa.service;" in remote
+    assert "sudo journalctl --unit=katforge-drill@qa.service --since=@$since" in remote and remote.endswith("exit $status")
+    assert subprocess.run(["bash", "-n", "-c", remote]).returncode == 0
+    refused = subprocess.run(["make", "-s", "drill", "STAGE=qa;reboot"], cwd=root, capture_output=True, text=True)
+    assert refused.returncode == 2 and "usage: make drill STAGE=" in refused.stderr

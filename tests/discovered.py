@@ -21,7 +21,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 
@@ -73,6 +73,7 @@ class Run:
     stdout: str
     json: bytes
     path: Path
+    stack_file: Optional[Path] = None
 
     @property
     def document(self) -> dict:
@@ -93,7 +94,8 @@ def discover_into(argv: list[str], out: Path) -> Run:
     stdout = io.StringIO()
     with moto_zone_ids():
         status = discover.main([*argv, "--out", str(out)], stdout)
-    return Run(status, stdout.getvalue(), out.read_bytes(), out)
+    stack_file = Path(argv[argv.index("--stack-file") + 1]) if "--stack-file" in argv else None
+    return Run(status, stdout.getvalue(), out.read_bytes(), out, stack_file)
 
 
 def rehash_md5_role(pg, role: str, password: str) -> str:

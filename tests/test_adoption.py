@@ -168,3 +168,20 @@ def test_a_stack_file_elsewhere_replaces_the_committed_one(tmp_path):
     assert overrides["katforge:wireguardPort"] == "51821"
     committed = adoption.stack_file_config("prod", ROOT / "Pulumi.prod.yaml")
     assert {key for key, value in overrides.items() if value is None} == set(committed) - {"katforge:wireguardPort"}
+
+
+def test_qa_plans_against_its_account_with_prod_as_prods_stack_file_names_it(tmp_path):
+    # qa's discovery reads qa's names only: prod's live subnet and zone IDs, which prod's stack file names,
+    # are not in it. qa's plan still evaluates prod (its StackReference) with them.
+    (tmp_path / "Pulumi.prod.yaml").write_text("\n".join([
+        "config:", "  aws:region: us-east-2", "  katforge:vpnSubnetId: subnet-0a1b2c3d4e5f6a7b8",
+        "  katforge:zoneIds:", "    - katforge.com=Z0LIVEKATFORGE", "  katforge:imports:",
+        "    - Instance:vpn=i-0a1b2c3d4e5f6a7b8", "    - Eip:vpn=eipalloc-0a1b2c3d4e5f6a7b8",
+        "    - EipAssociation:vpn=eipassoc-0a1b2c3d4e5f6a7b8", ""]))
+    (tmp_path / "Pulumi.qa.yaml").write_text("config:\n  aws:region: us-east-2\n  katforge:zoneIds:\n"
+                                             "    - katforge.com=Z0LIVEKATFORGE\n")
+    qa = {"stack": "qa", "sources": {s: {"status": "read"} for s in adoption.SOURCES}, "cluster": {"objects": {}},
+          "aws": {"instances": {}, "route53": {"zones": {"katforge.com": {"exists": True, "id": "Z0LIVEKATFORGE"},
+                                                         "stumper.gg": {"exists": True, "id": "Z0LIVESTUMPER"}}}}}
+    plan = adoption.plan_against("qa", tmp_path / "Pulumi.qa.yaml", qa)
+    assert {r.raw_inputs["zoneId"] for r in plan.of_type("aws:route53/record:Record")} == {"Z0LIVEKATFORGE"}

@@ -15,8 +15,8 @@ import pytest
 
 pytest.importorskip("lightkube", reason="lightkube is not installed: make test must install requirements-tools.txt")
 
-from tests.discovered import discover_into, moto_zone_ids, stack_copy, use_account
-from tools import adoption, discover, preflight, stackfile
+from tests.discovered import moto_zone_ids, stack_copy
+from tools import adoption, preflight, stackfile
 from tools.offline import ROOT, effective_config, project_config_schema
 
 pytest_plugins = ["tests.discovered"]
@@ -80,13 +80,6 @@ def setting(path: Path, **values) -> Path:
     return path
 
 
-def rediscover(path: Path, document: dict) -> Path:
-    """What the hazards say to do for a live fact: make discover writes it (here from the same JSON)."""
-    with moto_zone_ids():
-        discover.write_config("prod", document, path)
-    return path
-
-
 # --- the runbook, end to end ------------------------------------------------------------------------
 
 def test_preflight_fails_before_discovery_writes_the_config(adoption, tmp_path, capsys):
@@ -134,27 +127,8 @@ def test_every_live_stateful_resource_is_imported(adoption, plans, passing):
     assert report.row("Record:katforge.com-a").detail == "takes over the live one in place: ttl 3600 → 300"
 
 
-def test_qa_adopts_its_namespace_and_apps_beside_the_adopted_prod(adoption, live_account, kube_api, tmp_path,
-                                                                   monkeypatch, capsys):
-    use_account(monkeypatch, live_account)
-    path = stack_copy(tmp_path / "stack").with_name("Pulumi.qa.yaml")
-    path.with_name("Pulumi.prod.yaml").write_bytes(adoption.after_last)  # qa's plan reads prod's outputs
-    run = discover_into(["--stack", "qa", "--kubeconfig", str(kube_api.kubeconfig(tmp_path / "kubeconfig")),
-                         "--no-hosts", "--stack-file", str(path)], tmp_path / "qa.json")
-    assert run.status == 0, run.stdout
-    with moto_zone_ids():
-        status = preflight.main(["--stack", "qa", "--discovered", str(run.path), "--stack-file", str(path),
-                                 "--accept-unchecked", "hosts"])
-    out = capsys.readouterr().out
-    assert status == 0, out
-    imported = {line.split(": ", 1)[0].split()[-1] for line in out.splitlines() if line.startswith("import ")}
-    assert {"Namespace:apps-namespace", "Deployment:apps-api", "Deployment:apps-web", "Secret:apps-ghcr"} <= imported
-
-
-def test_an_empty_account_plans_every_resource_as_a_create(greenfield, plans, tmp_path):
-    path = stack_copy(tmp_path)
-    with moto_zone_ids():
-        discover.write_config("prod", greenfield.document, path)
+def test_an_empty_account_plans_every_resource_as_a_create(greenfield, plans):
+    path = greenfield.stack_file  # as discovery wrote it
     report = assess(plans, path, greenfield.document)
     assert {row.op for row in report.rows} == {"create"}
     # A greenfield has no VPN to come through yet: the bootstrap reaches both new hosts from the operator's
@@ -182,12 +156,12 @@ def test_a_root_volume_that_would_shrink(plans, stack, passing):
 
 
 def test_a_create_that_collides_with_a_live_name(plans, stack, passing):
-    lines = [line for line in stackfile.read(stack, SCHEMA)["katforge:imports"]
-             if not line.startswith("User:ses-sender=")]
-    report = assess(plans, setting(stack, imports=lines), passing[0])
+    imports = stackfile.read(stack, SCHEMA)["katforge:imports"]
+    without = [line for line in imports if not line.startswith("User:ses-sender=")]
+    report = assess(plans, setting(stack, imports=without), passing[0])
     only(report, "User:ses-sender: ses-sender exists live, so creating it fails: run make discover")
     assert report.row("User:ses-sender").op == "collision"
-    assert assess(plans, rediscover(stack, passing[0]), passing[0]).hazards == []
+    assert assess(plans, setting(stack, imports=imports), passing[0]).hazards == []  # the line discover writes
 
 
 def test_a_kubernetes_object_that_exists_but_is_not_imported(plans, stack, passing):

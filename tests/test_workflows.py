@@ -247,6 +247,8 @@ def test_the_lock_pins_what_requirements_pin_and_hashes_everything():
     for wanted in (root / "requirements.txt", root / "policy" / "requirements.txt"):
         for package, version in pins(wanted).items():
             assert lock.get(package) == version, f"{wanted.name}: {package}=={version}, lock: {lock.get(package)}"
+    # The tests run the pack with the same pulumi-policy as CI does.
+    assert pins(root / "requirements-test.txt")["pulumi-policy"] == lock["pulumi-policy"]
     entries = re.split(r"\n(?=[A-Za-z0-9])", (root / "requirements.lock").read_text().split("\n\n", 1)[-1])
     for entry in entries:
         if re.match(r"[A-Za-z0-9]", entry):

@@ -363,7 +363,7 @@ class ConfigWrite:
             if isinstance(new, list):
                 added = [f"\n    + {item}" for item in new if item not in (old or [])]
                 gone = [f"\n    - {item}" for item in old or [] if item not in new]
-                lines.append(f"  {key}: {len(new)} lines" + "".join(added + gone))
+                lines.append(f"  {key}: {len(new)} line{'' if len(new) == 1 else 's'}" + "".join(added + gone))
             else:
                 shown = new if isinstance(new, str) else json.dumps(new)
                 lines.append(f"  {key} = {shown}" + (f" (was {old})" if old is not None else ""))

@@ -671,9 +671,10 @@ def check(stack: str, document: dict, stack_file: Path, waived: Iterable[str] = 
 
 
 def render(report: Report, discovered: Path) -> str:
-    counts = ", ".join(f"{len(report.of(op))} {op}" for op in OPS)
-    lines = [f"preflight {report.stack}: {len(report.rows)} resources, against {discovered}", *map(str, report.rows),
-             counts, *report.notes]
+    lines = [f"preflight {report.stack}: {len(report.rows)} resources, against {discovered}"]
+    if report.rows:  # none when the program stops before any change
+        lines += [*map(str, report.rows), ", ".join(f"{len(report.of(op))} {op}" for op in OPS)]
+    lines += report.notes
     if report.hazards:
         lines.append(f"{len(report.hazards)} hazard{'s' if len(report.hazards) > 1 else ''}: the first pulumi up of "
                      f"{report.stack} is not safe yet")

@@ -32,7 +32,7 @@ from tools import adoption
 from tools.adoption import Match, PlannedNetwork, Rule
 from tools.discover import SCHEMA
 from tools.force_new import ABSENT, replacement_reasons, same, with_ignored
-from tools.offline import PROJECT, ROOT, NotFound, Plan
+from tools.offline import PROJECT, ROOT, NotFound, Plan, project_config_schema
 from tools.stackfile import StackFileError
 
 OPS = ("replace", "collision", "risk", "import then update", "import unchanged", "create")
@@ -354,6 +354,7 @@ class Checks:
             what = ("protected, so pulumi up stops with an error midway" if m.resource.options.get("protect")
                     else "the live object would be deleted and created anew")
             key = FORCE_NEW_KEYS.get((m.resource.type, reason), "").format(host=m.resource.name)
+            key = key if key in project_config_schema() else ""
             fix = (f"pulumi config set {PROJECT}:{key} {shown(value[0]) if value else '<live value>'} --stack "
                    f"{self.plan.stack} (make discover sets it)" if key else
                    "make the program declare what is live, or change the live object by hand first")
@@ -361,10 +362,23 @@ class Checks:
         elif comparison.changes or _secret_data(m):
             comparison.changes += _secret_data(m)
             self.add("import then update", m, ", ".join(f"{p} {shown(a)} → {shown(b)}"
-                                                        for p, a, b in comparison.changes))
+                                                        for p, a, b in comparison.changes) + self.unmanaged(m))
             self.shrinking(m, comparison)
         else:
-            self.add("import unchanged", m, importing)
+            self.add("import unchanged", m, importing + self.unmanaged(m))
+
+    def unmanaged(self, m: Match) -> str:
+        """What a live IAM user or role holds that the program does not declare: it stays after the import,
+        and with it the permissions it gives (the DNS challenge's user may hold AmazonRoute53FullAccess)."""
+        kind = {"aws:iam/user:User": "user", "aws:iam/role:Role": "role"}.get(m.resource.type)
+        if kind is None:
+            return ""
+        declared = {other.inputs.get("policyArn") or other.inputs.get("name") for other in self.matches
+                    if other.resource.type.startswith(f"aws:iam/{kind}Policy")
+                    and other.inputs.get(kind) == m.inputs.get("name")}
+        live = [*(m.live.get("inlinePolicies") or {}), *(m.live.get("attachedPolicies") or {})]
+        extra = [policy.rsplit("/", 1)[-1] for policy in live if policy not in declared]
+        return f"; keeps live policies the program does not declare: {', '.join(extra)}" if extra else ""
 
     def shrinking(self, m: Match, comparison: Comparison) -> None:
         """EBS grows a volume in place and never shrinks one: the update fails midway."""

@@ -290,6 +290,17 @@ def test_a_wireguard_port_other_than_the_live_one(plans, stack, passing):
     assert assess(plans, setting(stack, wireguardPort=51820), passing[0]).hazards == []
 
 
+def test_a_wireguard_address_other_than_the_live_one(plans, stack, passing):
+    document = copy.deepcopy(passing[0])
+    wg = document["hosts"]["vpn"]["wireguard"]
+    for facts in (wg["config"], wg["running"] or {}):
+        facts["address"] = "10.8.0.1/24"
+    only(assess(plans, stack, document), "WireGuard: the live server is 10.8.0.1/24, the program would make it "
+                                         "10.99.0.1/24 and move every client: pulumi config set "
+                                         "katforge:vpnClientCidr 10.8.0.0/24")
+    assert assess(plans, stack, passing[0]).hazards == []
+
+
 def test_an_iam_user_without_room_for_the_new_key(plans, stack, passing):
     document = copy.deepcopy(passing[0])
     document["aws"]["iam"]["users"]["ses-sender"]["accessKeys"] = 2

@@ -19,11 +19,11 @@ EXIT_INTERRUPTED = 130
 COLORS = {"ok": "32", "progressing": "33", "expiring": "33", "stale": "33"}  # anything else: red
 
 
-def _duration(text: str) -> int:
+def _duration(text: str) -> float:
     """10s, 10m, 2h, 1d (kubectl's --since forms, and days) in seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
-        return int(float(text[:-1]) * units[text[-1]]) if text[-1:] in units else int(text)
+        return float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a duration such as 30s, 10m, 2h or 1d") from None
 

@@ -148,8 +148,9 @@ def print_once(cluster: Cluster, namespace: str, apps: Sequence[str], printer: P
                     raise HearthError(f"logs of {pod['metadata']['name']}: {error.status.message}") from None
 
 
-def run(cluster: Cluster, estate: Estate, names: Sequence[str], *, since: int, follow: bool, out: TextIO,
+def run(cluster: Cluster, estate: Estate, names: Sequence[str], *, since: float, follow: bool, out: TextIO,
         err: TextIO, color: bool) -> int:
+    since = max(1, round(since))  # the API takes whole seconds (sinceSeconds)
     apps = list(names) or [app.name for app in estate.apps]
     printer = Printer(out, err, [app.name for app in estate.apps], color)
     if not follow:

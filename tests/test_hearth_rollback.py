@@ -127,11 +127,11 @@ def test_an_app_the_stage_does_not_run_or_a_missing_deployment(hearth, running_c
 def test_a_rollout_that_never_finishes_is_given_up_after_the_timeout(hearth, running_cluster):
     running_cluster.listeners.remove(running_cluster.controller.changed)  # no controller: nothing rolls
     try:
-        result = hearth("rollback", "api", "--yes", "--timeout", "1s")
+        result = hearth("rollback", "api", "--yes", "--timeout", "0.3s")
     finally:
         running_cluster.listen(running_cluster.controller.changed)
     assert result.code == 1
-    assert result.err == ("hearth: the rollback of api to v1.4.1 failed: it did not finish within 1 s (waiting for the "
+    assert result.err == ("hearth: the rollback of api to v1.4.1 failed: it did not finish within 0.3 s (waiting for the "
                           "deployment spec update to be observed); it goes on in the cluster: hearth status\n")
 
 

@@ -66,8 +66,9 @@ def hearth(running_cluster, tls_server, dns_server, backups, tmp_path, monkeypat
 
     def run(*argv: str, probes: bool = True) -> Result:
         out, err = io.StringIO(), io.StringIO()
+        # A timeout that a busy machine never reaches: only what hangs waits for it (tests of hanging set less).
         local = ["--dns-server", dns_server.address, "--connect-to", f"::127.0.0.1:{tls_server.port}",
-                 "--timeout", "1"] if probes else []
+                 "--timeout", "5"] if probes else []
         code = main([argv[0], *local, *argv[1:]], environ=os.environ, stdout=out, stderr=err, now=running_cluster.now)
         return Result(code, out.getvalue().replace(running_cluster.url, "http://127.0.0.1:PORT"), err.getvalue())
     return run
@@ -238,7 +239,7 @@ def test_certificates_expiring_expired_untrusted_or_unreachable(hearth, tls_serv
     try:
         out = main(["status", "--connect-to", f"api.katforge.com:443:127.0.0.1:{tls_server.silent_port}",
                     "--connect-to", f"::127.0.0.1:{tls_server.port}", "--dns-server", hearth_dns(hearth),
-                    "--timeout", "0.5"], environ=os.environ, stdout=(buffer := io.StringIO()), stderr=io.StringIO(),
+                    "--timeout", "1"], environ=os.environ, stdout=(buffer := io.StringIO()), stderr=io.StringIO(),
                    now=running_cluster.now)
     finally:
         tls_server.by_name.clear()
@@ -248,7 +249,7 @@ def test_certificates_expiring_expired_untrusted_or_unreachable(hearth, tls_serv
         "expiring expires in 5 days: Traefik renews at 30 days left, so renewal is failing")
     assert check_row(text, "certificate", "www.katforge.com") == "expired expired 3 days ago"
     assert check_row(text, "certificate", "stumper.gg").startswith("untrusted not trusted: self-signed certificate")
-    assert check_row(text, "certificate", "api.katforge.com") == "unreachable no answer within 0.5 s"
+    assert check_row(text, "certificate", "api.katforge.com") == "unreachable no answer within 1 s"
     assert {"katforge.com", "www.katforge.com", "stumper.gg"} <= set(tls_server.seen)  # each asked by its name
 
 
@@ -337,15 +338,11 @@ def test_memory_pressure_and_an_overcommitted_node(hearth, running_cluster):
         running_cluster.add(node)
         pressed = hearth("status")
         node["status"]["conditions"][0].update(status="False", reason="KubeletHasSufficientMemory")
-        node["status"]["allocatable"]["memory"] = "3000Mi"
-        running_cluster.add(node)
-        roomy = hearth("status")
         node["status"]["allocatable"]["memory"] = "2000Mi"
         running_cluster.add(node)
         tight = hearth("status")
     assert pressed.code == 1 and check_row(pressed.out, "memory", "ip-172-31-14-98").startswith(
         "pressure MemoryPressure on ip-172-31-14-98; allocatable 2075 MiB")
-    assert roomy.code == 0
     assert tight.code == 1 and check_row(tight.out, "memory", "ip-172-31-14-98") == (
         "overcommitted allocatable 2000 MiB, the pods' limits 2062 MiB (budget: 2075 MiB allocatable): "
         "the pods can use more than the kubelet allocates")

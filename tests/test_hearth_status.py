@@ -417,3 +417,20 @@ def test_the_console_script_exits_2_on_a_missing_cluster(tmp_path):
                           cwd=ROOT, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith(f"hearth: no kubeconfig at {tmp_path / 'none'}") and done.stderr.count("\n") == 1
+
+
+def test_the_estate_as_the_operators_left_it(kube_api, tls_server, dns_server, backups, tmp_path, monkeypatch):
+    """Before the first deployment (tests/kube_api.py's live estate): Deployments without a migrate init
+    container or ReplicaSets, no node listed. Read as it is, the missing node told."""
+    for name, value in backups.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("BACKUP_BUCKET", BUCKET)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_server.authority.ca_file))
+    out = io.StringIO()
+    code = main(["status", "--json", "--kubeconfig", str(kube_api.kubeconfig(tmp_path / "config")), "--dns-server",
+                 dns_server.address, "--connect-to", f"::127.0.0.1:{tls_server.port}"], environ=os.environ,
+                stdout=out, stderr=io.StringIO())
+    report = json.loads(out.getvalue())
+    assert code == 1 and report["problems"] == ["memory: the cluster lists no node"]
+    assert {a["name"]: (a["state"], a["version"], a["revision"], a["lastRollout"]) for a in report["apps"]} == dict.fromkeys(
+        ["api", "web", "lextris", "stumper"], ("ok", "v1.4.2", 7, "2025-03-02T10:15:00Z"))

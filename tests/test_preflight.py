@@ -160,20 +160,23 @@ def test_a_root_volume_that_would_shrink(plans, stack, passing):
 
 
 def test_a_create_that_collides_with_a_live_name(plans, stack, passing):
-    imports = stackfile.read(stack, SCHEMA)["katforge:imports"]
-    without = [line for line in imports if not line.startswith("User:ses-sender=")]
-    report = assess(plans, setting(stack, imports=without), passing[0])
-    only(report, "User:ses-sender: ses-sender exists live, so creating it fails: run make discover")
-    assert report.row("User:ses-sender").op == "collision"
-    assert assess(plans, setting(stack, imports=imports), passing[0]).hazards == []  # the line discover writes
+    document = copy.deepcopy(passing[0])  # a role of the program's name made by hand since
+    document["aws"]["iam"]["roles"]["katforge-github-deploy"] = {
+        "exists": True, "import": {"type": "aws:iam/role:Role", "id": "katforge-github-deploy"}}
+    report = assess(plans, stack, document)
+    only(report, "Role:katforge-github-deploy: katforge-github-deploy exists live, so creating it fails: run make "
+                 "discover (it writes the import line)")
+    assert report.row("Role:katforge-github-deploy").op == "collision"
+    assert assess(plans, stack, passing[0]).hazards == []  # or deleted by hand
 
 
 def test_a_kubernetes_object_that_exists_but_is_not_imported(plans, stack, passing):
-    imports = stackfile.read(stack, SCHEMA)["katforge:imports"]
-    report = assess(plans, setting(stack, imports=[line for line in imports if not line.startswith("Namespace:")]),
-                    passing[0])
-    only(report, "Namespace:cluster-ci-namespace: Kubernetes object ci exists but is not imported")
-    assert assess(plans, setting(stack, imports=imports), passing[0]).hazards == []
+    document = copy.deepcopy(passing[0])
+    document["cluster"]["objects"]["NetworkPolicy default/default-deny"] = {"exists": True, "import": {
+        "type": "kubernetes:networking.k8s.io/v1:NetworkPolicy", "id": "default/default-deny"}}
+    only(assess(plans, stack, document), "NetworkPolicy:apps-netpol-default-deny: Kubernetes object "
+                                         "default/default-deny exists but is not imported")
+    assert assess(plans, stack, passing[0]).hazards == []
 
 
 def test_a_live_rule_that_would_be_dropped(plans, stack, passing, live_account):
@@ -189,12 +192,15 @@ def test_a_live_rule_that_would_be_dropped(plans, stack, passing, live_account):
 
 
 def test_a_live_wireguard_peer_missing_from_config(plans, stack, passing):
+    document = copy.deepcopy(passing[0])  # a peer added on the host by hand since
+    key = "Q" * 43 + "="
+    document["hosts"]["vpn"]["wireguard"]["peers"].append(
+        {"publicKey": key, "allowedIps": "10.99.0.30/32", "name": "carol", "presharedKey": False, "in": ["config"]})
     peers = stackfile.read(stack, SCHEMA)["katforge:wireguardPeers"]
-    report = assess(plans, setting(stack, wireguardPeers=peers[1:]), passing[0])
-    line = only(report, f"WireGuard peer {peers[0].split(',')[1]} ({peers[0].split(',')[2]}) runs live but is not in "
-                        "katforge:wireguardPeers")
-    assert f"pulumi config set --path 'katforge:wireguardPeers[{len(peers) - 1}]'" in line
-    assert assess(plans, setting(stack, wireguardPeers=peers), passing[0]).hazards == []
+    line = only(assess(plans, stack, document), f"WireGuard peer {key} (10.99.0.30/32) runs live but is not in "
+                                                "katforge:wireguardPeers")
+    assert f"pulumi config set --path 'katforge:wireguardPeers[{len(peers)}]' 'carol,{key},10.99.0.30/32'" in line
+    assert assess(plans, stack, passing[0]).hazards == []  # or added to config, as the line says
 
 
 def test_a_live_wireguard_peer_at_another_address(plans, stack, passing):

@@ -32,7 +32,9 @@ class StageBase(NamedTuple):
 
 def prod_estate(settings: Settings) -> StageBase:
     """The hosts, DNS, mail, IAM, bootstrap, backups, cluster-wide objects and the CI roles."""
-    # The addresses first: the k3s host's rules trust the VPN's real address.
+    # The permissions boundary every role and user of the estate carries, so first.
+    pipeline = Pipeline("pipeline", settings.pipeline, settings.backups.bucket)
+    # The addresses before the network: the k3s host's rules trust the VPN's real address.
     addresses = Addresses("addresses", settings.hosts)
     network = Network("network", settings.network, addresses.vpn.public_ip, settings.hosts.vpn_subnet_id)
     backups = BackupStorage("backups", settings.backups, STAGES.values())
@@ -40,8 +42,9 @@ def prod_estate(settings: Settings) -> StageBase:
                   instance_profile=backups.instance_profile_name)
     records = Dns("dns", settings.stage, settings.zone_ids,
                   {dns.K3S_PUBLIC: hosts.k3s.public_ip, dns.VPN_PUBLIC: hosts.vpn.public_ip})
-    email = Email("email", settings.email, records.zones)
-    dns_challenge = DnsChallengeUser("dns-challenge", records.zones.arns, routed_hosts())
+    email = Email("email", settings.email, records.zones, permissions_boundary=pipeline.boundary_arn)
+    dns_challenge = DnsChallengeUser("dns-challenge", records.zones.arns, routed_hosts(),
+                                     permissions_boundary=pipeline.boundary_arn)
     bootstrap = HostBootstrap("bootstrap", settings.bootstrap, settings.network, settings.stage, hosts.k3s, hosts.vpn)
     database = StageDatabase("database", settings.stage_facts, settings.db_password, bootstrap.k3s_target,
                              bootstrap.postgres)
@@ -52,7 +55,6 @@ def prod_estate(settings: Settings) -> StageBase:
     cluster = Cluster("cluster", acme_email=settings.cluster.acme_email, aws_region=REGION,
                       node_ip=settings.network.k3s_private_ip, access_key_id=dns_challenge.access_key_id,
                       secret_access_key=dns_challenge.secret_access_key, provider=k3s.objects)
-    pipeline = Pipeline("pipeline", settings.pipeline, settings.backups.bucket)
     return StageBase(
         records=records, database=database, providers=k3s,
         smtp_username=email.smtp_username, smtp_password=email.smtp_password,

@@ -76,7 +76,6 @@ trap 'exit 143' TERM INT
 exec 8>"${DRILL_LOCK:-/run/lock/katforge-drill.lock}"
 flock 8
 drop_scratch  # left by a drill that was killed
-chmod 0755 "$work"
 if "$restore_command" --stage "$stage" ${database:+--database "$database"} --at latest --target "$scratch" \
      --report "$work/report.json"; then
   as_postgres psql -X -At -q -v ON_ERROR_STOP=1 --dbname="$scratch" -f "$lib_dir/table-checksums.sql" \

@@ -101,12 +101,13 @@ s3() { aws s3api "$1" --bucket "$BACKUP_BUCKET" "${@:2}"; }
 # SQL goes through stdin, where psql interpolates :'variables' (it does not for -c).
 sql() { as_postgres psql -X -At -q -v ON_ERROR_STOP=1 --dbname="$1" "${@:2}"; }
 exists() { [[ $(sql postgres -v db="$1" <<<"SELECT count(*) FROM pg_database WHERE datname = :'db';") == 1 ]]; }
-# Other sessions connected to database $1, one line each.
+# Other clients' sessions on database $1, one line each (the rename ends autovacuum's by itself).
 sessions() {
   sql postgres -v db="$1" <<'SQL'
 SELECT format('pid %s, user %s, application %s, %s since %s', pid, usename, coalesce(nullif(application_name, ''), '-'),
               state, date_trunc('second', coalesce(xact_start, backend_start)))
-  FROM pg_stat_activity WHERE datname = :'db' AND pid <> pg_backend_pid() ORDER BY pid;
+  FROM pg_stat_activity WHERE datname = :'db' AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+ ORDER BY pid;
 SQL
 }
 

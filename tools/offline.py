@@ -467,7 +467,8 @@ def configured_cloud(config: dict[str, str], cloud: dict = CLOUD) -> dict:
     known = {**cloud, "zones": dict(cloud["zones"]), "subnets": dict(cloud["subnets"])}
     for line in json.loads(config.get(f"{PROJECT}:zoneIds", "[]")):
         zone, _, zone_id = line.partition("=")
-        known["zones"][zone] = zone_id
+        if zone_id not in known["zones"].values():  # an ID of another zone stays that zone's
+            known["zones"][zone] = zone_id
     subnet_id = config.get(f"{PROJECT}:vpnSubnetId", "")
     if subnet_id and subnet_id not in {s for s, _ in known["subnets"].values()}:
         known["subnets"][f"(the CIDR of {subnet_id})"] = (subnet_id, "us-east-2b")

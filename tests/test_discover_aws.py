@@ -106,7 +106,8 @@ def test_names_the_program_declares_that_do_not_exist(live):
     assert live["iam"]["roles"] == {name: {"exists": False} for name in (
         "katforge-backup-writer", "katforge-github-deploy", "katforge-github-preview")}
     assert live["iam"]["instanceProfiles"] == {"katforge-k3s-host": {"exists": False}}
-    assert live["iam"]["policies"] == {"katforge-backup-restore": {"exists": False}}
+    assert live["iam"]["policies"] == {"katforge-backup-restore": {"exists": False},
+                                       "katforge-permissions-boundary": {"exists": False}}
 
 
 def test_ses_identity_with_dkim_and_no_mail_from(live, live_account):

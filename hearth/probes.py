@@ -24,7 +24,7 @@ CERTIFICATE_WARN_DAYS = 14
 BACKUP_WARN_HOURS = 26
 # The dumps' keys: <stage>/<database>/<UTC timestamp>.dump, and <UTC timestamp>.manifest.json beside each
 # once it completed (infra/host/backup-databases.sh: a dump counts only once its manifest exists, as the
-# restore script has it). Dumps from before manifests existed count as they are, where none has one.
+# restore script has it).
 DUMP_KEY = re.compile(r"/(?P<at>\d{8}T\d{6}Z)\.(?P<kind>dump|manifest\.json)$")
 
 
@@ -245,17 +245,67 @@ def newest_backup(bucket: str, prefix: str, region: str, now: datetime.datetime,
         return Probe("error", f"s3://{bucket}: {detail.get('Code')}: {detail.get('Message')}", facts)
     except (botocore.exceptions.BotoCoreError, OSError) as error:
         return Probe("unreachable", f"s3://{bucket}: {error}", facts)
-    complete = {at: obj for at, obj in dumps.items() if at in manifests or not manifests}
+    complete = {at: obj for at, obj in dumps.items() if at in manifests}
     if not complete:
         return Probe("missing", f"no {'complete ' if dumps else ''}dump under s3://{bucket}/{prefix}", facts)
     at = max(complete)
     obj = complete[at]
+    unfinished = max((later for later in dumps if later > at and later not in manifests), default=None)
     taken = datetime.datetime.strptime(at, "%Y%m%dT%H%M%SZ").replace(tzinfo=datetime.timezone.utc)
     age = now - taken
     facts.update({"key": obj["Key"], "takenAt": taken.strftime("%Y-%m-%dT%H:%M:%SZ"),
                   "ageSeconds": int(age.total_seconds()), "sizeBytes": obj["Size"]})
     hours = age.total_seconds() / 3600
+    if unfinished:
+        facts["incompleteKey"] = f"{prefix}{unfinished}.dump"
+        return Probe("incomplete", f"the newest dump, {unfinished}, has no manifest: it did not complete (or is "
+                                   f"uploading now); the newest complete one is {hours:.0f} h old", facts)
     if hours > BACKUP_WARN_HOURS:
         return Probe("stale", f"the newest dump is {hours:.0f} h old, over {BACKUP_WARN_HOURS} h: the daily backup "
                               "has not run (on the k3s host: journalctl -u katforge-backup)", facts)
     return Probe("ok", f"{_size(obj['Size'])}, {hours:.0f} h old", facts)
+
+
+# The monthly restore drill's result (infra/host, katforge-drill): <stage>/drill/latest.json, published
+# again with each daily backup, so its `started` dates the drill, not the object.
+DRILL_WARN_DAYS = 35
+
+
+def last_drill(bucket: str, stage: str, region: str, now: datetime.datetime, timeout: float = TIMEOUT_SECONDS) -> Probe:
+    import json
+
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+
+    key = f"{stage}/drill/latest.json"
+    facts = {"bucket": bucket, "key": key}
+    config = botocore.config.Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1})
+    try:
+        s3 = boto3.session.Session().client("s3", region_name=region, config=config)
+        result = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    except botocore.exceptions.NoCredentialsError:
+        return Probe("error", "no AWS credentials: set AWS_PROFILE (or the AWS_* variables)", facts)
+    except botocore.exceptions.ClientError as error:
+        detail = error.response.get("Error", {})
+        if detail.get("Code") in ("NoSuchKey", "404"):
+            return Probe("missing", f"no drill has run: s3://{bucket}/{key} is absent (make drill STAGE={stage})", facts)
+        return Probe("error", f"s3://{bucket}/{key}: {detail.get('Code')}: {detail.get('Message')}", facts)
+    except (botocore.exceptions.BotoCoreError, OSError) as error:
+        return Probe("unreachable", f"s3://{bucket}: {error}", facts)
+    except ValueError as error:
+        return Probe("error", f"s3://{bucket}/{key} is not JSON: {error}", facts)
+    started = datetime.datetime.fromisoformat(str(result.get("started", "")).replace("Z", "+00:00"))
+    days = (now - started).days
+    facts.update({"started": started.strftime("%Y-%m-%dT%H:%M:%SZ"), "passed": bool(result.get("ok")),
+                  "dump": result.get("dump")})
+    if not result.get("ok"):
+        why = result.get("error") or "; ".join(result.get("mismatches") or []) or "no reason given"
+        return Probe("failed", f"the drill of {started:%Y-%m-%d} failed: {why}", facts)
+    if days > DRILL_WARN_DAYS:
+        return Probe("stale", f"the last drill is {days} days old, over {DRILL_WARN_DAYS}: the monthly drill has not "
+                              "run (on the k3s host: journalctl -u 'katforge-drill@*')", facts)
+    seconds = (result.get("seconds") or {}).get("restore")
+    return Probe("ok", f"{result.get('dump', '').rsplit('/', 1)[-1]} restored"
+                       + (f" in {seconds:.0f} s" if isinstance(seconds, (int, float)) else "")
+                       + f", {days} days ago", facts)

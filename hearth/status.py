@@ -146,6 +146,7 @@ def start_probes(estate: Estate, options: Options, now: datetime.datetime) -> pr
                                                                          options.timeout))
     calls["backup"] = lambda: probes.newest_backup(estate.bucket, estate.backup_prefix, estate.region, now,
                                                    options.timeout)
+    calls["drill"] = lambda: probes.last_drill(estate.bucket, estate.stage.name, estate.region, now, options.timeout)
     return probes.Pending(calls)
 
 
@@ -162,7 +163,8 @@ def collect(cluster: Cluster, estate: Estate, options: Options, now: datetime.da
         what, _, subject = key.partition(" ")
         facts = ({"name": subject, "address": estate.addresses[subject], "port": probes.HTTPS_PORT} if what == "tls"
                  else {"name": subject, "declared": estate.addresses[subject], "resolved": []} if what == "dns"
-                 else {"bucket": estate.bucket, "prefix": estate.backup_prefix})
+                 else {"bucket": estate.bucket, "prefix": estate.backup_prefix} if what == "backup"
+                 else {"bucket": estate.bucket, "key": f"{estate.stage.name}/drill/latest.json"})
         if error is not None:
             return probes.Probe("error", f"{type(error).__name__}: {error}", facts)
         return probes.Probe("unreachable", f"no answer within {options.timeout:g} s", facts)
@@ -171,19 +173,20 @@ def collect(cluster: Cluster, estate: Estate, options: Options, now: datetime.da
     apps = [app_report(app, estate, deployments.get(app.name), sets, pods, now) for app in estate.apps]
     certificates = [_check(found[f"tls {name}"]) for name in estate.tls_names]
     dns = [{**_check(found[f"dns {r.name}"]), "type": r.type} for r in estate.names]
-    backup = _check(found["backup"])
+    backup, drill = _check(found["backup"]), _check(found["drill"])
     memory = memory_report(estate, nodes)
     problems = [f"{a['name']}: {p}" for a in apps for p in a["problems"]]
     problems += [f"{a['name']}: rollout {a['rollout']['message']}" for a in apps
                  if a["state"] == "progressing"]
     problems += [f"backup: {backup['message']}"] if not backup["ok"] else []
+    problems += [f"drill: {drill['message']}"] if not drill["ok"] else []
     problems += [f"certificate {c['name']}: {c['message']}" for c in certificates if not c["ok"]]
     problems += [f"dns {d['name']}: {d['message']}" for d in dns if not d["ok"]]
     problems += [f"memory: {memory['message']}"] if not memory["ok"] else []
     return {
         "schemaVersion": SCHEMA_VERSION, "stage": estate.stage.name, "namespace": ns, "cluster": cluster.server,
         "checkedAt": iso(now), "healthy": not problems, "problems": problems,
-        "apps": apps, "backup": backup, "certificates": certificates, "dns": dns, "memory": memory,
+        "apps": apps, "backup": backup, "drill": drill, "certificates": certificates, "dns": dns, "memory": memory,
     }
 
 
@@ -217,6 +220,8 @@ def render_table(report: dict, paint=lambda state, text: text) -> str:
     backup = report["backup"]
     detail = backup["message"] if not backup.get("key") else f"{backup['key'].rsplit('/', 1)[1]}: {backup['message']}"
     checks.append(["backup", f"s3://{backup['bucket']}/{backup['prefix']}", backup["state"], detail])
+    drill = report["drill"]
+    checks.append(["drill", f"s3://{drill['bucket']}/{drill['key']}", drill["state"], drill["message"]])
     checks += [["certificate", c["name"], c["state"], c["message"]] for c in report["certificates"]]
     checks += [["dns", d["name"], d["state"], d["message"]] for d in report["dns"]]
     memory = report["memory"]

@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 
 from hearth.cli import main
-from tests.kube_api import AppState, app_objects
+from tests.kube_api import AppState, app_objects, iso
 from tools.offline import ROOT
 
 pytest_plugins = ["tests.kube_api", "tests.tls_server", "tests.dns_server", "tests.live_account"]
@@ -50,9 +50,21 @@ def backups(moto_server, running_cluster):
                       (dump_key("qa", "katforge_qa", now - datetime.timedelta(hours=50)), 900)):
         s3.put_object(Bucket=BUCKET, Key=key, Body=b"x" * size)
         s3.put_object(Bucket=BUCKET, Key=key.replace(".dump", ".manifest.json"), Body=b"{}")
-    # a dump that never completed (no manifest): it does not count
-    s3.put_object(Bucket=BUCKET, Key=dump_key("prod", "katforge", now - datetime.timedelta(hours=1)), Body=b"x" * 99)
+    for stage, database, days in (("prod", "katforge", 10), ("qa", "katforge_qa", 3)):
+        put_drill(s3, BUCKET, stage, ok=True, started=now - datetime.timedelta(days=days),
+                  dump=dump_key(stage, database, now - datetime.timedelta(days=days, hours=2)))
     return account
+
+
+def put_drill(s3, bucket: str, stage: str, *, ok: bool, started: datetime.datetime, dump: str = "",
+              error: str = "") -> None:
+    """The drill's result as katforge-drill publishes it (the backups' notes: <stage>/drill/latest.json)."""
+    result = {"stage": stage, "ok": ok, "error": error or None, "started": iso(started), "mismatches": []}
+    if ok:
+        result.update({"database": dump.split("/")[1], "dump": dump, "database_bytes": 650_000_000,
+                       "seconds": {"download_and_verify": 7.3, "restore": 31.2, "total": 38.5},
+                       "restore_mib_per_s": 19.9, "tables": 41, "sequences": 37})
+    s3.put_object(Bucket=bucket, Key=f"{stage}/drill/latest.json", Body=json.dumps(result).encode())
 
 
 @pytest.fixture
@@ -100,19 +112,20 @@ web      v1.4.2   1/1    0         2d ago      ok     katforge.com, www.katforge
 lextris  v1.4.2   1/1    0         2d ago      ok     katforge.com/play/lextris/
 stumper  v1.4.2   1/1    0         2d ago      ok     stumper.gg
 
-CHECK        SUBJECT                                  STATE  DETAIL
-backup       s3://hearth-test-backups/prod/katforge/  ok     <timestamp>.dump: 1.5 KiB, 5 h old
-certificate  api.katforge.com                         ok     expires in 60 days
-certificate  katforge.com                             ok     expires in 60 days
-certificate  stumper.gg                               ok     expires in 60 days
-certificate  www.katforge.com                         ok     expires in 60 days
-dns          katforge.com                             ok     resolves to 3.19.192.157
-dns          www.katforge.com                         ok     resolves to 3.19.192.157
-dns          api.katforge.com                         ok     resolves to 3.19.192.157
-dns          stumper.gg                               ok     resolves to 3.19.192.157
-dns          k3s.katforge.com                         ok     resolves to 3.19.192.157
-dns          vpn.katforge.com                         ok     resolves to 3.15.140.218
-memory       ip-172-31-14-98                          ok     no memory pressure; allocatable 2075 MiB, the pods' limits 2062 MiB (budget: 2075 MiB allocatable)
+CHECK        SUBJECT                                          STATE  DETAIL
+backup       s3://hearth-test-backups/prod/katforge/          ok     <timestamp>.dump: 1.5 KiB, 5 h old
+drill        s3://hearth-test-backups/prod/drill/latest.json  ok     <timestamp>.dump restored in 31 s, 10 days ago
+certificate  api.katforge.com                                 ok     expires in 60 days
+certificate  katforge.com                                     ok     expires in 60 days
+certificate  stumper.gg                                       ok     expires in 60 days
+certificate  www.katforge.com                                 ok     expires in 60 days
+dns          katforge.com                                     ok     resolves to 3.19.192.157
+dns          www.katforge.com                                 ok     resolves to 3.19.192.157
+dns          api.katforge.com                                 ok     resolves to 3.19.192.157
+dns          stumper.gg                                       ok     resolves to 3.19.192.157
+dns          k3s.katforge.com                                 ok     resolves to 3.19.192.157
+dns          vpn.katforge.com                                 ok     resolves to 3.15.140.218
+memory       ip-172-31-14-98                                  ok     no memory pressure; allocatable 2075 MiB, the pods' limits 2062 MiB (budget: 2075 MiB allocatable)
 
 healthy
 """
@@ -179,7 +192,8 @@ def test_qa_is_its_namespace_its_names_and_its_dumps(hearth):
     checks = {tuple(line.split()[:3]) for line in lines if line.split()[:1] in (["dns"], ["certificate"])}
     assert checks == {("certificate", "qa.api.katforge.com", "ok"), ("certificate", "qa.katforge.com", "ok"),
                       ("dns", "qa.katforge.com", "ok"), ("dns", "qa.api.katforge.com", "ok")}
-    assert "backup       s3://hearth-test-backups/qa/katforge_qa/  stale" in result.out
+    assert check_row(result.out, "backup", "s3://hearth-test-backups/qa/katforge_qa/").startswith("stale")
+    assert check_row(result.out, "drill", "s3://hearth-test-backups/qa/drill/latest.json").startswith("ok ")
     assert "the newest dump is 50 h old, over 26 h" in result.out
     assert result.out.endswith("unhealthy: backup s3://hearth-test-backups/qa/katforge_qa/ (stale)\n")
 
@@ -302,15 +316,43 @@ def test_the_system_resolver_is_the_default():
     assert probes.resolves("localhost", "127.0.0.1", None).state == "ok"
 
 
-def test_dumps_from_before_manifests_count_as_they_are(hearth, monkeypatch, backups, running_cluster):
-    s3 = backups.client("s3")
-    s3.create_bucket(Bucket="hearth-old-backups", CreateBucketConfiguration={"LocationConstraint": "us-east-2"})
-    s3.put_object(Bucket="hearth-old-backups", Body=b"x" * 2048,
-                  Key=dump_key("prod", "katforge", running_cluster.now - datetime.timedelta(hours=3)))
-    monkeypatch.setenv("BACKUP_BUCKET", "hearth-old-backups")
-    result = hearth("status")
-    assert normalized(check_row(result.out, "backup", "s3://hearth-old-backups/prod/katforge/")) == (
-        "ok <timestamp>.dump: 2.0 KiB, 3 h old")
+def test_a_newer_dump_without_its_manifest_did_not_complete(hearth, monkeypatch, backups, running_cluster):
+    s3, now = backups.client("s3"), running_cluster.now
+    s3.create_bucket(Bucket="hearth-unfinished", CreateBucketConfiguration={"LocationConstraint": "us-east-2"})
+    complete = dump_key("prod", "katforge", now - datetime.timedelta(hours=3))
+    s3.put_object(Bucket="hearth-unfinished", Key=complete, Body=b"x" * 2048)
+    s3.put_object(Bucket="hearth-unfinished", Key=complete.replace(".dump", ".manifest.json"), Body=b"{}")
+    s3.put_object(Bucket="hearth-unfinished", Key=dump_key("prod", "katforge", now - datetime.timedelta(hours=1)),
+                  Body=b"x" * 99)
+    put_drill(s3, "hearth-unfinished", "prod", ok=True, started=now, dump=complete)
+    monkeypatch.setenv("BACKUP_BUCKET", "hearth-unfinished")
+    result = hearth("status", "--json")
+    backup = json.loads(result.out)["backup"]
+    assert result.code == 1
+    assert (backup["state"], backup["key"], backup["sizeBytes"]) == ("incomplete", complete, 2048)
+    assert backup["message"].endswith("has no manifest: it did not complete (or is uploading now); the newest "
+                                      "complete one is 3 h old")
+
+
+def test_a_failed_an_old_or_no_drill(hearth, monkeypatch, backups, running_cluster):
+    s3, now = backups.client("s3"), running_cluster.now
+    s3.create_bucket(Bucket="hearth-drills", CreateBucketConfiguration={"LocationConstraint": "us-east-2"})
+    monkeypatch.setenv("BACKUP_BUCKET", "hearth-drills")
+    subject = "s3://hearth-drills/prod/drill/latest.json"
+    absent = check_row(hearth("status").out, "drill", subject)
+    put_drill(s3, "hearth-drills", "prod", ok=False, started=now - datetime.timedelta(days=2),
+              error="pg_restore: error: could not read from input file: end of file")
+    failed_run = hearth("status")
+    failed = check_row(failed_run.out, "drill", subject)
+    assert failed_run.out.endswith(f"drill {subject} (failed)\n")  # one of the unhealthy things
+    assert f"drill: {failed.removeprefix('failed ')}" in json.loads(hearth("status", "--json").out)["problems"]
+    put_drill(s3, "hearth-drills", "prod", ok=True, started=now - datetime.timedelta(days=40),
+              dump=dump_key("prod", "katforge", now - datetime.timedelta(days=41)))
+    old = check_row(hearth("status").out, "drill", subject)
+    assert absent == "missing no drill has run: s3://hearth-drills/prod/drill/latest.json is absent (make drill STAGE=prod)"
+    assert failed == ("failed the drill of " + f"{now - datetime.timedelta(days=2):%Y-%m-%d}"
+                      + " failed: pg_restore: error: could not read from input file: end of file")
+    assert old.startswith("stale the last drill is 40 days old, over 35")
 
 
 def test_backups_missing_or_unreadable(hearth, monkeypatch, backups, running_cluster):

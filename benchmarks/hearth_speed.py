@@ -8,6 +8,7 @@ backup bucket. Every probe goes to 127.0.0.1. Prints figures; asserts nothing.
 """
 import argparse
 import datetime
+import json
 import os
 import statistics
 import subprocess
@@ -79,6 +80,9 @@ def main() -> None:
         stamp = (now - datetime.timedelta(hours=5)).strftime("%Y%m%dT%H%M%SZ")
         s3.put_object(Bucket="hearth-speed", Key=f"prod/katforge/{stamp}.dump", Body=b"x" * 1024)
         s3.put_object(Bucket="hearth-speed", Key=f"prod/katforge/{stamp}.manifest.json", Body=b"{}")
+        s3.put_object(Bucket="hearth-speed", Key="prod/drill/latest.json", Body=json.dumps(
+            {"stage": "prod", "ok": True, "started": stamp[:4] + "-" + stamp[4:6] + "-" + stamp[6:8] + "T00:00:00Z",
+             "dump": f"prod/katforge/{stamp}.dump", "seconds": {"restore": 31.2}}).encode())
         env = {**os.environ, **account.env(), "BACKUP_BUCKET": "hearth-speed", "SSL_CERT_FILE": str(authority.ca_file),
                "KUBECONFIG": str(api.kubeconfig(scratch / "katforge-config"))}
         probes = ["--dns-server", dns.address, "--connect-to", f"::127.0.0.1:{tls.port}"]

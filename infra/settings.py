@@ -27,6 +27,10 @@ PROJECT_FILE = Path(__file__).resolve().parent.parent / "Pulumi.yaml"
 NOT_SET = "(not set)"
 
 
+# libyaml's loader where PyYAML was built with it: the project file parses in a tenth of the time.
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 class SettingsError(pulumi.RunError):
     """Bad or missing configuration; Pulumi prints the message without a traceback
     (pulumi-language-python-exec logs a RunError's message alone), and so does `make plan`."""
@@ -591,7 +595,7 @@ def _refuse_unknown_keys() -> None:
     """A key of the project's namespace that Pulumi.yaml does not declare is a typo: the program would
     silently use the default of the key it meant. The CLI hands the program every key of the stack
     (pulumi-language-python-exec puts them in the runtime's config), defaults included."""
-    declared = yaml.safe_load(PROJECT_FILE.read_text())["config"]
+    declared = yaml.load(PROJECT_FILE.read_text(), Loader=YAML_LOADER)["config"]
     by_lower = {key.lower(): key for key in declared}
     for full in sorted(CONFIG.get()):
         namespace, _, key = full.partition(":")

@@ -34,6 +34,7 @@ from pulumi.runtime.sync_await import _ensure_event_loop, _sync_await
 
 from infra import adopt
 from infra.apps import APPS
+from infra.settings import YAML_LOADER
 from tools import stackfile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +72,7 @@ OPERATOR_PLACEHOLDERS = {
 
 def project_config_schema() -> dict[str, dict]:
     """The typed `config:` block of Pulumi.yaml, keyed by the bare key name."""
-    return yaml.safe_load((ROOT / "Pulumi.yaml").read_text())["config"]
+    return yaml.load((ROOT / "Pulumi.yaml").read_text(), Loader=YAML_LOADER)["config"]
 
 
 def stack_config(stack: str) -> dict[str, Any]:

@@ -17,11 +17,14 @@ pytest.importorskip("lightkube", reason="lightkube is not installed: make test m
 
 from tests.discovered import moto_zone_ids, stack_copy
 from tools import adoption, preflight, stackfile
-from tools.offline import ROOT, effective_config, project_config_schema
+from tools.offline import ROOT, project_config_schema
 
 pytest_plugins = ["tests.discovered"]
 
 SCHEMA = project_config_schema()
+# Each default as a stack file reads: a scalar as its text, a list as it is.
+DEFAULTS = {f"katforge:{key}": value if isinstance(value, (list, str)) else json.dumps(value)
+            for key, value in ((key, decl["default"]) for key, decl in SCHEMA.items() if "default" in decl)}
 # What a first `up` must import rather than create: the hosts, their addresses, every account-unique name
 # that exists live, and the cluster's objects that exist.
 STATEFUL = ("Instance:k3s", "Instance:vpn", "Eip:k3s", "Eip:vpn", "EipAssociation:k3s", "EipAssociation:vpn",
@@ -38,7 +41,8 @@ class Plans:
         self.cache: dict[str, object] = {}
 
     def __call__(self, stack_file: Path, document: dict):
-        config = effective_config("prod", adoption.stack_file_config("prod", stack_file))[0]
+        # The config as the program sees it: a key set to its default is the key left out.
+        config = {**DEFAULTS, **stackfile.read(stack_file, SCHEMA)}
         key = json.dumps([config, adoption.cloud_of(document)], sort_keys=True)
         if key not in self.cache:
             with moto_zone_ids():

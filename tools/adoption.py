@@ -200,9 +200,9 @@ def shown_inputs(plan: Plan) -> dict[str, dict]:
     return {r["urn"]: r["inputs"] for r in plan.document()["resources"]}
 
 
-def matches(plan: Plan, document: dict) -> list[Match]:
-    """One match per custom resource of the plan, in the plan's order."""
-    shown = shown_inputs(plan)
+def matches(plan: Plan, document: dict, shown: Optional[dict[str, dict]] = None) -> list[Match]:
+    """One match per custom resource of the plan, in the plan's order (`shown`: its shown_inputs)."""
+    shown = shown or shown_inputs(plan)
     return [match(r, shown[r.urn], document) for r in plan.resources if r.custom]
 
 
@@ -285,9 +285,9 @@ def live_rules(group: dict, members: dict[str, frozenset]) -> list[Rule]:
 class PlannedNetwork:
     """The security groups and rules a plan gives each host."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, shown: Optional[dict[str, dict]] = None):
         self.instances = {r.name: r for r in plan.of_type(INSTANCE)}
-        shown = shown_inputs(plan)
+        shown = shown or shown_inputs(plan)
         # The program's groups of each host, by URN (their IDs are stand-ins until created).
         self.groups = {name: set(r.options["property_dependencies"].get("vpcSecurityGroupIds", ()))
                        for name, r in self.instances.items()}

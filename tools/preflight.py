@@ -240,7 +240,8 @@ class Checks:
         self.plan, self.document = plan, document
         self.report = Report(plan.stack)
         self.waived = set(waived)
-        self.matches = adoption.matches(plan, document)
+        self.shown = adoption.shown_inputs(plan)
+        self.matches = adoption.matches(plan, document, self.shown)
         self.by_urn = {m.resource.urn: m for m in self.matches}
 
     def hazard(self, line: str) -> None:
@@ -589,7 +590,7 @@ class Checks:
                         f"{path} /var/lib/rancher/k3s/server/traefik-config.yaml.pre-katforge), then make discover")
 
     def run(self) -> Report:
-        network = PlannedNetwork(self.plan)
+        network = PlannedNetwork(self.plan, self.shown)
         self.sources()
         self.resources()
         for check in (self.access_keys, self.zones, self.mail_from, self.postgres, self.k3s, self.wireguard,

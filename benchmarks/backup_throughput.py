@@ -136,7 +136,8 @@ def main() -> None:
     print(f"  download and verify {seconds['download_and_verify']:8.1f} s  (sha256, every block read)")
     print(f"  pg_restore --jobs 2 {seconds['restore']:8.1f} s  {size / MIB / seconds['restore']:8.1f} MiB/s "
           f"(tables, indexes, properties)")
-    print(f"the copy matches the manifest: {len(manifest['relations'])} tables and sequences")
+    tables = sum("table" in r for r in manifest["relations"])
+    print(f"the copy matches the manifest: {tables} tables, {len(manifest['relations']) - tables} sequences")
     print(f"estimated restore of a 1 GiB database: {1024 / (size / MIB / restore_s) / 60:.1f} min")
 
 

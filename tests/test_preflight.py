@@ -127,10 +127,11 @@ def test_every_live_stateful_resource_is_imported(adoption, plans, passing):
     assert "metadataOptions.httpTokens optional → required" in report.row("Instance:k3s").detail
     assert "rootBlockDevice" not in report.row("Instance:vpn").detail.replace("rootBlockDevice.deleteOnTermination", "")
     assert report.row("HelmChartConfig:cluster-traefik-config").op == "risk"
-    # What the live users hold beyond the program's policies stays: the row says so.
+    # What the live users were granted beyond the program's policy goes with the first up: the row says so.
     assert report.row("User:dns-challenge").detail.endswith(
-        "; keeps live policies the program does not declare: AmazonRoute53FullAccess")
-    assert report.row("User:ses-sender").detail.endswith("; keeps live policies the program does not declare: ses-send")
+        "; removes live policies the program does not declare: AmazonRoute53FullAccess")
+    assert report.row("User:ses-sender").detail.endswith("; removes live policies the program does not declare: "
+                                                         "ses-send")
     # Live records are taken over in place (an UPSERT), with their TTL.
     assert report.row("Record:katforge.com-a").detail == "takes over the live one in place: ttl 3600 → 300"
 

@@ -369,17 +369,27 @@ class Checks:
             self.add("import unchanged", m, importing + self.unmanaged(m))
 
     def unmanaged(self, m: Match) -> str:
-        """What a live IAM user or role holds that the program does not declare: it stays after the import,
-        and with it the permissions it gives (the DNS challenge's user may hold AmazonRoute53FullAccess)."""
+        """What a live IAM user or role holds that the program does not declare. Pulumi leaves it as it is,
+        unless the program declares the policies exclusive (`*PoliciesExclusive`, `*PolicyAttachmentsExclusive`):
+        then the first `up` removes it, and with it what it allowed."""
         kind = {"aws:iam/user:User": "user", "aws:iam/role:Role": "role"}.get(m.resource.type)
         if kind is None:
             return ""
-        declared = {other.inputs.get("policyArn") or other.inputs.get("name") for other in self.matches
-                    if other.resource.type.startswith(f"aws:iam/{kind}Policy")
-                    and other.inputs.get(kind) == m.inputs.get("name")}
-        live = [*(m.live.get("inlinePolicies") or {}), *(m.live.get("attachedPolicies") or {})]
-        extra = [policy.rsplit("/", 1)[-1] for policy in live if policy not in declared]
-        return f"; keeps live policies the program does not declare: {', '.join(extra)}" if extra else ""
+        name = m.inputs.get("name")
+        mine = [other for other in self.matches if other.resource.type.startswith(f"aws:iam/{kind}Polic")
+                and name in (other.inputs.get(kind), other.inputs.get(f"{kind}Name"))]
+        declared = {value for other in mine
+                    for value in [other.inputs.get("policyArn"), other.inputs.get("name"),
+                                  *(other.inputs.get("policyArns") or []), *(other.inputs.get("policyNames") or [])]}
+        exclusive = {other.kind for other in mine if other.kind.endswith("Exclusive")}
+        removed, kept = [], []
+        for listing, owner in (("inlinePolicies", f"{kind.capitalize()}PoliciesExclusive"),
+                               ("attachedPolicies", f"{kind.capitalize()}PolicyAttachmentsExclusive")):
+            for policy in m.live.get(listing) or {}:
+                if policy not in declared:
+                    (removed if owner in exclusive else kept).append(policy.rsplit("/", 1)[-1])
+        return "".join(f"; {verb} live policies the program does not declare: {', '.join(policies)}"
+                       for verb, policies in (("removes", removed), ("keeps", kept)) if policies)
 
     def shrinking(self, m: Match, comparison: Comparison) -> None:
         """EBS grows a volume in place and never shrinks one: the update fails midway."""

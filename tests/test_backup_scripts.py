@@ -96,6 +96,7 @@ def test_a_backup_is_a_dump_and_a_manifest_that_vouches_for_it(backups, database
     assert players["rows"] == 500 and players["checksum"].lstrip("-").isdigit()
     assert {"sequence": "public.players_id_seq", "value": 500} in manifest["relations"]
     assert (backups.work / "state" / "backup" / f"{STAGE}.{source}.last-success").read_text() == key + "\n"
+    assert "mailed" not in result.stderr  # a run that succeeds alerts nobody (ALERT_COMMAND is never run)
 
 
 def test_the_manifest_is_read_in_the_snapshot_the_dump_is(backups, databases, pg):

@@ -16,12 +16,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import pytest
 
@@ -29,20 +27,6 @@ from tools import discover, stackfile
 from tools.offline import ROOT, project_config_schema
 
 pytest_plugins = ["tests.fake_hosts", "tests.kube_api", "tests.live_account", "tests.sshd"]
-
-
-@contextmanager
-def moto_zone_ids() -> Iterator[None]:
-    """moto makes hosted zone IDs of 22 capitals and digits, Route53 starts them with Z, and the settings
-    check Route53's form (infra/settings.py _ZONE_ID): while the program runs against moto's account,
-    its IDs pass too."""
-    import infra.settings
-    form = infra.settings._ZONE_ID
-    infra.settings._ZONE_ID = re.compile(r"^[A-Z0-9]{1,32}$")
-    try:
-        yield
-    finally:
-        infra.settings._ZONE_ID = form
 
 
 def use_account(monkeypatch, account) -> None:
@@ -92,8 +76,7 @@ class Adoption:
 
 def discover_into(argv: list[str], out: Path) -> Run:
     stdout = io.StringIO()
-    with moto_zone_ids():
-        status = discover.main([*argv, "--out", str(out)], stdout)
+    status = discover.main([*argv, "--out", str(out)], stdout)
     stack_file = Path(argv[argv.index("--stack-file") + 1]) if "--stack-file" in argv else None
     return Run(status, stdout.getvalue(), out.read_bytes(), out, stack_file)
 

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("lightkube", reason="lightkube is not installed: make test must install requirements-tools.txt")
 
-from tests.discovered import moto_zone_ids, stack_copy
+from tests.discovered import stack_copy
 from tests.kube_api import PLANTED
 from tools import discover
 from tools.offline import ROOT, project_config_schema
@@ -188,9 +188,8 @@ def test_a_config_the_program_refuses_is_written_and_fails_the_run(adoption, tmp
     document["aws"]["instances"]["k3s"]["elasticIp"]["publicIp"] = "3.19.192.158"  # not katforge:k3sPublicIp
     monkeypatch.setattr(discover, "discover", lambda args: document)
     stdout = io.StringIO()
-    with moto_zone_ids():
-        status = discover.main(["--stack", "prod", "--stack-file", str(stack_copy(tmp_path)),
-                                "--out", str(tmp_path / "discovered.json")], stdout)
+    status = discover.main(["--stack", "prod", "--stack-file", str(stack_copy(tmp_path)),
+                            "--out", str(tmp_path / "discovered.json")], stdout)
     assert status == 1
     assert "katforge:imports: " in stdout.getvalue()  # written all the same, for the operator to correct
     assert stdout.getvalue().rstrip().endswith("is this the right allocation?")

@@ -15,7 +15,7 @@ import pytest
 
 pytest.importorskip("lightkube", reason="lightkube is not installed: make test must install requirements-tools.txt")
 
-from tests.discovered import moto_zone_ids, stack_copy
+from tests.discovered import stack_copy
 from tools import adoption, preflight, stackfile
 from tools.offline import ROOT, project_config_schema
 
@@ -45,8 +45,7 @@ class Plans:
         config = {**DEFAULTS, **stackfile.read(stack_file, SCHEMA)}
         key = json.dumps([config, adoption.cloud_of(document)], sort_keys=True)
         if key not in self.cache:
-            with moto_zone_ids():
-                self.cache[key] = adoption.plan_against("prod", stack_file, document)
+            self.cache[key] = adoption.plan_against("prod", stack_file, document)
         return self.cache[key]
 
 
@@ -90,8 +89,7 @@ def test_preflight_fails_before_discovery_writes_the_config(adoption, tmp_path, 
     untouched = stack_copy(tmp_path)
     discovered = tmp_path / "discovered.json"
     discovered.write_bytes(adoption.runs[0].json)
-    with moto_zone_ids():
-        status = preflight.main(["--stack", "prod", "--discovered", str(discovered), "--stack-file", str(untouched)])
+    status = preflight.main(["--stack", "prod", "--discovered", str(discovered), "--stack-file", str(untouched)])
     out = capsys.readouterr().out
     assert status == 1
     assert "hazard: the program stops before any change" in out
@@ -109,9 +107,8 @@ def test_after_discovery_only_what_the_runbook_does_on_the_hosts_is_left(adoptio
 def test_preflight_passes_after_discovery_and_the_runbook(adoption, capsys, tmp_path):
     discovered = tmp_path / "discovered.json"
     discovered.write_bytes(adoption.runs[2].json)
-    with moto_zone_ids():
-        status = preflight.main(["--stack", "prod", "--discovered", str(discovered),
-                                 "--stack-file", str(adoption.stack_file)])
+    status = preflight.main(["--stack", "prod", "--discovered", str(discovered),
+                             "--stack-file", str(adoption.stack_file)])
     out = capsys.readouterr().out
     assert status == 0, out
     assert "hazard:" not in out and out.rstrip().endswith("reaches every host")

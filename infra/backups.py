@@ -22,6 +22,7 @@ import pulumi_command as command
 from infra import adopt
 from infra.bootstrap import Target, install_file
 from infra.email import SMTP_ENDPOINT, SMTP_PORT
+from infra.iam import sole_policy
 from infra.policies import backup_alert_policy, document
 from infra.settings import REGION, BackupSettings, Stage
 
@@ -193,8 +194,9 @@ class BackupAlerts(pulumi.ComponentResource):
         # lookup of the account (infra/email.py does not export the identity's ARN).
         identity = f"arn:aws:ses:{REGION}:*:identity/{domain}"
         user = aws.iam.User(name, name="katforge-backup-alerts", opts=child)
-        aws.iam.UserPolicy(name, user=user.name, opts=child,
-                           policy=backup_alert_policy(identity, backups.alert_from, [backups.alert_to]))
+        policy = aws.iam.UserPolicy(name, user=user.name, opts=child,
+                                    policy=backup_alert_policy(identity, backups.alert_from, [backups.alert_to]))
+        sole_policy(name, user, policy, self)  # as every user of the estate: its one inline policy, nothing else
         key = aws.iam.AccessKey(name, user=user.name, opts=pulumi.ResourceOptions(
             parent=self, additional_secret_outputs=["secret", "sesSmtpPasswordV4"]))
         self.smtp_username = pulumi.Output.secret(key.id)

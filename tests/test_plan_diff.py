@@ -14,7 +14,7 @@ import pulumi_kubernetes
 import pytest
 from pulumi import _types
 
-from tools import force_new
+from tools import force_new, offline, stackfile
 from tools.offline import evaluate, evaluate_cached
 from tools.plan_diff import ABSENT, MARKER, Change, PlanDiffError, compare, diff_plans, render
 
@@ -381,3 +381,21 @@ def test_a_cut_never_splits_a_resource_from_its_changes():
     body = cut[cut.index("#### Update"):cut.index("… cut to fit")].strip().splitlines()[1:]
     assert body and len(body) % 4 == 0  # each resource line, then its three changes
     assert [line.startswith("- **") for line in body] == [True, False, False, False] * (len(body) // 4)
+
+
+def test_a_rotated_secret_in_the_stack_file_reads_secret_changed(tmp_path, monkeypatch):
+    """Offline, a `secure:` value cannot be decrypted: its ciphertext's hash stands in for it, so a
+    committed rotation (new ciphertext) still shows, as a secret change and nothing more."""
+    def stack_file(ciphertext):
+        path = tmp_path / f"{ciphertext}.yaml"
+        path.write_text(f"config:\n  aws:region: us-east-2\n  katforge:dbPassword:\n    secure: {ciphertext}\n")
+        return lambda stack, encrypted=None: stackfile.read(path, offline.project_config_schema(), encrypted)
+
+    plans = []
+    for ciphertext in ("v1:AAAAold", "v1:AAAAnew"):
+        monkeypatch.setattr(offline, "stack_config", stack_file(ciphertext))
+        plans.append(json.loads(evaluate("qa").to_json()))
+    diff = diff_plans(*plans)
+    assert diff.step("apps-database").op == "update"  # the Secret the apps read (mutable: in place)
+    assert "secret changed" in render([diff], "main")
+    assert "AAAAold" not in render([diff], "main") and "AAAAnew" not in render([diff], "main")

@@ -157,7 +157,7 @@ def test_make_plan_stops_on_a_bad_stack_file_with_one_line_and_exit_2(tmp_path, 
     path = tmp_path / "Pulumi.prod.yaml"
     path.write_text("config:\n  katforge:imageTags: [api=1.10, web=1.0]\n  katforge:backupTime: 3:30\n"
                     "  katforge:backupTime: 04:00\n")
-    monkeypatch.setattr("tools.offline.stack_config", lambda stack: stackfile.read(path, SCHEMA))
+    monkeypatch.setattr("tools.offline.stack_config", lambda stack, encrypted=None: stackfile.read(path, SCHEMA, encrypted))
     assert plan.main(["--stack", "prod"]) == 2
     out, err = capfd.readouterr()
     assert err == "Pulumi.prod.yaml: line 4: katforge:backupTime is given twice (first on line 3)\n" and out == ""

@@ -75,8 +75,8 @@ def project_config_schema() -> dict[str, dict]:
     return yaml.load((ROOT / "Pulumi.yaml").read_text(), Loader=YAML_LOADER)["config"]
 
 
-def stack_config(stack: str) -> dict[str, Any]:
-    return stackfile.read(ROOT / f"Pulumi.{stack}.yaml", project_config_schema())
+def stack_config(stack: str, encrypted: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    return stackfile.read(ROOT / f"Pulumi.{stack}.yaml", project_config_schema(), encrypted)
 
 
 def _as_config_string(value: Any) -> str:
@@ -88,6 +88,8 @@ def effective_config(stack: str, overrides: Optional[dict[str, Any]] = None) -> 
     schema = project_config_schema()
     config: dict[str, str] = {}
     secret_keys: list[str] = []
+    encrypted: dict[str, str] = {}
+    committed = stack_config(stack, encrypted)
     for key, declaration in schema.items():
         full = f"{PROJECT}:{key}"
         if key in OPERATOR_PLACEHOLDERS:
@@ -95,10 +97,12 @@ def effective_config(stack: str, overrides: Optional[dict[str, Any]] = None) -> 
         elif "default" in declaration:
             config[full] = _as_config_string(declaration["default"])
         elif declaration.get("secret"):
-            config[full] = f"offline-placeholder-{key}"
+            # Only the CLI decrypts; the ciphertext's hash stands in, so a rotated secret still differs.
+            digest = hashlib.sha256(encrypted[full].encode()).hexdigest()[:12] if full in encrypted else "unset"
+            config[full] = f"offline-placeholder-{key}-{digest}"
         if declaration.get("secret"):
             secret_keys.append(full)
-    for key, value in {**stack_config(stack), **(overrides or {})}.items():
+    for key, value in {**committed, **(overrides or {})}.items():
         if value is None:
             config.pop(key, None)
         else:

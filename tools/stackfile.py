@@ -188,10 +188,11 @@ def _is_secure(value: Any) -> bool:
     return isinstance(value, list) and any(_is_secure(v) for v in value)
 
 
-def read(path: Path, schema: dict[str, dict]) -> dict[str, Any]:
+def read(path: Path, schema: dict[str, dict], encrypted: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """The stack file's config as the CLI hands it to the program, keyed `<namespace>:<name>`: a
     scalar as its text, a list or map as data. `schema` is the `config:` block of Pulumi.yaml. A
-    missing file is an empty config, as for the CLI."""
+    missing file is an empty config, as for the CLI. Encrypted values are left out; given a dict,
+    `encrypted` receives them as they are written (ciphertext), so a rotation can still be seen."""
     try:
         text = path.read_text(encoding="utf-8-sig")  # the CLI strips a UTF-8 byte order mark too
     except FileNotFoundError:
@@ -221,6 +222,8 @@ def read(path: Path, schema: dict[str, dict]) -> dict[str, Any]:
                                          f"e.g. {PROJECT}:{key.rpartition(':')[2] or 'acmeEmail'}")
         value = node.value if isinstance(node, ScalarNode) else reader.value(node)
         if _is_secure(value):
+            if encrypted is not None:
+                encrypted[key] = json.dumps(value, sort_keys=True)
             continue
         if namespace == PROJECT and name in schema:
             reader.check(key, node, schema[name])

@@ -37,7 +37,7 @@ def prod_estate(settings: Settings) -> StageBase:
     # The addresses before the network: the k3s host's rules trust the VPN's real address.
     addresses = Addresses("addresses", settings.hosts)
     network = Network("network", settings.network, addresses.vpn.public_ip, settings.hosts.vpn_subnet_id)
-    backups = BackupStorage("backups", settings.backups, STAGES.values())
+    backups = BackupStorage("backups", settings.backups, STAGES.values(), permissions_boundary=pipeline.boundary_arn)
     hosts = Hosts("hosts", settings.hosts, settings.network.k3s_private_ip, network, addresses,
                   instance_profile=backups.instance_profile_name)
     records = Dns("dns", settings.stage, settings.zone_ids,
@@ -48,7 +48,8 @@ def prod_estate(settings: Settings) -> StageBase:
     bootstrap = HostBootstrap("bootstrap", settings.bootstrap, settings.network, settings.stage, hosts.k3s, hosts.vpn)
     database = StageDatabase("database", settings.stage_facts, settings.db_password, bootstrap.k3s_target,
                              bootstrap.postgres)
-    alerts = BackupAlerts("backup-alerts", settings.backups, settings.email.domain)
+    alerts = BackupAlerts("backup-alerts", settings.backups, settings.email.domain,
+                          permissions_boundary=pipeline.boundary_arn)
     BackupSchedule("backup-schedule", settings.backups, STAGES.values(), backups, alerts, bootstrap.k3s_target,
                    bootstrap.postgres)
     k3s = kubernetes_providers(bootstrap.kubeconfig, hosts.k3s.instance.id)

@@ -125,7 +125,8 @@ class BackupStorage(pulumi.ComponentResource):
     """The backup bucket and the identities that write to it (the host) and read from it (operators)."""
 
     def __init__(self, name: str, backups: BackupSettings, stages: Iterable[Stage],
-                 opts: pulumi.ResourceOptions | None = None):
+                 permissions_boundary: pulumi.Input[str] | None = None, opts: pulumi.ResourceOptions | None = None):
+        """`permissions_boundary`: the estate's boundary policy (infra/pipeline.py), the most the writer can do."""
         super().__init__("katforge:backups:BackupStorage", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
 
@@ -163,7 +164,7 @@ class BackupStorage(pulumi.ComponentResource):
             opts=child)
 
         stage_names = [stage.name for stage in stages]
-        role = aws.iam.Role(f"{name}-writer", name="katforge-backup-writer",
+        role = aws.iam.Role(f"{name}-writer", name="katforge-backup-writer", permissions_boundary=permissions_boundary,
                             assume_role_policy=ec2_trust_policy(), opts=adopted("Role", f"{name}-writer"))
         # Named by Pulumi (a suffix of its own): it never meets an inline policy the live role has.
         aws.iam.RolePolicy(f"{name}-writer", role=role.id,
@@ -186,14 +187,15 @@ class BackupAlerts(pulumi.ComponentResource):
     """The IAM user whose SES SMTP credentials the k3s host mails alerts with: from `alert_from` to
     `alert_to`, through the SES identity of `domain`, and nothing else."""
 
-    def __init__(self, name: str, backups: BackupSettings, domain: str, opts: pulumi.ResourceOptions | None = None):
+    def __init__(self, name: str, backups: BackupSettings, domain: str,
+                 permissions_boundary: pulumi.Input[str] | None = None, opts: pulumi.ResourceOptions | None = None):
         super().__init__("katforge:backups:BackupAlerts", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         # The identity by name, in any account: only this account's own identity can be used by its user
         # (another account's would need a sending authorization policy granting it), and the name needs no
         # lookup of the account (infra/email.py does not export the identity's ARN).
         identity = f"arn:aws:ses:{REGION}:*:identity/{domain}"
-        user = aws.iam.User(name, name="katforge-backup-alerts", opts=child)
+        user = aws.iam.User(name, name="katforge-backup-alerts", permissions_boundary=permissions_boundary, opts=child)
         policy = aws.iam.UserPolicy(name, user=user.name, opts=child,
                                     policy=backup_alert_policy(identity, backups.alert_from, [backups.alert_to]))
         sole_policy(name, user, policy, self)  # as every user of the estate: its one inline policy, nothing else

@@ -366,7 +366,8 @@ def test_iam_users_hold_only_their_inline_least_privilege_policy(prod):
     attachments = {r.name: r for r in prod.of_type(
         "aws:iam/userPolicyAttachmentsExclusive:UserPolicyAttachmentsExclusive")}
     inline = {r.name: r for r in prod.of_type("aws:iam/userPoliciesExclusive:UserPoliciesExclusive")}
-    assert set(users) == set(policies) == set(attachments) == set(inline) == {"dns-challenge", "ses-sender"}
+    assert set(users) == set(policies) == set(attachments) == set(inline) == {"dns-challenge", "ses-sender",
+                                                                              "backup-alerts"}
     for name, user in users.items():
         assert attachments[name].inputs == {"userName": user.inputs["name"], "policyArns": []}
         assert inline[name].inputs["userName"] == user.inputs["name"]

@@ -141,8 +141,6 @@ def test_a_bad_pipeline_setting_is_refused(key, value, message):
         evaluate("prod", {f"katforge:{key}": value})
 
 
-@pytest.mark.xfail(strict=True, reason="until __main__.py passes pipeline.boundary_arn to BackupStorage, BackupAlerts, "
-                                       "Email and DnsChallengeUser (issue 13 report): remove this marker then")
 def test_every_role_and_user_of_the_estate_carries_the_boundary():
     """The deploy role may only grant within the boundary, so each role and user must have it."""
     plan = evaluate_cached("prod")

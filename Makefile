@@ -6,10 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 STACK ?= prod
-RESTORE_USAGE := make restore STAGE=prod|qa AT=latest|YYYYMMDDTHHMMSSZ TARGET=<database> [FORCE=1] [DATABASE=<dumped database>]
+RESTORE_USAGE := make restore STAGE=prod|qa AT=latest|YYYYMMDDTHHMMSSZ TARGET=<database> [FORCE=1] [STOP_APPS=1] [DATABASE=<dumped database>] [SSH=user@host]
 
 .DEFAULT_GOAL := help
-.PHONY: help plan test plan-diff diagram discover preflight restore clean
+.PHONY: help plan test plan-diff diagram discover preflight restore drill hearth clean
 
 help: ## list the targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-z-]+:.*## / { printf "  make %-10s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -51,7 +51,6 @@ preflight: $(VENV)/.tools-installed ## what the first pulumi up of STACK does to
 
 # The operators' command line (hearth status|logs|rollback), with their own kubeconfig and AWS credentials;
 # editable, so it reads this checkout's tables and stack files. See the README's "Operating the estate".
-.PHONY: hearth
 hearth: $(VENV)/bin/hearth ## install the hearth command into .venv: .venv/bin/hearth status
 	@echo "hearth: $(abspath $(VENV))/bin/hearth (put $(abspath $(VENV))/bin on PATH, or alias it)"
 
@@ -63,19 +62,17 @@ $(VENV)/bin/hearth: pyproject.toml $(VENV)/.tools-installed
 diagram: $(VENV)/.plan-installed ## docs/estate.svg and docs/estate.png from both stacks' plans (needs Graphviz)
 	@$(PY) -m tools.diagram
 
-# The operator's own AWS credentials, PostgreSQL through PG*; see the README's restore runbook.
-restore: ## restore a backup: make restore STAGE=... AT=... TARGET=... (run it alone for the usage)
+# On the k3s host over SSH (SSH=user@host, default ubuntu@k3s.katforge.com), as the superuser there: only it can
+# bring back every owner, extension and database setting, and the host's role reads the bucket.
+restore: ## restore a backup on the host: make restore STAGE=... AT=... TARGET=... (run it alone for the usage)
 	@if [ -z "$(STAGE)" ] || [ -z "$(AT)" ] || [ -z "$(TARGET)" ]; then \
 		echo "usage: $(RESTORE_USAGE)" >&2; exit 2; fi
-	@if [ -z "$$BACKUP_BUCKET" ] && ! command -v pulumi >/dev/null; then \
-		echo "restore: BACKUP_BUCKET is not set and pulumi is not on PATH to look it up: set BACKUP_BUCKET=<the prod stack's backupBucket output>" >&2; exit 2; fi
-	bucket="$${BACKUP_BUCKET:-$$(pulumi stack output backupBucket --stack prod)}" && \
-		BACKUP_BUCKET="$$bucket" bash infra/host/restore-database.sh --stage "$(STAGE)" --at "$(AT)" --target "$(TARGET)" \
-		$(if $(DATABASE),--database "$(DATABASE)") $(if $(filter 1 yes true,$(FORCE)),--force)
+	ssh -t $(or $(SSH),ubuntu@k3s.katforge.com) sudo katforge-restore --stage '$(STAGE)' --at '$(AT)' --target '$(TARGET)' \
+		$(if $(DATABASE),--database '$(DATABASE)') $(if $(filter 1 yes true,$(FORCE)),--force) \
+		$(if $(filter 1 yes true,$(STOP_APPS)),--stop-apps)
 
 # On the k3s host over SSH (SSH=user@host, default ubuntu@k3s.katforge.com), exactly as its monthly timer
 # runs it; the result stays in the host's /var/lib/katforge/drill/STAGE.json and the bucket's STAGE/drill/latest.json.
-.PHONY: drill
 drill: ## restore drill of STAGE on the host: latest dump into a scratch database, checked, timed, dropped
 	@echo "$(STAGE)" | grep -Eqx '[a-z0-9-]+' || { echo "usage: make drill STAGE=prod|qa [SSH=ubuntu@k3s.katforge.com]" >&2; exit 2; }
 	ssh $(or $(SSH),ubuntu@k3s.katforge.com) 'since=$$(date +%s); sudo systemctl start katforge-drill@$(STAGE).service; \

@@ -1,15 +1,17 @@
 """The Katforge estate: one stack per stage. prod owns the hosts and everything shared; qa owns only
 what belongs to qa and reads the rest from prod through a StackReference."""
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import pulumi
 
 from infra import adopt, capacity, dns
 from infra.addresses import Addresses
-from infra.apps import StageWorkloads, routed_hosts
+from infra.apps import PostgresEndpoint, StageWorkloads, routed_hosts
 from infra.backups import BackupAlerts, BackupSchedule, BackupStorage
-from infra.bootstrap import HostBootstrap, KubernetesProviders, StageDatabase, host_target, kubernetes_providers
+from infra.bootstrap import (AgentBootstrap, HostBootstrap, KubernetesProviders, StageDatabase, Target, host_target,
+                             kubernetes_providers)
 from infra.cluster import Cluster
+from infra.database import HostPostgresStopped, RdsPostgres, RdsStageDatabase, rds_endpoint
 from infra.dns import Dns
 from infra.email import Email
 from infra.hosts import Hosts
@@ -22,7 +24,9 @@ from infra.settings import REGION, STAGES, Settings, load
 class StageBase(NamedTuple):
     """What a stage's workloads stand on, and the stack's outputs."""
     records: Dns
-    database: StageDatabase
+    databases: list[pulumi.Resource]  # the stage's role and database, on the host (and on RDS)
+    postgres: Optional[PostgresEndpoint]  # where the apps' DATABASE_URL points; None: the k3s host
+    host: Target  # the k3s host
     providers: KubernetesProviders
     smtp_username: pulumi.Output
     smtp_password: pulumi.Output
@@ -36,7 +40,9 @@ def prod_estate(settings: Settings) -> StageBase:
     pipeline = Pipeline("pipeline", settings.pipeline, settings.backups.bucket)
     # The addresses before the network: the k3s host's rules trust the VPN's real address.
     addresses = Addresses("addresses", settings.hosts)
-    network = Network("network", settings.network, addresses.vpn.public_ip, settings.hosts.vpn_subnet_id)
+    agents = settings.hosts.k3s_agents
+    network = Network("network", settings.network, addresses.vpn.public_ip, settings.hosts.vpn_subnet_id,
+                      agent_ips=[agent.private_ip for agent in agents], rds=settings.database.rds is not None)
     backups = BackupStorage("backups", settings.backups, STAGES.values(), permissions_boundary=pipeline.boundary_arn)
     hosts = Hosts("hosts", settings.hosts, settings.network.k3s_private_ip, network, addresses,
                   instance_profile=backups.instance_profile_name)
@@ -46,8 +52,22 @@ def prod_estate(settings: Settings) -> StageBase:
     dns_challenge = DnsChallengeUser("dns-challenge", records.zones.arns, routed_hosts(),
                                      permissions_boundary=pipeline.boundary_arn)
     bootstrap = HostBootstrap("bootstrap", settings.bootstrap, settings.network, settings.stage, hosts.k3s, hosts.vpn)
+    if agents:
+        AgentBootstrap("agents", settings.bootstrap, settings.network, settings.stage, bootstrap, hosts.k3s,
+                       [(agent, hosts.agents[agent.name]) for agent in agents])
     database = StageDatabase("database", settings.stage_facts, settings.db_password, bootstrap.k3s_target,
                              bootstrap.postgres)
+    databases: list[pulumi.Resource] = [database]
+    exports = {}
+    postgres = None
+    if settings.database.rds:
+        rds = RdsPostgres("rds", settings.database.rds, network.vpc_id, network.rds_sg, bootstrap.k3s_target,
+                          after=[bootstrap.postgres])
+        databases.append(RdsStageDatabase("database-rds", settings.stage_facts, settings.db_password,
+                                          bootstrap.k3s_target, rds.address, after=rds.files))
+        exports["rdsAddress"] = rds.address
+        if settings.database.on_rds:
+            postgres = rds_endpoint(rds.address, settings.network.vpc_cidr)
     alerts = BackupAlerts("backup-alerts", settings.backups, settings.email.domain,
                           permissions_boundary=pipeline.boundary_arn)
     BackupSchedule("backup-schedule", settings.backups, STAGES.values(), backups, alerts, bootstrap.k3s_target,
@@ -57,7 +77,7 @@ def prod_estate(settings: Settings) -> StageBase:
                       node_ip=settings.network.k3s_private_ip, access_key_id=dns_challenge.access_key_id,
                       secret_access_key=dns_challenge.secret_access_key, provider=k3s.objects)
     return StageBase(
-        records=records, database=database, providers=k3s,
+        records=records, databases=databases, postgres=postgres, host=bootstrap.k3s_target, providers=k3s,
         smtp_username=email.smtp_username, smtp_password=email.smtp_password,
         vpn_private_ip=hosts.vpn.instance.private_ip,
         exports={
@@ -71,6 +91,7 @@ def prod_estate(settings: Settings) -> StageBase:
             "dnsChallengeSecretAccessKey": dns_challenge.secret_access_key,
             "backupBucket": backups.bucket_name, "backupRestorePolicyArn": backups.restore_policy_arn,
             "previewRoleArn": pipeline.preview_role_arn, "deployRoleArn": pipeline.deploy_role_arn,
+            **exports,
         },
     )
 
@@ -81,9 +102,15 @@ def qa_estate(settings: Settings) -> StageBase:
     records = Dns("dns", settings.stage, settings.zone_ids, {dns.K3S_PRIVATE: prod.require_output("k3sPrivateIp")})
     host = host_target(prod.require_output("k3sPublicIp"), prod.require_output("k3sInstanceId"),
                        settings.bootstrap.ssh_private_key)
-    database = StageDatabase("database", settings.stage_facts, settings.db_password, host)
+    databases: list[pulumi.Resource] = [StageDatabase("database", settings.stage_facts, settings.db_password, host)]
+    postgres = None
+    if settings.database.has_rds_role:  # prod declares the instance once its own database leaves the host
+        address = prod.require_output("rdsAddress")
+        databases.append(RdsStageDatabase("database-rds", settings.stage_facts, settings.db_password, host, address))
+        if settings.database.on_rds:
+            postgres = rds_endpoint(address, settings.network.vpc_cidr)
     return StageBase(
-        records=records, database=database,
+        records=records, databases=databases, postgres=postgres, host=host,
         providers=kubernetes_providers(prod.require_output("kubeconfig"), prod.require_output("k3sInstanceId")),
         smtp_username=prod.require_output("sesSmtpUsername"), smtp_password=prod.require_output("sesSmtpPassword"),
         # Absent until prod's first `pulumi up` with this export; the VPN-only routes then admit nobody.
@@ -92,13 +119,20 @@ def qa_estate(settings: Settings) -> StageBase:
 
 
 settings = load()
-capacity.check(capacity.estate_report())  # an over-committed host stops the preview
+# An over-committed node stops the preview. prod's budget counts both stages' pods on its nodes (it owns
+# the hosts and knows the agents), and the tables it adds up are code: prod's preview of the same change
+# sees it.
+if settings.is_prod:
+    capacity.check(capacity.estate_report(settings.hosts.k3s_agents))
 adopt.use(settings.imports)  # before any resource: each asks whether it takes over a live object
 base = prod_estate(settings) if settings.is_prod else qa_estate(settings)
-StageWorkloads("apps", stage=settings.stage_facts, network=settings.network, settings=settings.cluster,
-               db_password=settings.db_password, smtp_username=base.smtp_username,
-               smtp_password=base.smtp_password, providers=base.providers, vpn_private_ip=base.vpn_private_ip,
-               opts=pulumi.ResourceOptions(depends_on=[base.database]))
+apps = StageWorkloads("apps", stage=settings.stage_facts, network=settings.network, settings=settings.cluster,
+                      db_password=settings.db_password, smtp_username=base.smtp_username,
+                      smtp_password=base.smtp_password, providers=base.providers,
+                      vpn_private_ip=base.vpn_private_ip, postgres=base.postgres,
+                      opts=pulumi.ResourceOptions(depends_on=base.databases))
+if settings.database.host_postgres == "remove":  # prod, its apps on RDS: stopped, never deleted
+    HostPostgresStopped("host-postgres", base.host, after=[apps])
 
 adopt.check_all_claimed()  # every import line named a resource of this stack
 

@@ -171,8 +171,23 @@ def labels(app: App) -> dict:
     return {**selector(app), "app.kubernetes.io/name": app.name, "app.kubernetes.io/part-of": "katforge"}
 
 
-def database_url(*, role: str, password: str, host: str, database: str) -> str:
-    return f"postgres://{quote(role, safe='')}:{quote(password, safe='')}@{host}:{POSTGRES_PORT}/{database}"
+def database_url(*, role: str, password: str, host: str, database: str, options: str = "") -> str:
+    """`options`: a query string of libpq parameters, e.g. "?sslmode=require"."""
+    return f"postgres://{quote(role, safe='')}:{quote(password, safe='')}@{host}:{POSTGRES_PORT}/{database}{options}"
+
+
+@dataclass(frozen=True)
+class PostgresEndpoint:
+    """Where a stage's apps reach PostgreSQL: `host` goes into DATABASE_URL, `cidr` into their egress policy.
+    The k3s host is one address; RDS is a name whose address moves (a failover, maintenance) within the
+    VPC, so the policy admits the VPC's port 5432, where RDS's security group admits the nodes only."""
+    host: pulumi.Input[str]
+    cidr: str
+    options: str = ""
+
+    @staticmethod
+    def on_host(private_ip: str) -> "PostgresEndpoint":
+        return PostgresEndpoint(host=private_ip, cidr=f"{private_ip}/32")
 
 
 def mailer_dsn(*, username: str, password: str) -> str:
@@ -282,8 +297,10 @@ def _to_internet(port: int) -> dict:
 DEFAULT_DENY = "default-deny"
 
 
-def network_policies(apps: Sequence[App], *, namespace: str, postgres_host: str) -> list[dict]:
-    """Default deny, DNS for everyone, then per app exactly the flows it needs."""
+def network_policies(apps: Sequence[App], *, namespace: str, postgres_host: str = "",
+                     postgres_cidr: str = "") -> list[dict]:
+    """Default deny, DNS for everyone, then per app exactly the flows it needs. PostgreSQL is
+    `postgres_cidr`, or the address `postgres_host`."""
     policies = [
         _network_policy(DEFAULT_DENY, namespace, {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
         _network_policy("allow-dns", namespace, {
@@ -293,7 +310,7 @@ def network_policies(apps: Sequence[App], *, namespace: str, postgres_host: str)
                         "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}],
         }),
     ]
-    to_postgres = {"to": [{"ipBlock": {"cidr": f"{postgres_host}/32"}}],
+    to_postgres = {"to": [{"ipBlock": {"cidr": postgres_cidr or f"{postgres_host}/32"}}],
                    "ports": [{"protocol": "TCP", "port": POSTGRES_PORT}]}
     # The spec's ad-hoc snapshot (`kubectl run ... pgdump -- pg_dump -h <host>`) labels its pod run=pgdump.
     policies.append(_network_policy("manual-snapshot", namespace, {
@@ -428,9 +445,11 @@ class StageWorkloads(pulumi.ComponentResource):
     def __init__(self, name: str, *, stage: Stage, network: NetworkSettings, settings: ClusterSettings,
                  db_password: pulumi.Input[str], smtp_username: pulumi.Input[str], smtp_password: pulumi.Input[str],
                  providers: KubernetesProviders, vpn_private_ip: pulumi.Input[Optional[str]], apps: Sequence[App] = APPS,
-                 opts: Optional[pulumi.ResourceOptions] = None):
-        """`vpn_private_ip`: the VPN host's address in the VPC, the only source a VPN-only stage admits."""
+                 postgres: Optional[PostgresEndpoint] = None, opts: Optional[pulumi.ResourceOptions] = None):
+        """`vpn_private_ip`: the VPN host's address in the VPC, the only source a VPN-only stage admits;
+        `postgres`: where the stage's database is, the k3s host's PostgreSQL by default."""
         super().__init__("katforge:cluster:StageWorkloads", name, None, opts)
+        postgres = postgres or PostgresEndpoint.on_host(network.k3s_private_ip)
         ns = stage.namespace
         apps = apps_in(stage.name, apps)
 
@@ -465,9 +484,9 @@ class StageWorkloads(pulumi.ComponentResource):
             secret(PULL_SECRET, "kubernetes.io/dockerconfigjson", {".dockerconfigjson": pulumi.Output.from_input(
                 settings.ghcr_token).apply(lambda token: dockerconfigjson(username=settings.ghcr_username,
                                                                           token=token))}),
-            secret(DATABASE_SECRET, "Opaque", {"DATABASE_URL": pulumi.Output.from_input(db_password).apply(
-                lambda password: database_url(role=stage.db_role, password=password,
-                                              host=network.k3s_private_ip, database=stage.database))}),
+            secret(DATABASE_SECRET, "Opaque", {"DATABASE_URL": pulumi.Output.all(db_password, postgres.host).apply(
+                lambda values: database_url(role=stage.db_role, password=values[0], host=values[1],
+                                            database=stage.database, options=postgres.options))}),
         ]
         if any(app.smtp for app in apps):
             smtp = pulumi.Output.all(smtp_username, smtp_password)
@@ -479,7 +498,7 @@ class StageWorkloads(pulumi.ComponentResource):
 
         # Default deny last, once every allowance is in place: in a namespace whose pods already run, no pod
         # is ever denied, even for a moment, what its own policy allows.
-        policies = network_policies(apps, namespace=ns, postgres_host=network.k3s_private_ip)
+        policies = network_policies(apps, namespace=ns, postgres_cidr=postgres.cidr)
         allowances = [declare(k8s.networking.v1.NetworkPolicy, f"{name}-netpol-{p['metadata']['name']}", namespace,
                               metadata=p["metadata"], spec=p["spec"])
                       for p in policies if p["metadata"]["name"] != DEFAULT_DENY]

@@ -25,7 +25,7 @@ import pulumi_kubernetes as k8s
 import yaml
 
 from infra.hosts import Host
-from infra.settings import BootstrapSettings, NetworkSettings, Stage, WireguardPeer
+from infra.settings import AgentSpec, BootstrapSettings, NetworkSettings, Stage, WireguardPeer
 
 HOST_FILES = Path(__file__).resolve().parent / "host"
 REMOTE_DIR = "/usr/local/lib/katforge"
@@ -39,6 +39,9 @@ K3S_KUBECONFIG = "/etc/rancher/k3s/k3s.yaml"
 # allocates to pods is what is left; infra/capacity.py checks the pods fit in that.
 SYSTEM_MEMORY_MIB = 384  # kernel, systemd, journald, sshd, snapd and the SSM agent, unattended-upgrades
 K3S_MEMORY_MIB = 640  # the k3s server process (API server, controllers, kubelet, kine/SQLite) and containerd
+# The k3s agent process (kubelet, kube-proxy, flannel) and containerd on an agent: k3s measured 275 M at the
+# 95th percentile (docs.k3s.io, Reference, Resource Profiling, "K3s agent"); the rest is margin.
+K3S_AGENT_MEMORY_MIB = 320
 POSTGRES_BACKEND_MIB = 2  # what a connection's backend process takes besides its work_mem
 
 
@@ -100,12 +103,14 @@ def postgres_client_cidrs(vpc_cidr: str, extra: Sequence[str] = ()) -> tuple[str
     return tuple(dict.fromkeys((*POSTGRES_POD_NETWORKS, vpc_cidr, *extra)))
 
 
-def kubelet_args() -> list[str]:
+def kubelet_args(agent: bool = False) -> list[str]:
     """The memory the kubelet keeps from pods. k3s reserves none by default, so the kubelet would
     allocate the whole host to pods and the scheduler would not know PostgreSQL is there; with these
     the node's allocatable memory is what the budget leaves to pods, and the kubelet caps the pods'
     cgroup at it (kubernetes.io, "Reserve Compute Resources for System Daemons"). k3s's own eviction
-    thresholds (disk only) stay as they are."""
+    thresholds (disk only) stay as they are. An agent runs no PostgreSQL and the k3s agent only."""
+    if agent:
+        return [f"system-reserved=memory={SYSTEM_MEMORY_MIB}Mi", f"kube-reserved=memory={K3S_AGENT_MEMORY_MIB}Mi"]
     return [f"system-reserved=memory={SYSTEM_MEMORY_MIB + POSTGRES_MEMORY_MIB}Mi",
             f"kube-reserved=memory={K3S_MEMORY_MIB}Mi"]
 
@@ -122,6 +127,46 @@ def render_k3s_config(*, public_ip: str, private_ip: str, secrets_encryption: bo
         "kubelet-arg": kubelet_args(),
     }
     return "# Managed by katforge (infra/bootstrap.py).\n" + yaml.safe_dump(config, sort_keys=False)
+
+
+# Where an agent keeps its join token (root's, 0600); config.yaml names it, so the token itself is in no
+# file of the configuration, no unit and no command line (k3s agent --token-file, K3S_TOKEN_FILE).
+AGENT_TOKEN_FILE = "/etc/rancher/k3s/agent-token"
+# The token agents join with, as k3s writes it on the server: agent-token when the server has an agent
+# token of its own, else node-token, the server's token, which the k3s quick-start hands agents
+# (docs.k3s.io, Quick-Start Guide: "The value to use for K3S_TOKEN is stored at
+# /var/lib/rancher/k3s/server/node-token on your server node").
+READ_JOIN_TOKEN = ("sudo cat /var/lib/rancher/k3s/server/agent-token 2>/dev/null "
+                   "|| sudo cat /var/lib/rancher/k3s/server/node-token")
+
+
+def render_k3s_agent_config(*, name: str, private_ip: str, server_ip: str) -> str:
+    """An agent's /etc/rancher/k3s/config.yaml: it joins the server over the private network, under its
+    configured name, and its kubelet reserves what the agent's budget keeps from pods."""
+    config = {
+        "server": f"https://{server_ip}:6443",
+        "token-file": AGENT_TOKEN_FILE,
+        "node-name": name,
+        "node-ip": private_ip,
+        "kubelet-arg": kubelet_args(agent=True),
+    }
+    return "# Managed by katforge (infra/bootstrap.py).\n" + yaml.safe_dump(config, sort_keys=False)
+
+
+def agent_install_input(token: str, config: str) -> str:
+    """k3s-agent-install.sh's stdin: the join token on the first line, then config.yaml."""
+    return f"{token.strip()}\n{config}"
+
+
+def drain_commands(node: str) -> tuple[str, str]:
+    """(create, delete) of the command that stands for an agent's node on the k3s host: create waits for
+    the node to be Ready; delete moves its pods away (kubectl drain: evictions respect
+    PodDisruptionBudgets; DaemonSet pods stay, emptyDir data goes) and deletes the Node, with k3s's
+    node password, so the same name can join again."""
+    kubectl = "sudo k3s kubectl"
+    return (f"{kubectl} wait --for=condition=Ready node/{node} --timeout=600s",
+            f"{kubectl} drain {node} --ignore-daemonsets --delete-emptydir-data --timeout=600s "
+            f"&& {kubectl} delete node {node} --ignore-not-found")
 
 
 def kubeconfig_for_api(kubeconfig: str) -> str:
@@ -168,6 +213,15 @@ class Target:
 def host_target(public_ip: pulumi.Input[str], instance_id: pulumi.Input[str],
                 private_key: pulumi.Input[str]) -> Target:
     return Target(ssh_connection(public_ip, private_key), instance_id)
+
+
+def agent_target(private_ip: str, instance_id: pulumi.Input[str], jump_host: pulumi.Input[str],
+                 private_key: pulumi.Input[str]) -> Target:
+    """An agent, at its private address through the k3s host: agents admit SSH from the k3s host only."""
+    return Target(command.remote.ConnectionArgs(
+        host=private_ip, user=SSH_USER, private_key=private_key,
+        proxy=command.remote.ProxyConnectionArgs(host=jump_host, user=SSH_USER, private_key=private_key)),
+        instance_id)
 
 
 def install_file(parent: pulumi.Resource, name: str, target: Target, path: str, content: pulumi.Input[str], *,
@@ -217,7 +271,7 @@ class HostBootstrap(pulumi.ComponentResource):
 
         k3s_config = k3s_host.public_ip.apply(lambda ip: render_k3s_config(
             public_ip=ip, private_ip=network.k3s_private_ip, secrets_encryption=bootstrap.k3s_secrets_encryption))
-        k3s_install = run("k3s", k3s, "k3s-install.sh",
+        k3s_install = self.k3s_install = run("k3s", k3s, "k3s-install.sh",
                           environment={"K3S_VERSION": bootstrap.k3s_version,
                                        "K3S_REPLACE_LIVE_FLAGS": flag(bootstrap.k3s_replace_live_flags),
                                        "K3S_ENCRYPT_EXISTING_SECRETS": flag(bootstrap.k3s_encrypt_existing_secrets)},
@@ -256,6 +310,45 @@ class HostBootstrap(pulumi.ComponentResource):
         self.vpn_public_key = wireguard.stdout
 
         self.register_outputs({"kubeconfig": self.kubeconfig, "vpn_public_key": self.vpn_public_key})
+
+
+class AgentBootstrap(pulumi.ComponentResource):
+    """The k3s agents (prod, with katforge:k3sAgents): each gets the hosts' baseline and k3s at the server's
+    release, joined over the private network with the server's join token; and stands as a node on the
+    k3s host, which drains it before its instance goes."""
+
+    def __init__(self, name: str, bootstrap: BootstrapSettings, network: NetworkSettings, stage: str,
+                 server: HostBootstrap, k3s_host: Host, agents: Sequence[tuple[AgentSpec, Host]],
+                 opts: Optional[pulumi.ResourceOptions] = None):
+        super().__init__("katforge:bootstrap:AgentBootstrap", name, None, opts)
+        # The join token, read with logging off into a secret output; it reaches each agent on stdin only.
+        token = command.remote.Command(
+            f"{name}-join-token", connection=server.k3s_connection, create=READ_JOIN_TOKEN,
+            logging=command.remote.Logging.NONE, triggers=[server.k3s_install.triggers],
+            add_previous_output_in_env=False,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[server.k3s_install],
+                                        additional_secret_outputs=["stdout", "stderr"]))
+        join_token = pulumi.Output.secret(token.stdout)
+        for agent, host in agents:
+            target = agent_target(agent.private_ip, host.instance.id, k3s_host.public_ip, bootstrap.ssh_private_key)
+            baseline = run_script(self, f"{name}-{agent.name}-baseline", target, stage, "host-baseline.sh")
+            config = render_k3s_agent_config(name=agent.name, private_ip=agent.private_ip,
+                                             server_ip=network.k3s_private_ip)
+            install = run_script(
+                self, f"{name}-{agent.name}-k3s", target, stage, "k3s-agent-install.sh",
+                environment={"K3S_VERSION": bootstrap.k3s_version},
+                stdin=join_token.apply(lambda value, config=config: agent_install_input(value, config)),
+                after=[baseline])
+            # Depends on the instance and its k3s: Pulumi deletes it, draining the node, before either goes.
+            # A new instance under the same name is a new node: the old one is drained and deleted first,
+            # since k3s refuses a second node of one name (its node password).
+            create, delete = drain_commands(agent.name)
+            command.remote.Command(
+                f"{name}-{agent.name}-node", connection=server.k3s_connection, create=create, delete=delete,
+                triggers=[host.instance.id], add_previous_output_in_env=False,
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[install, host.instance],
+                                            delete_before_replace=True))
+        self.register_outputs({"agents": [agent.name for agent, _ in agents]})
 
 
 class StageDatabase(pulumi.ComponentResource):

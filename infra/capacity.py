@@ -8,23 +8,39 @@ must fit in that with its memory limit: k3s's system pods, Traefik, every app po
 HelmChartConfig changes. Pure: `estate_report()` reads the tables, `lines()` renders it for
 `make plan`, and `check()` raises CapacityError so a preview fails before an over-committed host is
 deployed.
+
+With k3s agents (katforge:k3sAgents) every node has its own budget: an agent keeps the OS and the k3s
+agent from its pods (no PostgreSQL), and runs ServiceLB's svclb pod. Traefik, k3s's system pods and the
+helm-install job are counted on the k3s host (Traefik is pinned there; nothing moves a running pod), and
+the app pods of both stages and the rollout surge are placed, largest first, each on the node with the
+most memory left, as the scheduler's default scoring (NodeResourcesFit, LeastAllocated) spreads pods. The
+preview shows which node each app pod's worst case (its limit) lands on, and stops when a node is over.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, replace
+from typing import Iterable, Sequence, Union
 
 import pulumi
 
 from infra import apps, traefik_values
-from infra.bootstrap import K3S_MEMORY_MIB, POSTGRES_MEMORY_MIB, SYSTEM_MEMORY_MIB
-from infra.settings import STAGES
+from infra.bootstrap import K3S_AGENT_MEMORY_MIB, K3S_MEMORY_MIB, POSTGRES_MEMORY_MIB, SYSTEM_MEMORY_MIB
+from infra.hosts import AGENT_TAG
+from infra.settings import STAGES, AgentSpec
 
-# MemTotal of a t3.medium: 4096 MiB less the 252.7 MiB (264945664 bytes) Karpenter measured between
-# the memory EC2 sells and the capacity the kubelet reports, which is MemTotal
-# (aws/karpenter-provider-aws, pkg/providers/instancetype/zz_generated.memory_overhead.go). Check it on
-# the host with `grep MemTotal /proc/meminfo`; another instance type needs its own figure here.
-HOST_MEMTOTAL_MIB = 3843
+# MemTotal of an instance type: the memory EC2 sells less what Karpenter measured between it and the
+# capacity the kubelet reports, which is MemTotal (aws/karpenter-provider-aws @15e87699c992,
+# pkg/providers/instancetype/zz_generated.memory_overhead.go, in bytes). x86_64 types only: the hosts
+# boot Ubuntu's amd64 image. Check one on its host with `grep MemTotal /proc/meminfo`; another type
+# needs its row here.
+_EC2_MEMORY = {  # instance type: (MiB EC2 sells, overhead bytes)
+    "t3.small": (2048, 137269248), "t3.medium": (4096, 264945664), "t3.large": (8192, 382386176),
+    "t3.xlarge": (16384, 617746432), "t3a.small": (2048, 130977792), "t3a.medium": (4096, 252362752),
+    "t3a.large": (8192, 359317504), "t3a.xlarge": (16384, 571609088), "m6i.large": (8192, 424321024),
+    "m6i.xlarge": (16384, 703729664),
+}
+MEMTOTAL_MIB = {kind: int(mib - overhead / 2 ** 20) for kind, (mib, overhead) in _EC2_MEMORY.items()}
+HOST_MEMTOTAL_MIB = MEMTOTAL_MIB["t3.medium"]  # the k3s host: 4096 MiB less 252.7 MiB
 
 # k3s configures the kubelet's hard eviction for disk only (evictionHard imagefs/nodefs.available 5%,
 # k3s-io/k3s pkg/daemons/agent/agent.go, defaultKubeletConfig), and a partial evictionHard zeroes the
@@ -56,9 +72,12 @@ class Item:
 
 @dataclass(frozen=True)
 class Report:
+    """One node's budget."""
     reserved: tuple[Item, ...]  # what the kubelet keeps from pods
     pods: tuple[Item, ...]  # every pod that can run at once, at its memory limit
     memtotal_mib: int
+    node: str = "k3s"
+    instance_type: str = ""  # an agent's; the k3s host's title is its own
 
     @property
     def allocatable_mib(self) -> int:
@@ -73,6 +92,18 @@ class Report:
         return self.allocatable_mib - self.total_mib
 
 
+@dataclass(frozen=True)
+class Estate:
+    """The k3s host and its agents, each with its own budget and the pods placed on it."""
+    nodes: tuple[Report, ...]
+
+    def node_of(self, pod: str) -> str:
+        return next(node.node for node in self.nodes if any(item.name == pod for item in node.pods))
+
+
+SVCLB_POD = "kube-system/svclb-traefik"  # ServiceLB's DaemonSet pod, one on every node
+
+
 def report(pods: Iterable[Item], memtotal_mib: int = HOST_MEMTOTAL_MIB) -> Report:
     reserved = (Item("system (OS and host services)", SYSTEM_MEMORY_MIB),
                 Item("PostgreSQL 16", POSTGRES_MEMORY_MIB),
@@ -82,30 +113,53 @@ def report(pods: Iterable[Item], memtotal_mib: int = HOST_MEMTOTAL_MIB) -> Repor
     return Report(reserved=reserved, pods=system_pods + tuple(pods), memtotal_mib=memtotal_mib)
 
 
-def estate_report() -> Report:
-    """The budget of the estate as the tables declare it: Traefik and every app of every stage."""
-    pods = [Item(f"{traefik_values.NAMESPACE}/traefik", traefik_values.MEMORY_LIMIT_MIB)]
-    limits = []
+def agent_report(agent: AgentSpec, pods: Iterable[Item] = ()) -> Report:
+    """An agent's budget: the kubelet keeps the OS and the k3s agent (kubelet_args(agent=True))."""
+    reserved = (Item("system (OS and host services)", SYSTEM_MEMORY_MIB),
+                Item("k3s agent", K3S_AGENT_MEMORY_MIB),
+                Item("eviction threshold", EVICTION_HARD_MEMORY_MIB))
+    return Report(reserved=reserved, pods=(Item(SVCLB_POD, K3S_SYSTEM_PODS_MIB["svclb-traefik"]), *pods),
+                  memtotal_mib=MEMTOTAL_MIB[agent.instance_type], node=agent.name,
+                  instance_type=agent.instance_type)
+
+
+def app_pods() -> list[Item]:
+    """Every app pod of every stage at its limit, and the rollout surge."""
+    pods = []
     for stage in STAGES.values():
         for app in apps.apps_in(stage.name):
             # An app pod's limit is its container's: the migrate init container has the same limit and
             # runs before it, never beside it.
-            limits.append(apps.resources_in(app, stage.name).memory_limit_mib)
-            pods.append(Item(f"{stage.namespace}/{app.name}", limits[-1]))
+            pods.append(Item(f"{stage.namespace}/{app.name}", apps.resources_in(app, stage.name).memory_limit_mib))
     # A rolling update starts the new pod before the old one stops: one, the largest. Traefik
     # recreates its pod instead, so it never surges.
-    pods.append(Item("rollout surge (largest app pod)", max(limits)))
-    pods.append(Item("helm-install job (HelmChartConfig changes)", HELM_INSTALL_JOB_MIB))
-    return report(pods)
+    pods.append(Item("rollout surge (largest app pod)", max(pod.mib for pod in pods)))
+    return pods
 
 
-def lines(budget: Report) -> list[str]:
+def estate_report(agents: Sequence[AgentSpec] = ()) -> Union[Report, Estate]:
+    """The budget of the estate as the tables declare it: Traefik and every app of every stage, on the k3s
+    host alone (a Report) or on it and its agents (an Estate)."""
+    traefik = Item(f"{traefik_values.NAMESPACE}/traefik", traefik_values.MEMORY_LIMIT_MIB)
+    helm_job = Item("helm-install job (HelmChartConfig changes)", HELM_INSTALL_JOB_MIB)
+    if not agents:
+        return report([traefik, *app_pods(), helm_job])
+    # Largest first, each where the most memory is left; the surge last, as it comes and goes.
+    nodes = [report([traefik, helm_job]), *(agent_report(agent) for agent in agents)]
+    *pods, surge = app_pods()
+    for pod in [*sorted(pods, key=lambda p: -p.mib), surge]:
+        emptiest = max(range(len(nodes)), key=lambda i: (nodes[i].headroom_mib, -i))
+        nodes[emptiest] = replace(nodes[emptiest], pods=(*nodes[emptiest].pods, pod))
+    return Estate(nodes=tuple(nodes))
+
+
+def _node_lines(budget: Report, title: str) -> list[str]:
     width = max(len(item.name) for item in budget.reserved + budget.pods) + len("kept by the kubelet: ")
 
     def row(name: str, mib: int) -> str:
         return f"  {name:<{width}}  {mib:>5} MiB"
 
-    out = [f"Memory budget of the k3s host ({budget.memtotal_mib} MiB):"]
+    out = [title]
     out += [row(f"kept by the kubelet: {item.name}", item.mib) for item in budget.reserved]
     out.append(row("allocatable to pods", budget.allocatable_mib))
     out += [row(item.name, item.mib) for item in budget.pods]
@@ -114,11 +168,42 @@ def lines(budget: Report) -> list[str]:
     return out
 
 
-def check(budget: Report) -> None:
-    if budget.headroom_mib < 0:
-        raise CapacityError(
-            f"the k3s host is over its memory budget: the pods' limits add up to {budget.total_mib} MiB, "
-            f"{-budget.headroom_mib} MiB more than the {budget.allocatable_mib} MiB the kubelet allocates to "
-            "pods. Lower a memory limit (APPS in infra/apps.py, infra/traefik_values.py), lower PostgreSQL's "
-            "worst case (max_connections in infra/host/postgresql-katforge.conf), or move to a larger "
-            "instance type and set HOST_MEMTOTAL_MIB in infra/capacity.py.\n" + "\n".join(lines(budget)))
+def _title(node: Report) -> str:
+    if node.instance_type:
+        return f"Memory budget of agent {node.node} ({node.instance_type}, {node.memtotal_mib} MiB):"
+    return f"Memory budget of the k3s host ({node.memtotal_mib} MiB):"
+
+
+def lines(budget: Union[Report, Estate]) -> list[str]:
+    if isinstance(budget, Report):
+        return _node_lines(budget, _title(budget))
+    out = []
+    for node in budget.nodes:
+        out += _node_lines(node, _title(node)) + [""]
+    placed = [item.name for node in budget.nodes for item in node.pods if item in app_pods()]
+    out.append("Where each app pod's worst case (its limit) lands:")
+    out += [f"  {name}: {budget.node_of(name)}" for name in sorted(placed)]
+    return out
+
+
+def check(budget: Union[Report, Estate]) -> None:
+    nodes = budget.nodes if isinstance(budget, Estate) else (budget,)
+    over = [node for node in nodes if node.headroom_mib < 0]
+    if not over:
+        return
+    what = "; ".join(f"on {'the k3s host' if not node.instance_type else f'agent {node.node}'} the pods' limits "
+                     f"add up to {node.total_mib} MiB, {-node.headroom_mib} MiB more than the "
+                     f"{node.allocatable_mib} MiB the kubelet allocates to pods" for node in over)
+    raise CapacityError(
+        f"the k3s host is over its memory budget: {what}. Lower a memory limit (APPS in infra/apps.py, "
+        "infra/traefik_values.py), lower PostgreSQL's worst case (max_connections in "
+        "infra/host/postgresql-katforge.conf), add an agent (katforge:k3sAgents), or move to a larger instance "
+        "type and set HOST_MEMTOTAL_MIB in infra/capacity.py.\n" + "\n".join(lines(budget)))
+
+
+def agents_in_plan(document: dict) -> tuple[AgentSpec, ...]:
+    """The agents an offline plan declares (`make plan` shows their budget): instances tagged as agents."""
+    return tuple(AgentSpec(name=r["name"], instance_type=r["inputs"]["instanceType"],
+                           private_ip=r["inputs"]["privateIp"])
+                 for r in document["resources"] if r["type"] == "aws:ec2/instance:Instance"
+                 and r["inputs"].get("tags", {}).get(AGENT_TAG[0]) == AGENT_TAG[1])

@@ -1,10 +1,17 @@
-"""The two EC2 hosts (k3s and VPN), their SSH key pair, and the association of each with its Elastic IP.
+"""The two EC2 hosts (k3s and VPN), their SSH key pair, and the association of each with its Elastic IP;
+and the k3s agents (katforge:k3sAgents), if any.
 
 The k3s host holds the production database, so it is protected, termination-protected, and deaf to
 changes (a newer AMI, new user data, a rotated key pair) that would otherwise replace it. Live
 instances are imported when `katforge:imports` names them, and keep what cannot change in place on a
 live instance (root volume encryption, subnet: config) and what their live security groups allow
 (the keep lists).
+
+An agent holds no state (its pods' data lives in PostgreSQL; local-path volumes stay on the k3s host
+with Traefik): it is neither protected nor termination-protected, its root volume goes with it, and
+removing its line from the config drains the node (infra/bootstrap.py) and then deletes the instance.
+It has no Elastic IP: the default subnet's public address gives it the internet (images, packages; the
+default VPC has no NAT), and its security group admits only the other nodes.
 """
 from __future__ import annotations
 
@@ -18,12 +25,16 @@ from infra import adopt
 from infra.addresses import Address, Addresses
 from infra.network import Network
 from infra.policies import ESTATE_TAG
-from infra.settings import HostSettings, HostSpec
+from infra.settings import AgentSpec, HostSettings, HostSpec, RootVolume
 
 CANONICAL = "099720109477"  # the owner of the official Ubuntu AMIs
 UBUNTU_2404 = "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-*"  # ships postgresql-16
 # Only first boot reads these; changing them must never replace a host that holds state.
 LAUNCH_ONLY = ["ami", "userData", "keyName"]
+# The tag that tells an agent's instance (stateless, unprotected) from the hosts (policy/rules.py).
+AGENT_TAG = ("Role", "k3s-agent")
+# An agent's disk holds the OS, k3s and the images its pods run: nothing to keep.
+AGENT_ROOT_VOLUME = RootVolume(size_gb=20, type="gp3", encrypted=True)
 
 
 @dataclass(frozen=True)
@@ -39,12 +50,14 @@ class HostRole:
     # that private key lying around unattached, while a lost key costs each peer one line of config.
     keep_root_volume: bool
     instance_profile: Optional[pulumi.Input[str]] = None
+    holds_state: bool = True  # protected and termination-protected; False for an agent
+    tags: tuple[tuple[str, str], ...] = ()
 
 
 class Host(pulumi.ComponentResource):
-    """One instance, attached to its Elastic IP."""
+    """One instance, attached to its Elastic IP (agents have none)."""
 
-    def __init__(self, role: HostRole, ami_id: str, key_name: pulumi.Input[str], address: Address,
+    def __init__(self, role: HostRole, ami_id: str, key_name: pulumi.Input[str], address: Optional[Address],
                  opts: pulumi.ResourceOptions):
         super().__init__("katforge:hosts:Host", role.name, None, opts)
         spec = role.spec
@@ -60,7 +73,9 @@ class Host(pulumi.ComponentResource):
             key_name=key_name,
             iam_instance_profile=role.instance_profile,
             source_dest_check=not role.forwards_packets,
-            disable_api_termination=True,
+            disable_api_termination=role.holds_state,
+            # An agent reaches the internet at its subnet's public address (hosts at their Elastic IPs).
+            **({} if role.holds_state else {"associate_public_ip_address": True}),
             metadata_options=aws.ec2.InstanceMetadataOptionsArgs(
                 http_endpoint="enabled",
                 http_tokens="required",  # IMDSv2 only
@@ -72,11 +87,18 @@ class Host(pulumi.ComponentResource):
             ),
             # The estate's tag, on the instance and its root volume, is what lets the deploy role change
             # them (infra/policies.py): the first `pulumi up` by an operator puts it on live hosts.
-            tags={"Name": role.name, ESTATE_TAG[0]: ESTATE_TAG[1]},
+            tags={"Name": role.name, ESTATE_TAG[0]: ESTATE_TAG[1], **dict(role.tags)},
             volume_tags={ESTATE_TAG[0]: ESTATE_TAG[1]},
-            opts=pulumi.ResourceOptions(parent=self, protect=True, ignore_changes=LAUNCH_ONLY,
+            # An agent's replacement goes first (its node drained and deleted, infra/bootstrap.py): k3s
+            # refuses a second node of the same name.
+            opts=pulumi.ResourceOptions(parent=self, protect=role.holds_state, ignore_changes=LAUNCH_ONLY,
+                                        delete_before_replace=not role.holds_state,
                                         import_=adopt.import_id("Instance", role.name)),
         )
+        if address is None:
+            self.public_ip = None
+            self.register_outputs({"instance_id": self.instance.id})
+            return
         # Every input is fixed once both ends exist, so only a new instance or address replaces it.
         # Protected: a replacement moves the public address. The default create-then-delete order is
         # the right one for a new instance: AssociateAddress moves the address over at once (AWS
@@ -112,4 +134,13 @@ class Hosts(pulumi.ComponentResource):
         self.vpn = Host(HostRole("vpn", hosts.vpn, None, network.vpn_subnet_id, network.vpn_sg,
                                  forwards_packets=True, keep_root_volume=False),
                         ami.id, key.key_name, addresses.vpn, child)
+        self.agents = {agent.name: Host(agent_role(agent, network), ami.id, key.key_name, None, child)
+                       for agent in hosts.k3s_agents}
         self.register_outputs({"k3s_public_ip": self.k3s.public_ip, "vpn_public_ip": self.vpn.public_ip})
+
+
+def agent_role(agent: AgentSpec, network: Network) -> HostRole:
+    spec = HostSpec(instance_type=agent.instance_type, expected_public_ip="", root_volume=AGENT_ROOT_VOLUME,
+                    keep_security_groups=())
+    return HostRole(agent.name, spec, agent.private_ip, network.agent_subnet_ids[agent.private_ip], network.agent_sg,
+                    forwards_packets=False, keep_root_volume=False, holds_state=False, tags=(AGENT_TAG,))

@@ -98,11 +98,20 @@ class HostSpec:
 
 
 @dataclass(frozen=True)
+class AgentSpec:
+    """A k3s agent node: its name (also its Kubernetes node name), EC2 type and pinned private address."""
+    name: str
+    instance_type: str
+    private_ip: str
+
+
+@dataclass(frozen=True)
 class HostSettings:
     k3s: HostSpec
     vpn: HostSpec
     vpn_subnet_id: str  # "" = the k3s host's subnet
     ssh_public_key: str
+    k3s_agents: tuple[AgentSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,37 @@ class BackupSettings:
     alert_to: str  # the operators' address, the only one the alerts may go to
 
 
+# Where a stage's database lives (katforge:database). "migrating": the RDS instance and the stage's
+# role and database on it exist, the apps still use the host's PostgreSQL until `make migrate-database`
+# moves the data and switches them; then "rds".
+DATABASE_PLACES = ("host", "migrating", "rds")
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    place: str  # one of DATABASE_PLACES
+    # The RDS instance, declared by prod while its own database is not on the host (None in qa).
+    rds: Optional["RdsSettings"] = None
+    host_postgres: str = "keep"  # prod: "remove" stops and disables the host's PostgreSQL, data kept
+
+    @property
+    def on_rds(self) -> bool:
+        """The stage's apps use RDS."""
+        return self.place == "rds"
+
+    @property
+    def has_rds_role(self) -> bool:
+        """The stage's role and database exist on RDS."""
+        return self.place != "host"
+
+
+@dataclass(frozen=True)
+class RdsSettings:
+    instance_class: str
+    allocated_storage_gb: int
+    master_password: pulumi.Output
+
+
 @dataclass(frozen=True)
 class PipelineSettings:
     github_repository: str
@@ -167,6 +207,7 @@ class Settings:
     zone_ids: Mapping[str, str]  # hosted zone name -> its ID, for the zones configured by ID
     network: NetworkSettings
     db_password: pulumi.Output
+    database: DatabaseSettings
     bootstrap: BootstrapSettings
     cluster: ClusterSettings
     # Owned by the prod stack only; None in qa.
@@ -260,6 +301,7 @@ _IMAGE_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")  # the OCI distr
 MOVING_TAGS = frozenset({"latest", "main", "master", "edge", "nightly", "stable"})
 _SUBNET_ID = re.compile(r"^subnet-[0-9a-f]{8,17}$")
 _SECURITY_GROUP_ID = re.compile(r"^sg-[0-9a-f]{8,17}$")
+_RDS_CLASS = re.compile(r"^db\.[a-z0-9]+\.[0-9]*(micro|small|medium|large|xlarge)$")
 _ZONE_ID = re.compile(r"^[A-Z0-9]{1,32}$")  # Route53's hosted zone IDs (Z0292557263L1FJT7JXXS), no /hostedzone/
 # EBS volume types an instance can boot from: "st1 and sc1 volumes can't be used as boot volumes"
 # (Amazon EBS User Guide, "Amazon EBS volume types").
@@ -361,24 +403,32 @@ def _cidr_list(read: _Reader, key: str, form: str) -> tuple[str, ...]:
     return values
 
 
-def _network(read: _Reader) -> NetworkSettings:
+def instance_address_problem(ip: str, vpc_cidr: str) -> Optional[str]:
+    """What keeps an instance from having the private address `ip` in the default VPC, as the expected form
+    of an error line, or None."""
     from infra.network import subnet_cidr_of  # here, not at the top: infra.network imports this module
 
-    cidr_form = "an IPv4 network in CIDR form with no host bits, e.g. 172.31.0.0/16"
-    vpc_cidr = read.string("vpcCidr", is_cidr, cidr_form)
-    private_ip = read.string("k3sPrivateIp", is_ip, "an IPv4 address such as 172.31.14.98")
-    address = ipaddress.IPv4Address(private_ip)
+    address = ipaddress.IPv4Address(ip)
     if address not in ipaddress.IPv4Network(vpc_cidr):
-        raise invalid("k3sPrivateIp", private_ip, f"an address inside the VPC {vpc_cidr}")
+        return f"an address inside the VPC {vpc_cidr}"
     # AWS keeps five addresses of every subnet from instances: "the first four IP addresses and the last IP
     # address in each subnet CIDR block" (Amazon VPC User Guide, "Subnet CIDR blocks").
-    subnet = ipaddress.IPv4Network(subnet_cidr_of(private_ip))
+    subnet = ipaddress.IPv4Network(subnet_cidr_of(ip))
     reserved = {subnet[0]: "its network address", subnet[1]: "the VPC router", subnet[2]: "DNS",
                 subnet[3]: "future use", subnet[-1]: "its broadcast address"}
     if address in reserved:
-        raise invalid("k3sPrivateIp", private_ip, f"an address AWS lets an instance have in subnet {subnet}, but it "
-                                                  f"reserves {address} for {reserved[address]} (AWS keeps the first "
-                                                  "four and the last address of every subnet)")
+        return (f"an address AWS lets an instance have in subnet {subnet}, but it reserves {address} for "
+                f"{reserved[address]} (AWS keeps the first four and the last address of every subnet)")
+    return None
+
+
+def _network(read: _Reader) -> NetworkSettings:
+    cidr_form = "an IPv4 network in CIDR form with no host bits, e.g. 172.31.0.0/16"
+    vpc_cidr = read.string("vpcCidr", is_cidr, cidr_form)
+    private_ip = read.string("k3sPrivateIp", is_ip, "an IPv4 address such as 172.31.14.98")
+    problem = instance_address_problem(private_ip, vpc_cidr)
+    if problem:
+        raise invalid("k3sPrivateIp", private_ip, problem)
     vpn_client_cidr = read.string("vpnClientCidr", is_cidr, cidr_form)
     clients = ipaddress.IPv4Network(vpn_client_cidr)
     if clients.prefixlen > 30:
@@ -441,7 +491,7 @@ def _adopted_together(imports: Mapping[str, str], host: str) -> None:
                       "adopted together or not at all (make discover finds all three)")
 
 
-def _hosts(read: _Reader, imports: Mapping[str, str]) -> HostSettings:
+def _hosts(read: _Reader, imports: Mapping[str, str], network: NetworkSettings) -> HostSettings:
     for host in ("k3s", "vpn"):
         _adopted_together(imports, host)
     return HostSettings(
@@ -450,7 +500,78 @@ def _hosts(read: _Reader, imports: Mapping[str, str]) -> HostSettings:
         vpn_subnet_id=read.string("vpnSubnetId", lambda v: v == "" or bool(_SUBNET_ID.match(v)),
                                   "empty (the k3s host's subnet), or a subnet ID such as subnet-0123456789abcdef0"),
         ssh_public_key=_ssh_public_key(read),
+        k3s_agents=_k3s_agents(read, network),
     )
+
+
+def _k3s_agents(read: _Reader, network: NetworkSettings) -> tuple[AgentSpec, ...]:
+    """Agents as "name,instanceType,privateIp" lines (Pulumi's typed config has no list of objects,
+    pulumi/pulumi#11321). A refusal names the part of the line that is wrong."""
+    from infra.capacity import MEMTOTAL_MIB  # here, not at the top: infra.capacity imports this module
+
+    form = '"name,instanceType,privateIp", e.g. "agent-1,t3.medium,172.31.14.120"'
+    owners: dict[tuple[str, str], str] = {("address", network.k3s_private_ip): "k3s (the server)",
+                                          ("name", "k3s"): "k3s (the server)", ("name", "vpn"): "vpn (the VPN host)"}
+    agents = []
+    for line in read.strings("k3sAgents"):
+        def wrong(problem: str) -> SettingsError:
+            return invalid("k3sAgents", line, f"{form}, but {problem}")
+
+        parts = line.split(",")
+        if len(parts) != 3:
+            raise wrong(f"the line has {len(parts)} comma-separated parts, not 3")
+        name, instance_type, private_ip = parts
+        if not _LABEL.match(name):
+            raise wrong(f"the name {name!r} is not a lowercase label (a-z, 0-9 and inner hyphens)")
+        if instance_type not in MEMTOTAL_MIB:
+            raise wrong(f"the instance type {instance_type!r} has no memory figure in MEMTOTAL_MIB "
+                        f"(infra/capacity.py): {', '.join(MEMTOTAL_MIB)}")
+        if not is_ip(private_ip):
+            raise wrong(f"the private address {private_ip!r} is not an IPv4 address")
+        problem = instance_address_problem(private_ip, network.vpc_cidr)
+        if problem:
+            raise wrong(f"the private address is not {problem}")
+        for part, value in (("name", name), ("address", private_ip)):
+            if (part, value) in owners:
+                raise wrong(f"{owners[part, value]} already has this {part}")
+            owners[part, value] = name
+        agents.append(AgentSpec(name=name, instance_type=instance_type, private_ip=private_ip))
+    return tuple(agents)
+
+
+def _database(read: _Reader, stack: str) -> DatabaseSettings:
+    """Where the stage's database lives. prod declares the RDS instance (both stages' databases live on
+    it) once its own database is no longer only on the host, and owns the host's PostgreSQL."""
+    place = read.string("database", lambda v: v in DATABASE_PLACES,
+                        "host (the k3s host's PostgreSQL), migrating (RDS ready, the apps still on the host) or "
+                        "rds (the apps on RDS, after make migrate-database)")
+    if stack != "prod":
+        return DatabaseSettings(place=place)
+    host_postgres = read.string("hostPostgres", lambda v: v in ("keep", "remove"),
+                                "keep, or remove (stops and disables the host's PostgreSQL, its data kept)")
+    if host_postgres == "remove" and place != "rds":
+        raise invalid("hostPostgres", host_postgres, f"keep while katforge:database is {place}: the apps use "
+                                                     "the host's PostgreSQL until it is rds")
+    instance_class = read.string("rdsInstanceClass", lambda v: bool(_RDS_CLASS.match(v)),
+                                 "an RDS instance class such as db.t4g.small")
+    storage_gb = read.integer("rdsAllocatedStorageGb", 20, 65536)
+    password = read.config.get("rdsMasterPassword")  # read in plain only to check it
+    if place == "host":
+        return DatabaseSettings(place=place, host_postgres=host_postgres)
+    # RDS refuses a master password outside 8-128 printable ASCII characters, or with /, ", @ or a space
+    # (RDS User Guide, "Settings for DB instances", Master password).
+    form = "the RDS master user's password, set as a secret: 8 to 128 printable ASCII characters but / \" @ and space"
+    if not password:
+        raise read._missing("rdsMasterPassword", form, secret=True)
+    if not pulumi.runtime.is_config_secret(f"{PROJECT}:rdsMasterPassword"):
+        raise invalid("rdsMasterPassword", "[plain text, not shown]", form,
+                      fix=f"pulumi config set --secret {PROJECT}:rdsMasterPassword --stack {stack}")
+    if not (8 <= len(password) <= 128 and password.isascii() and password.isprintable()) \
+            or any(c in password for c in '/"@ '):
+        raise invalid("rdsMasterPassword", "[secret]", form)
+    rds = RdsSettings(instance_class=instance_class, allocated_storage_gb=storage_gb,
+                      master_password=pulumi.Output.secret(password))
+    return DatabaseSettings(place=place, rds=rds, host_postgres=host_postgres)
 
 
 def _imports(read: _Reader) -> Mapping[str, str]:
@@ -630,6 +751,7 @@ def load() -> Settings:
         zone_ids=_zone_ids(read),
         network=network,
         db_password=read.secret("dbPassword"),
+        database=_database(read, stack),
         bootstrap=BootstrapSettings(
             k3s_version=read.string("k3sVersion", lambda v: v in K3S_TRAEFIK_CHART,
                                     "a k3s release whose bundled Traefik chart is recorded in K3S_TRAEFIK_CHART "
@@ -651,7 +773,7 @@ def load() -> Settings:
                                       "a GitHub user name"),
             ghcr_token=read.secret("ghcrToken"),
         ),
-        hosts=_hosts(read, imports) if is_prod else None,
+        hosts=_hosts(read, imports, network) if is_prod else None,
         email=_email(read) if is_prod else None,
         backups=BackupSettings(
             bucket=read.string("backupBucket", lambda v: bool(_BUCKET.match(v)), _BUCKET_FORM),

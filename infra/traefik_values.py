@@ -51,9 +51,20 @@ def credentials_hash(access_key_id: str) -> str:
     return hashlib.sha256(access_key_id.encode()).hexdigest()
 
 
-def values(*, acme_email: str, aws_region: str, node_ip: str, credentials_hash: str) -> dict:
-    """The chart values: the ACME resolver, HTTP->HTTPS, persistence, client-IP-preserving Service."""
+# With k3s agents Traefik stays on the k3s host: its acme.json volume is local-path, bound to the node it
+# was made on, and the Elastic IP's traffic arrives at the host (`externalIPs` below, with Local policy:
+# only a node running Traefik answers it). k3s labels its server nodes with this (`kubectl get nodes`
+# shows the role control-plane); the host has no taint, so no toleration is needed.
+SERVER_NODE_SELECTOR = {"node-role.kubernetes.io/control-plane": "true"}
+
+
+def values(*, acme_email: str, aws_region: str, node_ip: str, credentials_hash: str,
+           on_server_only: bool = False) -> dict:
+    """The chart values: the ACME resolver, HTTP->HTTPS, persistence, client-IP-preserving Service;
+    `on_server_only` (with agents) pins the pod to the k3s host."""
+    pinned = {"nodeSelector": SERVER_NODE_SELECTOR} if on_server_only else {}
     return {
+        **pinned,
         "env": [
             {"name": "AWS_REGION", "value": aws_region},
             _secret_env(ACCESS_KEY_ID),
@@ -82,6 +93,6 @@ def values(*, acme_email: str, aws_region: str, node_ip: str, credentials_hash: 
     }
 
 
-def values_yaml(**kwargs: str) -> str:
+def values_yaml(**kwargs) -> str:
     """`values(...)` as the YAML text of HelmChartConfig.spec.valuesContent."""
     return yaml.safe_dump(values(**kwargs), sort_keys=True, default_flow_style=False)

@@ -83,6 +83,11 @@ def _as_config_string(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+class SecretValue(str):
+    """An override set as `pulumi config set --secret` would: the program gets it as a secret even where
+    Pulumi.yaml does not declare the key secret (one that may stay unset, such as rdsMasterPassword)."""
+
+
 def effective_config(stack: str, overrides: Optional[dict[str, Any]] = None) -> tuple[dict[str, str], list[str]]:
     """Config as the CLI hands it to the program, and the keys that are secret."""
     schema = project_config_schema()
@@ -102,11 +107,19 @@ def effective_config(stack: str, overrides: Optional[dict[str, Any]] = None) -> 
             config[full] = f"offline-placeholder-{key}-{digest}"
         if declaration.get("secret"):
             secret_keys.append(full)
+    # Set with --secret though not declared secret: the CLI hands the program a secret all the same.
+    for full, ciphertext in encrypted.items():
+        if full not in secret_keys:
+            digest = hashlib.sha256(ciphertext.encode()).hexdigest()[:12]
+            config[full] = f"offline-placeholder-{full.partition(':')[2]}-{digest}"
+            secret_keys.append(full)
     for key, value in {**committed, **(overrides or {})}.items():
         if value is None:
             config.pop(key, None)
         else:
             config[key] = _as_config_string(value)
+            if isinstance(value, SecretValue) and key not in secret_keys:
+                secret_keys.append(key)
     return config, secret_keys
 
 
@@ -320,9 +333,21 @@ def _subnet(args: dict, cloud: dict) -> dict:
     return {"id": subnet_id, "cidrBlock": cidr, "vpcId": cloud["vpc"]["id"], "availabilityZone": zone}
 
 
+def _subnets(args: dict, cloud: dict) -> dict:
+    """The default VPC's subnets: one per availability zone, each its zone's default (the filters RDS's
+    subnet group asks with)."""
+    wanted = {f["name"]: f["values"] for f in args.get("filters", [])}
+    if wanted.get("vpc-id", [cloud["vpc"]["id"]]) != [cloud["vpc"]["id"]]:
+        raise NotFound(f"no subnets match {args}")
+    return {"id": REGION_ID, "ids": sorted(subnet_id for subnet_id, _ in cloud["subnets"].values()),
+            "filters": args.get("filters", [])}
+
+
+REGION_ID = "us-east-2"
 LOOKUPS = {
     "aws:ec2/getVpc:getVpc": lambda args, cloud: {**cloud["vpc"], "default": True},
     "aws:ec2/getSubnet:getSubnet": _subnet,
+    "aws:ec2/getSubnets:getSubnets": _subnets,
     "aws:ec2/getAmi:getAmi": lambda args, cloud: {"id": cloud["ami"], "imageId": cloud["ami"],
                                            "name": "ubuntu/images/hvm-ssd-gp3/ubuntu-noble-24.04-amd64-server-20261101"},
     "aws:route53/getZone:getZone": _zone,
@@ -354,7 +379,10 @@ users:
     client-key-data: LS0tLS1CRUdJTiBFQyBQUklWQVRFIEtFWS0tLS0tCg==
 """
 _WIREGUARD_PUBLIC_KEY = "xTIBA5rboUvnH4htodjb6e697QjLERt1NAB4mZqp8Dg="
-HOST_OUTPUT = {"bootstrap-kubeconfig": _K3S_YAML, "bootstrap-wireguard": _WIREGUARD_PUBLIC_KEY}
+# The server's join token in k3s's secure form, K10<CA hash>::server:<password> (docs.k3s.io, CLI, token).
+K3S_JOIN_TOKEN = "K10" + "0f" * 32 + "::server:offline-plan-join-token-0123456789abcdef"
+HOST_OUTPUT = {"bootstrap-kubeconfig": _K3S_YAML, "bootstrap-wireguard": _WIREGUARD_PUBLIC_KEY,
+               "agents-join-token": K3S_JOIN_TOKEN + "\n"}
 
 
 def documentation_address(prefix: str, name: str) -> str:
@@ -382,6 +410,10 @@ COMPUTED = {
                                                          "sesSmtpPasswordV4": f"offline-smtp-{name}"},
     "aws:ses/domainIdentity:DomainIdentity": lambda name, inputs: {"verificationToken": "offline-verification-token"},
     "aws:ses/domainDkim:DomainDkim": lambda name, inputs: {"dkimTokens": ["dkimone", "dkimtwo", "dkimthree"]},
+    # RDS names the endpoint after the identifier and a suffix of the account's.
+    "aws:rds/instance:Instance": lambda name, inputs: {
+        "address": f"{inputs['identifier']}.c0ffline0plan.us-east-2.rds.amazonaws.com", "port": 5432,
+        "endpoint": f"{inputs['identifier']}.c0ffline0plan.us-east-2.rds.amazonaws.com:5432"},
 }
 
 # What AWS reports for an imported resource, by type token (name, import ID, cloud): known before deploy.

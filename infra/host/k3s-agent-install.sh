@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Install k3s at K3S_VERSION as an agent of the k3s host, or bring one to that version, configuration
+# and join token, restarting it only when one of them changes.
+#
+#   K3S_VERSION=v1.34.6+k3s1 k3s-agent-install.sh < token-and-config
+#
+# stdin: the join token on the first line, then config.yaml, whose `token-file` says where the token goes
+# (root's, 0600): the token is in no argument, environment variable, unit or configuration file.
+#
+# K3S_BIN_DIR       default /usr/local/bin; K3S_SYSTEMD_DIR default /etc/systemd/system
+# K3S_CONFIG_FILE   default /etc/rancher/k3s/config.yaml
+# K3S_RELEASES_URL  default https://github.com/k3s-io/k3s/releases/download
+# K3S_READY_TIMEOUT seconds to wait for the kubelet after a restart; default 600
+# KATFORGE_STATE_DIR  where a restart that has not completed is recorded, for the next run; default /var/lib/katforge
+#
+# Runs as root on an agent the program made (infra/hosts.py), so unlike the server's k3s-install.sh
+# there are no live flags to compare and no secrets encryption, and no PostgreSQL to share a restart
+# lock with. That script is left as it is: it runs on the live k3s host, and a change to it would run
+# it there again. What the two share is k3s's own: the release's binary checked against the release's
+# sha256sum-<arch>.txt, and the unit k3s's install.sh writes (create_systemd_service_file), here for
+# `k3s agent`. k3s restarts when the binary, the unit, config.yaml or the token changed; the run succeeds
+# once the kubelet answers /healthz (it starts once the agent has joined the server); a restart that did
+# not get there is recorded and done again by the next run.
+set -euo pipefail
+
+log() { printf 'k3s-agent-install: %s\n' "$*" >&2; }
+
+: "${K3S_VERSION:?K3S_VERSION is required, e.g. v1.34.6+k3s1}"
+bin_dir=${K3S_BIN_DIR:-/usr/local/bin}
+systemd_dir=${K3S_SYSTEMD_DIR:-/etc/systemd/system}
+config_file=${K3S_CONFIG_FILE:-/etc/rancher/k3s/config.yaml}
+releases=${K3S_RELEASES_URL:-https://github.com/k3s-io/k3s/releases/download}
+ready_timeout=${K3S_READY_TIMEOUT:-600}
+state_dir=${KATFORGE_STATE_DIR:-/var/lib/katforge}
+restart_pending=$state_dir/k3s-agent-restart-pending
+k3s=$bin_dir/k3s
+unit_file=$systemd_dir/k3s-agent.service
+
+work=$(mktemp -d)  # 0700: the token lands here first
+trap 'rm -rf "$work"' EXIT
+IFS= read -r token || true
+if [[ -z $token ]]; then
+  log "the join token is expected on the first line of stdin; nothing was changed"
+  exit 2
+fi
+(umask 077 && printf '%s\n' "$token" >"$work/token")
+unset token
+cat >"$work/config.yaml"
+token_file=$(sed -n 's/^token-file: *//p' "$work/config.yaml")
+if [[ $token_file != /* ]]; then
+  log "config.yaml names no token-file (e.g. token-file: /etc/rancher/k3s/agent-token); nothing was changed"
+  exit 2
+fi
+
+cat >"$work/k3s-agent.service" <<EOF
+# Managed by katforge (infra/host/k3s-agent-install.sh): every setting is in $config_file.
+[Unit]
+Description=Lightweight Kubernetes
+Documentation=https://k3s.io
+Wants=network-online.target
+After=network-online.target
+
+[Install]
+WantedBy=multi-user.target
+
+[Service]
+Type=notify
+EnvironmentFile=-/etc/default/%N
+EnvironmentFile=-/etc/sysconfig/%N
+EnvironmentFile=-$systemd_dir/k3s-agent.service.env
+KillMode=process
+Delegate=yes
+User=root
+LimitNOFILE=1048576
+LimitNPROC=infinity
+LimitCORE=infinity
+TasksMax=infinity
+TimeoutStartSec=0
+Restart=always
+RestartSec=5s
+ExecStartPre=-/sbin/modprobe br_netfilter
+ExecStartPre=-/sbin/modprobe overlay
+ExecStart=$k3s agent
+EOF
+
+installed=""
+[[ -x $k3s ]] && installed=$("$k3s" --version | awk 'NR == 1 { print $3 }')
+changed=()
+[[ $installed == "$K3S_VERSION" ]] || changed+=(binary)
+cmp -s "$work/k3s-agent.service" "$unit_file" || changed+=(unit)
+cmp -s "$work/config.yaml" "$config_file" || changed+=(config)
+cmp -s "$work/token" "$token_file" || changed+=(token)
+restart_for=("${changed[@]}")
+if [[ -e $restart_pending ]]; then
+  log "an earlier run installed a new $(<"$restart_pending"), and the agent was not ready after it: restarting again"
+  read -ra earlier <"$restart_pending"
+  restart_for+=("${earlier[@]}")
+fi
+if [[ ${#restart_for[@]} -eq 0 ]]; then
+  log "k3s agent $K3S_VERSION already runs with this unit, configuration and token"
+  exit 0
+fi
+
+if [[ " ${changed[*]} " == *" binary "* ]]; then
+  case $(uname -m) in
+    x86_64) arch=amd64 asset=k3s ;;
+    aarch64) arch=arm64 asset=k3s-arm64 ;;
+    *) log "unsupported architecture $(uname -m)"; exit 1 ;;
+  esac
+  url=$releases/${K3S_VERSION//+/%2B}
+  log "downloading k3s $K3S_VERSION (was: ${installed:-not installed})"
+  curl -sfL --retry 3 -o "$work/sha256sum.txt" "$url/sha256sum-$arch.txt"
+  curl -sfL --retry 3 -o "$work/k3s" "$url/$asset"
+  expected=$(awk -v asset="$asset" '$2 == asset { print $1 }' "$work/sha256sum.txt")
+  actual=$(sha256sum "$work/k3s" | awk '{ print $1 }')
+  if [[ -z $expected || $actual != "$expected" ]]; then
+    log "the downloaded $asset has sha256 $actual, the release's sha256sum-$arch.txt says '${expected:-nothing}'; nothing was changed"
+    exit 1
+  fi
+  chmod 0755 "$work/k3s"
+fi
+
+# Recorded before anything is installed: until the agent is ready after its restart, a later run
+# restarts it again, though the files then match.
+mkdir -p "$state_dir"
+echo "${restart_for[*]}" >"$restart_pending"
+if [[ " ${changed[*]} " == *" binary "* ]]; then
+  mkdir -p "$bin_dir"
+  install -m 0755 "$work/k3s" "$bin_dir/.k3s.new"
+  mv -f "$bin_dir/.k3s.new" "$k3s"
+  for tool in kubectl crictl ctr; do
+    [[ -e $bin_dir/$tool ]] || ln -s k3s "$bin_dir/$tool"
+  done
+fi
+[[ " ${changed[*]} " != *" token "* ]] || install -D -m 0600 "$work/token" "$token_file"
+[[ " ${changed[*]} " != *" config "* ]] || install -D -m 0600 "$work/config.yaml" "$config_file"
+[[ " ${changed[*]} " != *" unit "* ]] || install -D -m 0644 "$work/k3s-agent.service" "$unit_file"
+[[ " ${restart_for[*]} " != *" unit "* ]] || systemctl daemon-reload
+systemctl is-enabled --quiet k3s-agent || systemctl enable --quiet k3s-agent
+
+log "restarting k3s-agent for a new ${restart_for[*]}"
+systemctl restart k3s-agent
+# The kubelet's own health endpoint (127.0.0.1:10248, its --healthz-port default).
+deadline=$((SECONDS + ready_timeout))
+until curl -sf --max-time 2 http://127.0.0.1:10248/healthz >/dev/null 2>&1; do
+  if ((SECONDS >= deadline)); then
+    log "the kubelet does not answer /healthz ${ready_timeout}s after the restart: see journalctl -u k3s-agent (the next run restarts it again)"
+    exit 1
+  fi
+  sleep 1
+done
+rm -f "$restart_pending"
+log "k3s agent $("$k3s" --version | awk 'NR == 1 { print $3 }') ready"

@@ -104,9 +104,10 @@ POLICIES = [
     _resource_policy("open-only-web-and-vpn", "Nothing but tcp 80, tcp 443 and WireGuard's udp port is open to the "
                      "world.", lambda args, inputs: rules.open_to_the_world(args.resource_type, inputs,
                                                                            wireguard_port())),
-    _resource_policy("stateful-protected", "Hosts, addresses, buckets, the SES identity and Traefik's "
-                     "HelmChartConfig are protected.",
-                     lambda args, inputs: rules.stateful_protected(args.resource_type, {"protect": args.opts.protect})),
+    _resource_policy("stateful-protected", "Hosts, addresses, buckets, the SES identity, RDS (deletion protection "
+                     "too) and Traefik's HelmChartConfig are protected; a k3s agent holds no state.",
+                     lambda args, inputs: rules.stateful_protected(args.resource_type, {"protect": args.opts.protect},
+                                                                   inputs)),
     _resource_policy("encryption-at-rest", "Disks are encrypted (an adopted unencrypted root volume only when "
                      "named in the config).",
                      lambda args, inputs: rules.encrypted_at_rest(

@@ -27,6 +27,10 @@ STATEFUL = frozenset({
     "aws:dynamodb/table:Table", "kubernetes:core/v1:PersistentVolume", "kubernetes:core/v1:PersistentVolumeClaim",
     "kubernetes:helm.cattle.io/v1:HelmChartConfig",
 })
+# A k3s agent holds no state: its instance (tagged so, its root volume deleted with it) may go unprotected,
+# so that removing it from the config drains it and deletes it (infra/hosts.py).
+STATELESS_TAG = ("Role", "k3s-agent")
+RDS_INSTANCE = "aws:rds/instance:Instance"
 BUCKETS = ("aws:s3/bucket:Bucket", "aws:s3/bucketV2:BucketV2")
 BUCKET_ENCRYPTION = "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration"
 ATTACHMENTS = {
@@ -69,14 +73,25 @@ def open_to_the_world(resource_type: str, inputs: Mapping[str, Any], wireguard_p
         if first != last or (str(protocol).lower(), first) not in allowed:
             found.append(f"{protocol} {first}-{last} is open to the world: only tcp 80, tcp 443 and udp "
                          f"{wireguard_port} may be")
+    if resource_type == RDS_INSTANCE and inputs.get("publiclyAccessible"):
+        found.append("the RDS instance is publicly accessible: it answers the nodes only, inside the VPC")
     return found
 
 
-def stateful_protected(resource_type: str, options: Mapping[str, Any]) -> list[str]:
-    """What holds state is protected: a plan that would replace or delete it fails instead."""
-    if resource_type in STATEFUL and not options.get("protect"):
-        return [f"{resource_type} holds state and is not protected"]
-    return []
+def stateful_protected(resource_type: str, options: Mapping[str, Any],
+                       inputs: Mapping[str, Any] | None = None) -> list[str]:
+    """What holds state is protected: a plan that would replace or delete it fails instead; an RDS instance
+    is deletion-protected in AWS too. A k3s agent's instance holds none (STATELESS_TAG, its disk deleted with it)."""
+    inputs = inputs or {}
+    found = []
+    stateless = (resource_type == "aws:ec2/instance:Instance"
+                 and (inputs.get("tags") or {}).get(STATELESS_TAG[0]) == STATELESS_TAG[1]
+                 and (inputs.get("rootBlockDevice") or {}).get("deleteOnTermination") is True)
+    if resource_type in STATEFUL and not options.get("protect") and not stateless:
+        found.append(f"{resource_type} holds state and is not protected")
+    if resource_type == RDS_INSTANCE and not inputs.get("deletionProtection"):
+        found.append("the RDS instance has no deletion protection")
+    return found
 
 
 def encrypted_at_rest(resource_type: str, name: str, inputs: Mapping[str, Any],
@@ -92,6 +107,8 @@ def encrypted_at_rest(resource_type: str, name: str, inputs: Mapping[str, Any],
                 found.append(f"the EBS volume {device.get('deviceName')} of instance {name} is not encrypted")
     elif resource_type == "aws:ebs/volume:Volume" and not inputs.get("encrypted"):
         found.append(f"the EBS volume {name} is not encrypted")
+    elif resource_type == RDS_INSTANCE and not inputs.get("storageEncrypted"):
+        found.append(f"the storage of RDS instance {name} is not encrypted")
     return found
 
 

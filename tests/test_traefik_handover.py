@@ -21,6 +21,7 @@ import re
 import shutil
 import ssl
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +192,7 @@ def host(tmp_path, tls):
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "KUBECONFIG": str(kubeconfig),
            "KUBECACHEDIR": str(tmp_path / "kube-cache"), "K3S_BIN_DIR": str(bin_dir),
            "K3S_SERVER_DIR": str(tmp_path / "server"), "HANDOVER_ROOT": str(tmp_path),
-           "HANDOVER_MANIFEST": str(manifest), "HANDOVER_KUBECTL": binary}
+           "HANDOVER_MANIFEST": str(manifest), "HANDOVER_KUBECTL": binary, "TRAEFIK_SETTLE_SECONDS": "0"}
     try:
         yield Host(tmp_path, api, env)
     finally:
@@ -222,6 +223,31 @@ def test_first_run_moves_the_file_out_root_only_and_deletes_what_k3s_applied_fro
     assert all(call.endswith("(manifest gone)") for call in host.calls() if call.startswith("kubectl")), host.calls()
     assert "deleted HelmChartConfig kube-system/traefik" in result.stderr
     assert_no_secret_shown(result)
+
+
+def test_what_a_restarting_k3s_applies_once_more_as_the_file_moves_is_removed_too(host):
+    """A k3s that has just restarted scans its manifests once more and may apply the file it read just
+    before the move: the handover waits one rescan and removes what came back."""
+    applied = [dict(o) for o in traefik_objects() if o["kind"] in ("HelmChartConfig", "Addon")]
+    for obj in applied:
+        if obj["kind"] == "Addon":
+            obj["spec"] = {**obj["spec"], "source": str(host.manifest)}
+
+    def k3s_applies_again():  # as k3s's deploy controller would, once, after the first removal
+        deadline = time.monotonic() + 30
+        while host.has("helm.cattle.io/v1", "HelmChartConfig", "traefik") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        host.api.add(*applied)
+
+    host.env["TRAEFIK_SETTLE_SECONDS"] = "2"
+    reapply = threading.Thread(target=k3s_applies_again)
+    reapply.start()
+    result = host.run()
+    reapply.join()
+    assert result.returncode == 0, result.stderr
+    assert not host.has("helm.cattle.io/v1", "HelmChartConfig", "traefik")
+    assert not host.has("k3s.cattle.io/v1", "Addon", TRAEFIK_ADDON)
+    assert "k3s had applied the file once more as it moved; removed that too" in result.stderr
 
 
 def test_second_run_finds_nothing_to_do_and_changes_nothing(host):

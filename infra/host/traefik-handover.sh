@@ -9,6 +9,7 @@
 # TRAEFIK_MANIFEST     default $K3S_SERVER_DIR/manifests/traefik-config.yaml
 # TRAEFIK_MANIFEST_KEEP  where it goes; default $K3S_SERVER_DIR/traefik-config.yaml.pre-katforge
 # K3S_API_TIMEOUT      seconds to wait for k3s to serve its Addon and HelmChartConfig types; default 300
+# TRAEFIK_SETTLE_SECONDS  how long to wait for k3s's next rescan of the manifests after a removal; default 20
 #
 # Runs as root. The operators configured k3s's Traefik with a HelmChartConfig in the manifest file above,
 # the DNS challenge's AWS key inline. k3s's deploy controller applies every file of the manifests directory
@@ -95,42 +96,57 @@ until "$k3s" kubectl get --raw=/apis/k3s.cattle.io/v1 >/dev/null 2>&1 &&
   sleep 1
 done
 
-read_fields "$ADDON" .metadata.name .spec.source
-addon_name=${FIELDS[0]:-} addon_source=${FIELDS[1]:-}
-if [[ -n $addon_name && -n $addon_source && -e $addon_source ]]; then
-  # Another file of that name (another data-dir, .yml): deleting its object now would only see k3s put it back.
-  log "k3s still applies $addon_source (Addon $NAMESPACE/$ADDON_NAME); HelmChartConfig $NAMESPACE/traefik was"
-  log "not touched. Move that file out of $(dirname "$addon_source") (TRAEFIK_MANIFEST names it) and run this again."
-  exit 1
-fi
+# Removes what the file made: its HelmChartConfig (only if the file's Addon applied it) and the Addon.
+# Sets `removed` when it deleted something.
+hand_over() {
+  removed=false
+  read_fields "$ADDON" .metadata.name .spec.source
+  addon_name=${FIELDS[0]:-} addon_source=${FIELDS[1]:-}
+  if [[ -n $addon_name && -n $addon_source && -e $addon_source ]]; then
+    # Another file of that name (another data-dir, .yml): deleting its object now would only see k3s put it back.
+    log "k3s still applies $addon_source (Addon $NAMESPACE/$ADDON_NAME); HelmChartConfig $NAMESPACE/traefik was"
+    log "not touched. Move that file out of $(dirname "$addon_source") (TRAEFIK_MANIFEST names it) and run this again."
+    exit 1
+  fi
 
-read_fields "$CONFIG" .metadata.name '.metadata.annotations.objectset\.rio\.cattle\.io/owner-gvk' \
-  '.metadata.annotations.objectset\.rio\.cattle\.io/owner-namespace' \
-  '.metadata.annotations.objectset\.rio\.cattle\.io/owner-name'
-config_name=${FIELDS[0]:-} owner_gvk=${FIELDS[1]:-} owner_namespace=${FIELDS[2]:-} owner_name=${FIELDS[3]:-}
-if [[ -z $config_name ]]; then
-  log "no HelmChartConfig $NAMESPACE/traefik: Pulumi creates it"
-elif [[ -z $owner_gvk$owner_namespace$owner_name ]]; then
-  log "HelmChartConfig $NAMESPACE/traefik was not applied by k3s from a manifest file: left as it is"
-  log "(Pulumi manages it, or imports it)"
-elif [[ $owner_gvk == "$OWNER_GVK" && $owner_namespace == "$NAMESPACE" && $owner_name == "$ADDON_NAME" ]]; then
-  kubectl delete "$CONFIG" --ignore-not-found >&2
-  log "deleted HelmChartConfig $NAMESPACE/traefik, which k3s had applied from ${addon_source:-$manifest}:"
-  log "Pulumi creates its own"
+  read_fields "$CONFIG" .metadata.name '.metadata.annotations.objectset\.rio\.cattle\.io/owner-gvk' \
+    '.metadata.annotations.objectset\.rio\.cattle\.io/owner-namespace' \
+    '.metadata.annotations.objectset\.rio\.cattle\.io/owner-name'
+  config_name=${FIELDS[0]:-} owner_gvk=${FIELDS[1]:-} owner_namespace=${FIELDS[2]:-} owner_name=${FIELDS[3]:-}
+  if [[ -z $config_name ]]; then
+    log "no HelmChartConfig $NAMESPACE/traefik: Pulumi creates it"
+  elif [[ -z $owner_gvk$owner_namespace$owner_name ]]; then
+    log "HelmChartConfig $NAMESPACE/traefik was not applied by k3s from a manifest file: left as it is"
+    log "(Pulumi manages it, or imports it)"
+  elif [[ $owner_gvk == "$OWNER_GVK" && $owner_namespace == "$NAMESPACE" && $owner_name == "$ADDON_NAME" ]]; then
+    kubectl delete "$CONFIG" --ignore-not-found >&2
+    log "deleted HelmChartConfig $NAMESPACE/traefik, which k3s had applied from ${addon_source:-$manifest}:"
+    log "Pulumi creates its own"
+    removed=true
+  else
+    log "HelmChartConfig $NAMESPACE/traefik belongs to $owner_gvk $owner_namespace/$owner_name, not to the Addon of"
+    log "$manifest; it was not touched. If a manifest file applies it (kubectl -n $owner_namespace get addon"
+    log "$owner_name -o jsonpath='{.spec.source}'), move that file out of the manifests directory and run this again."
+    exit 1
+  fi
+
+  # --- 3. the file's Addon ---------------------------------------------------------------------------
+
+  if [[ -n $addon_name ]]; then
+    kubectl delete "$ADDON" --ignore-not-found >&2
+    log "deleted Addon $NAMESPACE/$ADDON_NAME: its file ${addon_source:-(none)} is gone"
+    removed=true
+  fi
+}
+
+hand_over
+if $removed; then
   changed=true
-else
-  log "HelmChartConfig $NAMESPACE/traefik belongs to $owner_gvk $owner_namespace/$owner_name, not to the Addon of"
-  log "$manifest; it was not touched. If a manifest file applies it (kubectl -n $owner_namespace get addon"
-  log "$owner_name -o jsonpath='{.spec.source}'), move that file out of the manifests directory and run this again."
-  exit 1
-fi
-
-# --- 3. the file's Addon ---------------------------------------------------------------------------
-
-if [[ -n $addon_name ]]; then
-  kubectl delete "$ADDON" --ignore-not-found >&2
-  log "deleted Addon $NAMESPACE/$ADDON_NAME: its file ${addon_source:-(none)} is gone"
-  changed=true
+  # A k3s that has just restarted scans its manifests directory once more, and may have read the file just
+  # before it moved: after one rescan (k3s rescans every 15 s), hand over again whatever it put back.
+  sleep "${TRAEFIK_SETTLE_SECONDS:-20}"
+  hand_over
+  $removed && log "k3s had applied the file once more as it moved; removed that too"
 fi
 
 $changed || log "nothing to do: no Traefik manifest file, no HelmChartConfig or Addon of one"

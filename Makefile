@@ -78,5 +78,12 @@ drill: ## restore drill of STAGE on the host: latest dump into a scratch databas
 	ssh $(or $(SSH),ubuntu@k3s.katforge.com) 'since=$$(date +%s); sudo systemctl start katforge-drill@$(STAGE).service; \
 		status=$$?; sudo journalctl --unit=katforge-drill@$(STAGE).service --since=@$$since --output=cat --no-pager; exit $$status'
 
+# On the k3s host over SSH (SSH=user@host, default ubuntu@k3s.katforge.com), once Pulumi.STAGE.yaml says
+# katforge:database migrating and its pulumi up made RDS ready; the apps stop for the switch only.
+.PHONY: migrate-database
+migrate-database: $(VENV)/.plan-installed ## move STAGE's database to RDS, checked, and switch its apps: make migrate-database STAGE=...
+	@echo "$(STAGE)" | grep -Eqx '[a-z0-9-]+' || { echo "usage: make migrate-database STAGE=prod|qa [SSH=ubuntu@k3s.katforge.com]" >&2; exit 2; }
+	@$(PY) -m tools.migrate_database --stage '$(STAGE)' $(if $(SSH),--ssh '$(SSH)')
+
 clean: ## remove .venv and build/
 	rm -rf $(VENV) build

@@ -23,7 +23,7 @@ from infra import adopt
 from infra.bootstrap import Target, install_file
 from infra.email import SMTP_ENDPOINT, SMTP_PORT
 from infra.iam import sole_policy
-from infra.policies import backup_alert_policy, document
+from infra.policies import BACKUP_WRITER_ROLE, backup_alert_policy, document
 from infra.settings import REGION, BackupSettings, Stage
 
 HOST_FILES = Path(__file__).resolve().parent / "host"
@@ -164,7 +164,7 @@ class BackupStorage(pulumi.ComponentResource):
             opts=child)
 
         stage_names = [stage.name for stage in stages]
-        role = aws.iam.Role(f"{name}-writer", name="katforge-backup-writer", permissions_boundary=permissions_boundary,
+        role = aws.iam.Role(f"{name}-writer", name=BACKUP_WRITER_ROLE, permissions_boundary=permissions_boundary,
                             assume_role_policy=ec2_trust_policy(), opts=adopted("Role", f"{name}-writer"))
         # Named by Pulumi (a suffix of its own): it never meets an inline policy the live role has.
         aws.iam.RolePolicy(f"{name}-writer", role=role.id,

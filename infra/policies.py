@@ -66,6 +66,7 @@ def ses_send_policy(identity_arn: str, configuration_set_arn: str, from_addresse
 ESTATE_TAG = ("Project", "katforge")  # on every instance, address, security group, rule and root volume
 BOUNDARY_POLICY = "katforge-permissions-boundary"
 DEPLOY_ROLE = "katforge-github-deploy"
+BACKUP_WRITER_ROLE = "katforge-backup-writer"  # the k3s host's role (infra/backups.py): the dumps are its alone
 CI_ROLES = "katforge-github-*"  # the preview and deploy roles
 CI_LOCK_PREFIX = "katforge-ci-locks"  # WireGuard peer leases in the state bucket (tools/lock.py)
 GITHUB_OIDC = "token.actions.githubusercontent.com"
@@ -251,6 +252,7 @@ def _iam_statements(scope: EstateScope) -> list[dict]:
 
 def guard_statements(scope: EstateScope) -> list[dict]:
     """Denials that hold whatever else is granted: in the deploy role's policy and in the boundary."""
+    dumps = [f"arn:aws:s3:::{bucket}/*" for bucket in scope.buckets]
     return [
         {"Sid": "KeepTheBoundary", "Effect": "Deny",
          "Action": ["iam:DeleteRolePermissionsBoundary", "iam:DeleteUserPermissionsBoundary"], "Resource": "*"},
@@ -266,11 +268,20 @@ def guard_statements(scope: EstateScope) -> list[dict]:
         # otherwise suffice within the account) and no new access keys (operators rotate them).
         {"Sid": "NoOtherIdentities", "Effect": "Deny", "Action": ["sts:AssumeRole", "iam:CreateAccessKey"],
          "Resource": "*"},
-        # No identity of the estate reads or deletes a dump (the host only adds them; operators restore
-        # with a policy of their own), whatever a bucket policy it could write would grant.
-        {"Sid": "NoDatabaseDumps", "Effect": "Deny",
-         "Action": ["s3:GetObject", "s3:GetObjectVersion", "s3:DeleteObject", "s3:DeleteObjectVersion"],
-         "Resource": [f"arn:aws:s3:::{bucket}/*" for bucket in scope.buckets]},
+        # The dumps are the backup writer's alone: the k3s host adds them and reads them back (the HEAD
+        # after a lost upload answer, the drill, `sudo katforge-restore`); operators restore with a policy
+        # of their own and no boundary. The exemption names the role: for a role's session
+        # aws:PrincipalArn is the role's ARN (IAM User Guide, "AWS global condition context keys"), and
+        # no bounded identity can become that role: only an operator creates roles, changes trust
+        # policies or passes a role to an instance (OperatorsOnly). The denial sits in the boundary, not
+        # only in the CI roles' policies, because the deploy role writes the policies of every bounded
+        # user and role (an access key of one is in the state it decrypts); it holds whatever a bucket
+        # policy grants.
+        {"Sid": "NoDatabaseDumps", "Effect": "Deny", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": dumps,
+         "Condition": {"ArnNotLike": {"aws:PrincipalArn": scope.iam("role", BACKUP_WRITER_ROLE)}}},
+        # No one deletes a dump or reads an overwritten one, the writer included.
+        {"Sid": "DumpsStay", "Effect": "Deny",
+         "Action": ["s3:GetObjectVersion", "s3:DeleteObject", "s3:DeleteObjectVersion"], "Resource": dumps},
     ]
 
 
@@ -279,7 +290,8 @@ def workload_statements(scope: EstateScope) -> list[dict]:
     return [
         {"Sid": "SendAsTheIdentity", "Effect": "Allow", "Action": ["ses:SendEmail", "ses:SendRawEmail"],
          "Resource": scope.ses_arns},
-        {"Sid": "WriteDumps", "Effect": "Allow", "Action": "s3:PutObject",
+        # The backup writer's (guard_statements' NoDatabaseDumps keeps every other identity out).
+        {"Sid": "TheWritersDumps", "Effect": "Allow", "Action": ["s3:PutObject", "s3:GetObject"],
          "Resource": [f"arn:aws:s3:::{bucket}/*" for bucket in scope.buckets]},
         {"Sid": "PreviewPeerLocks", "Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
          "Resource": f"arn:aws:s3:::{scope.state_bucket}/{CI_LOCK_PREFIX}/*"},
@@ -292,11 +304,9 @@ def deploy_statements(scope: EstateScope) -> list[dict]:
 
 
 def deploy_policy(scope: EstateScope) -> str:
-    """Everything `pulumi up` does to the estate, and only to the estate. It may write the backup
-    bucket's policy, so it is also denied adding a dump itself (a planted dump would be restored)."""
-    return document(*deploy_statements(scope), *guard_statements(scope),
-                    {"Sid": "NoDumpWrites", "Effect": "Deny", "Action": "s3:PutObject",
-                     "Resource": [f"arn:aws:s3:::{bucket}/*" for bucket in scope.buckets]})
+    """Everything `pulumi up` does to the estate, and only to the estate: never a dump (a planted one would
+    be restored)."""
+    return document(*deploy_statements(scope), *guard_statements(scope))
 
 
 def boundary_policy(scope: EstateScope) -> str:

@@ -1,11 +1,18 @@
 """moto's S3 and IAM on 127.0.0.1 with IAM enforced, a bucket per use, and the backup, restore and drill
 scripts wired to it and to a PostgreSQL cluster: the host writes with exactly the writer policy that
-infra/backups.py attaches to the instance role, operators read with exactly theirs.
+infra/backups.py attaches to the instance role, and the permissions boundary's denials as they apply to
+that role; operators read with exactly their policy.
+
+What moto cannot show: it ignores permissions boundaries and treats every statement with a condition as a
+denial. So the boundary's denials are decided here for the writer's role ARN (`boundary_denials`), and
+that the boundary also *allows* what the writer policy grants (a boundary is a ceiling) rests on
+principalmapper in tests/test_writer_role.py.
 
 A plugin module (`pytest_plugins = ["tests.s3_sandbox"]`): the session fixture `s3` is one moto server
 for every module that uses it."""
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import subprocess
@@ -19,7 +26,9 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from infra.backups import restore_policy, writer_policy
-from infra.settings import STAGES
+from infra.pipeline import estate_scope
+from infra.policies import BACKUP_WRITER_ROLE, boundary_policy
+from infra.settings import STAGES, PipelineSettings
 from tests.pgcluster import SERVER_USER, free_port
 
 HOST = Path(__file__).resolve().parent.parent / "infra" / "host"
@@ -61,8 +70,13 @@ class S3Sandbox:
         key = iam.create_access_key(UserName=name)["AccessKey"]
         return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
 
-    def user(self, policy: str) -> dict[str, str]:
-        return self._user(f"u{uuid.uuid4().hex[:12]}", policy)
+    def user(self, policy: str, *more: str) -> dict[str, str]:
+        """A new user holding `policy` and each of `more` as inline policies."""
+        name = f"u{uuid.uuid4().hex[:12]}"
+        credentials = self._user(name, policy)
+        for i, document in enumerate(more):
+            self.client("iam").put_user_policy(UserName=name, PolicyName=f"{name}-{i}", PolicyDocument=document)
+        return credentials
 
     def client(self, service: str, credentials: dict[str, str] | None = None):
         credentials = credentials or self.admin
@@ -93,7 +107,7 @@ class Backups:
         self.admin.create_bucket(Bucket=self.bucket, CreateBucketConfiguration={"LocationConstraint": REGION})
         self.admin.put_bucket_versioning(Bucket=self.bucket, VersioningConfiguration={"Status": "Enabled"})
         arn = f"arn:aws:s3:::{self.bucket}"
-        self.writer = s3.user(writer_policy(arn, STAGES))
+        self.writer = s3.user(writer_policy(arn, STAGES), boundary_denials(self.bucket, WRITER_ARN))
         self.operator = s3.user(restore_policy(arn))
         self.endpoint = s3.endpoint  # a test may put a proxy in front of moto
 
@@ -130,6 +144,31 @@ class Backups:
 
     def manifest(self, dump_key: str) -> dict:
         return json.loads(self.get(dump_key.removesuffix(".dump") + ".manifest.json"))
+
+
+WRITER_ARN = f"arn:aws:iam::123456789012:role/{BACKUP_WRITER_ROLE}"
+
+
+def boundary_denials(bucket: str, principal: str) -> str:
+    """The permissions boundary's Deny statements (infra/policies.py) for an estate whose backup bucket is
+    `bucket`, as they apply to `principal`, in a form moto enforces: a condition on aws:PrincipalArn
+    (ArnLike or ArnNotLike, IAM's wildcards) is decided here for `principal`; any other condition is refused
+    rather than guessed."""
+    boundary = json.loads(boundary_policy(estate_scope(PipelineSettings("katforge/estate", "state"), bucket)))
+    denials = []
+    for statement in (s for s in boundary["Statement"] if s["Effect"] == "Deny"):
+        statement = dict(statement)
+        condition = statement.pop("Condition", {})
+        for operator, keys in condition.items():
+            assert operator in ("ArnLike", "ArnNotLike") and set(keys) == {"aws:PrincipalArn"}, condition
+            patterns = keys["aws:PrincipalArn"]
+            matches = any(fnmatch.fnmatchcase(principal, p) for p in ([patterns] if isinstance(patterns, str)
+                                                                       else patterns))
+            if matches != (operator == "ArnLike"):
+                break  # the condition does not hold for `principal`: the denial is not its
+        else:
+            denials.append(statement)
+    return json.dumps({"Version": "2012-10-17", "Statement": denials})
 
 
 def timestamp_of(key: str) -> str:

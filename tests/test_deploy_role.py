@@ -81,7 +81,7 @@ ACCEPTED = {
     ("katforge-github-deploy-policy", "IamRead", "RESOURCE_MISMATCH"):
         "iam:Get*/List* also name account-wide reads, which these resources leave out on purpose",
     ("katforge-github-deploy-policy", "EstateBuckets", "RESOURCE_POLICY_PRIVILEGE_ESCALATION"):
-        "a bucket policy it writes cannot give it the dumps: NoDatabaseDumps and NoDumpWrites deny them "
+        "a bucket policy it writes cannot give it the dumps: NoDatabaseDumps denies them "
         "(test_a_bucket_policy_cannot_hand_the_deploy_role_the_dumps)",
     ("permissions-boundary", "s3:*", "RESOURCE_POLICY_PRIVILEGE_ESCALATION"): "the same, through the boundary's guard",
     **{("permissions-boundary", first, "RESOURCE_MISMATCH"): "the boundary is a ceiling in service-wide actions over "

@@ -242,6 +242,17 @@ def test_a_host_the_bootstrap_cannot_reach_over_ssh(plans, stack, passing):
     assert assess(plans, setting(stack, adminCidrs=["198.51.100.7/32"]), document).hazards == []
 
 
+def test_a_rule_naming_the_vpn_group_does_not_reach_a_public_address():
+    # AWS applies a group reference to traffic between private addresses only: the bootstrap, at the k3s
+    # host's public address through the VPN, arrives from the VPN host's Elastic IP.
+    ssh = dict(protocol="tcp", from_port=22, to_port=22)
+    by_group = adoption.Rule(False, peer=adoption.Peer(hosts=frozenset({"vpn"}), group="sg-0vpn"), **ssh)
+    by_address = adoption.Rule(False, peer=adoption.Peer(cidr="3.15.140.218/32"), **ssh)
+    assert not preflight._admits_ssh(by_group, "k3s", vpn_runs=True, vpn_address="3.15.140.218")
+    assert preflight._admits_ssh(by_address, "k3s", vpn_runs=True, vpn_address="3.15.140.218")
+    assert not preflight._admits_ssh(by_address, "vpn", vpn_runs=True, vpn_address="3.15.140.218")
+
+
 def test_mail_from_that_would_reject_mail(plans, stack, passing):
     report = assess(plans, setting(stack, mailFromMxFailure="RejectMessage"), passing[0])
     only(report, "MailFrom:katforge.com: MAIL FROM mail.katforge.com is not verified live (not set up), so "

@@ -633,11 +633,15 @@ def _admits_ssh(rule: Rule, host: str, vpn_runs: bool, vpn_address: Optional[str
     if rule.egress or not Rule(False, rule.protocol, rule.from_port, rule.to_port, anyone).holds(
             Rule(False, "tcp", 22, 22, anyone)):
         return False
-    through_vpn = "vpn" in rule.peer.hosts or bool(vpn_address and rule.peer.cidr and rule.peer.cidr.endswith("/32")
-                                                   and rule.peer.cidr == f"{vpn_address}/32")
-    if through_vpn:
+    # A rule that names a security group admits its members' private addresses only, never traffic to a
+    # public or Elastic IP (docs.aws.amazon.com/vpc/latest/userguide/security-group-rules.html, "Security
+    # group referencing"): the bootstrap, at the public address, comes through the VPN from the VPN host's
+    # Elastic IP, which only a rule for that address admits.
+    if not rule.peer.cidr:
+        return False
+    if vpn_address and rule.peer.cidr == f"{vpn_address}/32":
         return host != "vpn" and vpn_runs
-    return bool(rule.peer.cidr) and _public(rule.peer.cidr)
+    return _public(rule.peer.cidr)
 
 
 # Where no operator's machine comes from over the internet (RFC 1918, shared, link-local, loopback). Not

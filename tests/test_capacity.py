@@ -9,6 +9,7 @@ import yaml
 
 import infra.bootstrap as bootstrap
 from infra import apps, capacity, traefik_values
+from infra.settings import AgentSpec
 from tools.offline import evaluate
 
 STAGE_NAMESPACES = (("default", "prod"), ("qa", "qa"))
@@ -119,3 +120,93 @@ def test_the_preview_fails_when_the_budget_is_exceeded(monkeypatch):
     monkeypatch.setattr(capacity, "POSTGRES_MEMORY_MIB", 3072)
     with pytest.raises(capacity.CapacityError, match="over its memory budget"):
         evaluate("prod")
+
+
+# --- several nodes: the k3s host and its agents -----------------------------------------------------
+
+AGENT = AgentSpec("agent-1", "t3.medium", "172.31.14.120")
+SMALL = AgentSpec("agent-2", "t3.small", "172.31.20.40")
+
+
+def test_memtotal_is_what_ec2_sells_less_karpenters_measured_overhead():
+    assert capacity.MEMTOTAL_MIB["t3.medium"] == capacity.HOST_MEMTOTAL_MIB == 3843  # 4096 - 264945664 bytes
+    assert capacity.MEMTOTAL_MIB["t3.small"] == 1917 and capacity.MEMTOTAL_MIB["t3.large"] == 7827
+    assert all(0 < mib < {"small": 2048, "medium": 4096, "large": 8192, "xlarge": 16384}[kind.split(".")[1]]
+               for kind, mib in capacity.MEMTOTAL_MIB.items())
+
+
+def test_an_agent_keeps_the_os_and_the_k3s_agent_and_runs_servicelbs_pod():
+    """What the agent's kubelet is told to reserve (its config.yaml) is what its budget keeps."""
+    node = capacity.agent_report(AGENT)
+    reserved = {arg.split("=")[0]: mib(arg.split("=memory=")[1]) for arg in bootstrap.kubelet_args(agent=True)}
+    items = {item.name: item.mib for item in node.reserved}
+    assert reserved == {"system-reserved": items["system (OS and host services)"], "kube-reserved": items["k3s agent"]}
+    assert "PostgreSQL 16" not in items and node.memtotal_mib == 3843
+    assert [item.name for item in node.pods] == ["kube-system/svclb-traefik"]
+
+
+def test_with_agents_every_app_pod_lands_on_exactly_one_node_and_traefik_stays_on_the_host():
+    estate = capacity.estate_report((AGENT, SMALL))
+    assert [node.node for node in estate.nodes] == ["k3s", "agent-1", "agent-2"]
+    placed = [item.name for node in estate.nodes for item in node.pods]
+    apps_and_surge = {item.name for item in capacity.app_pods()}
+    assert sorted(p for p in placed if p in apps_and_surge) == sorted(apps_and_surge)
+    assert estate.node_of("kube-system/traefik") == "k3s" == estate.node_of("kube-system/coredns")
+    assert placed.count("kube-system/svclb-traefik") == 3  # a DaemonSet: one a node
+    # The same pods as on one host (less nothing), and each node's reserve instead of one.
+    single = capacity.estate_report()
+    assert sorted(p for p in placed if p != "kube-system/svclb-traefik") == \
+        sorted(item.name for item in single.pods if item.name != "kube-system/svclb-traefik")
+    capacity.check(estate)
+
+
+def test_each_pod_goes_largest_first_where_the_most_memory_is_left():
+    estate = capacity.estate_report((SMALL,))
+    # agent-2 (t3.small: 1917 - 384 - 320 - 32 = 1181 MiB free) against the host's 2075 - 750 = 1325: the
+    # largest pod goes to the host; then each where more is left.
+    order = sorted(capacity.app_pods()[:-1], key=lambda p: -p.mib)
+    assert estate.node_of(order[0].name) == "k3s"
+    # Replaying the rule gives the same placement.
+    left = {"k3s": 1325, "agent-2": 1181}
+    for pod in [*order, capacity.app_pods()[-1]]:
+        node = max(left, key=lambda n: (left[n], n == "k3s"))
+        assert estate.node_of(pod.name) == node, pod.name
+        left[node] -= pod.mib
+
+
+def test_the_preview_says_which_node_each_app_pods_worst_case_lands_on():
+    estate = capacity.estate_report((AGENT,))
+    text = capacity.lines(estate)
+    assert text[0] == "Memory budget of the k3s host (3843 MiB):"
+    assert "Memory budget of agent agent-1 (t3.medium, 3843 MiB):" in text
+    where = text[text.index("Where each app pod's worst case (its limit) lands:") + 1:]
+    assert where == sorted(where) and {line.split(": ")[0].strip() for line in where} == {
+        item.name for item in capacity.app_pods()}
+    assert all(line.split(": ")[1] in ("k3s", "agent-1") for line in where)
+
+
+def test_an_agent_over_its_budget_stops_the_preview_naming_it(monkeypatch):
+    monkeypatch.setitem(capacity.MEMTOTAL_MIB, "t3.small", 700)  # 700 - 384 - 320 leaves no room at all
+    with pytest.raises(capacity.CapacityError, match="on agent agent-2 the pods' limits add up to"):
+        capacity.check(capacity.estate_report((AGENT, SMALL)))
+
+
+def test_agents_let_apps_that_overflow_the_host_fit(monkeypatch):
+    big = apps.App("big", "ghcr.io/katforge/big", routes={"prod": (apps.Route("big.katforge.com"),)},
+                   resources=apps.Resources("100m", "1", 1024, 1536))
+    every = apps.apps_in
+    monkeypatch.setattr(apps, "apps_in", lambda stage: every(stage, (*apps.APPS, big)))
+    with pytest.raises(capacity.CapacityError):
+        capacity.check(capacity.estate_report())
+    # Its rollout surge needs room for a second 1536 MiB pod too: not on a t3.medium agent, on a t3.large.
+    with pytest.raises(capacity.CapacityError, match="rollout surge"):
+        capacity.check(capacity.estate_report((AGENT,)))
+    capacity.check(capacity.estate_report((AgentSpec("agent-1", "t3.large", "172.31.14.120"),)))
+
+
+def test_make_plan_finds_the_agents_in_a_plan(prod):
+    from tests import scaled
+
+    assert capacity.agents_in_plan(prod.document()) == ()
+    assert capacity.agents_in_plan(scaled.agents(2).document()) == (
+        AgentSpec("agent-1", "t3.medium", "172.31.14.120"), AgentSpec("agent-2", "t3.large", "172.31.20.40"))

@@ -15,8 +15,11 @@ import pytest
 from principalmapper.common import Node, Policy
 
 from infra.settings import STAGES
+from tests.s3_sandbox import Backups
 from tests.test_deploy_role import ACCOUNT, BACKUPS, BOUNDARY, DEPLOY, REAL_ARNS, allowed, node, plan_document, role
 from tools.offline import evaluate_cached, unwrap
+
+pytest_plugins = ["tests.s3_sandbox"]
 
 WRITER = role("katforge-backup-writer")
 BUCKET = f"arn:aws:s3:::{BACKUPS}"
@@ -108,3 +111,38 @@ def test_no_other_identity_of_the_estate_reads_or_writes_a_dump(boundary):
         for action in ("s3:GetObject", "s3:PutObject"):
             assert not allowed(principal, action, dump("prod")), (name, action)
             assert not allowed(principal, action, dump("prod"), grant), (name, action, "bucket policy")
+
+
+# --- the restore script: a refused download is not a missing dump ---------------------------------------
+
+@pytest.fixture
+def listing_only(s3, pg, tmp_path):
+    """A bucket holding one dump and its manifest, and credentials that may list it but not download:
+    what the host's role met while the boundary denied it s3:GetObject."""
+    backups = Backups(s3, pg, tmp_path)
+    for suffix in (".dump", ".manifest.json"):
+        backups.put(f"prod/katforge/20270115T033000Z{suffix}", b"{}")
+    return backups, s3.user(json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:aws:s3:::{backups.bucket}"}]}))
+
+
+@pytest.mark.parametrize("at", ["20270115T033000Z", "latest"])
+def test_a_denied_download_reaches_the_operator_and_stops_the_restore(listing_only, at):
+    """Before the fix `aws s3 cp ... || true` turned AccessDenied into "the dump is not in the bucket", and
+    `latest` passed over every dump to "no dump passes its checks"."""
+    backups, credentials = listing_only
+    result = backups.restore("--stage", "prod", "--database", "katforge", "--at", at, "--target", "never_made",
+                             credentials=credentials)
+    assert result.returncode == 1, result.stderr
+    assert "AccessDenied" in result.stderr
+    assert f"REFUSED: s3://{backups.bucket}/prod/katforge/20270115T033000Z.dump could not be downloaded" \
+        in result.stderr
+    assert "not in the bucket" not in result.stderr and "passing over" not in result.stderr
+
+
+def test_a_dump_that_is_not_there_is_still_named_as_missing(listing_only):
+    backups, _ = listing_only
+    result = backups.restore("--stage", "prod", "--database", "katforge", "--at", "20270116T033000Z",
+                             "--target", "never_made")
+    assert result.returncode == 1
+    assert "20270116T033000Z.dump: the dump is not in the bucket; nothing changed" in result.stderr

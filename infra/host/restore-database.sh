@@ -13,7 +13,8 @@
 #  1. Nothing is touched until the dump is verified: its manifest exists (a dump without one never
 #     completed), its size and sha256 match the manifest's, pg_restore reads the whole archive (every
 #     data block, not only the table of contents), and the extensions it needs are installable here.
-#     `latest` is the newest dump that passes; every dump passed over is named, with the reason.
+#     `latest` is the newest dump that passes; every dump passed over is named, with the reason. A
+#     download that fails (access denied, the network) stops the restore, with the AWS CLI's error.
 #  2. The dump is restored into a new database, <target>__restore, with the dumped database's encoding,
 #     locale, owner, ACL and settings. Roles that its objects name and this server lacks are created
 #     NOLOGIN, and named.
@@ -260,9 +261,14 @@ verify() {
   local key=$1 base=${1%.dump} sha bytes missing
   reason=''
   rm -f "$workdir"/*
-  # Both in one run of the CLI (each start costs half a second).
-  aws s3 cp --only-show-errors --recursive "s3://$BACKUP_BUCKET/${base%/*}/" "$workdir" --exclude '*' \
-    --include "${base##*/}.dump" --include "${base##*/}.manifest.json" || true
+  # Both in one run of the CLI (each start costs half a second). An object that is not there is simply
+  # not copied; a failed call (access denied, the network) says nothing about the dump, so it is not
+  # passed over for an older one: the restore stops, under the CLI's own error.
+  if ! aws s3 cp --only-show-errors --recursive "s3://$BACKUP_BUCKET/${base%/*}/" "$workdir" --exclude '*' \
+    --include "${base##*/}.dump" --include "${base##*/}.manifest.json"; then
+    log "REFUSED: s3://$BACKUP_BUCKET/$key could not be downloaded (the AWS CLI's error is above); nothing changed"
+    exit 1
+  fi
   mv "$workdir/${base##*/}.dump" "$workdir/dump" 2>/dev/null || { reason="the dump is not in the bucket"; return 1; }
   if ! mv "$workdir/${base##*/}.manifest.json" "$workdir/manifest.json" 2>/dev/null; then
     reason="it has no manifest ${base##*/}.manifest.json: its backup never completed"

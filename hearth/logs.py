@@ -6,17 +6,22 @@ again (each run is a log stream of its own, which ends when the run does), and a
 `--since` reaches back for the pods there at the start; a new pod or a new run is shown from its first
 line. The migrate init container's lines come too, marked `:migrate`. Notices go to stderr, log lines to
 stdout.
+
+A stream the API server refuses (a pod gone, a node's kubelet down) is a notice, and the others go on; a
+connection to the API server that breaks off, a stream's or the watch's, ends the command with that one
+line (exit 2): on the estate's one node the API server and the kubelet are one k3s process.
 """
 from __future__ import annotations
 
+import queue
 import threading
 from typing import Optional, Sequence, TextIO
 
-from lightkube import ApiError
-
 from hearth import kube
 from hearth.estate import Estate
-from hearth.kube import Cluster, HearthError
+from hearth.kube import Cluster, HearthError, Refused
+
+GONE = (400, 404)  # a container not started yet, or a pod deleted meanwhile: the next event tells
 
 PALETTE = ("36", "35", "33", "32", "34", "91", "96", "95")  # cyan, magenta, yellow, green, blue, bright...
 
@@ -76,6 +81,7 @@ class Follower:
         self.followed: dict[tuple[str, str], int] = {}  # (pod, container) -> the run (restartCount) followed
         self.following: set[tuple[str, str]] = set()
         self.initial: set[str] = set()  # pods there at the start: --since applies to their first runs
+        self.events: "queue.Queue" = queue.Queue()  # the watch's events, and ("ERROR", error) from any thread
 
     def consider(self, pod: dict) -> None:
         name, app = pod["metadata"]["name"], _app_of(pod, self.apps)
@@ -96,19 +102,21 @@ class Follower:
         try:
             for text in kube.log_lines(self.cluster, self.namespace, pod, container, follow=True, since=since):
                 self.printer.line(app, pod, container, text)
-        except ApiError as error:  # not started yet after all, or gone: the next event tells
-            with self.lock:
-                self.followed.pop((pod, container), None)
-            if error.status.code not in (400, 404):
-                self.printer.notice(f"{app}/{suffix(pod)}:{container}: {error.status.message}")
-        except HearthError as error:
-            self.printer.notice(str(error))
+        except Refused as refused:
+            if refused.status in GONE:
+                with self.lock:
+                    self.followed.pop((pod, container), None)
+            else:
+                self.printer.notice(f"{app}/{suffix(pod)}:{container}: {refused.status} {refused.reason}")
+        except HearthError as error:  # the connection broke off: the command ends with it
+            self.events.put(("ERROR", error))
+            return
         finally:
             with self.lock:
                 self.following.discard((pod, container))
                 latest = self.pods.get(pod)
-            if latest is not None:
-                self.consider(latest)
+        if latest is not None:
+            self.consider(latest)
 
     def run(self) -> None:
         labels = {"app": tuple(self.apps)}
@@ -116,7 +124,12 @@ class Follower:
         self.initial = {p["metadata"]["name"] for p in pods}
         for pod in pods:
             self.consider(pod)
-        for kind, pod in kube.watch_pods(self.cluster, self.namespace, labels, version):
+        threading.Thread(target=kube.pump, daemon=True, args=(
+            self.events, kube.watch_pods(self.cluster, self.namespace, labels, version))).start()
+        while True:
+            kind, pod = self.events.get()
+            if kind == "ERROR":
+                raise pod
             name = pod["metadata"]["name"]
             if kind == "DELETED":
                 with self.lock:
@@ -143,9 +156,9 @@ def print_once(cluster: Cluster, namespace: str, apps: Sequence[str], printer: P
                 for text in kube.log_lines(cluster, namespace, pod["metadata"]["name"], status["name"], follow=False,
                                            since=since):
                     printer.line(app, pod["metadata"]["name"], status["name"], text)
-            except ApiError as error:
-                if error.status.code not in (400, 404):
-                    raise HearthError(f"logs of {pod['metadata']['name']}: {error.status.message}") from None
+            except Refused as refused:
+                if refused.status not in GONE:
+                    raise
 
 
 def run(cluster: Cluster, estate: Estate, names: Sequence[str], *, since: float, follow: bool, out: TextIO,

@@ -58,14 +58,6 @@ class Progress:
             self.out.write("\n")
 
 
-def _pump(events: "queue.Queue", source) -> None:
-    try:
-        for event in source:
-            events.put(event)
-    except Exception as error:  # the waiting loop reports it
-        events.put(("ERROR", error))
-
-
 def wait(cluster: Cluster, namespace: str, name: str, deployment: dict, pod_hash: Optional[str], out: TextIO,
          tty: bool, timeout: float = 0) -> Optional[str]:
     """Until the rollout completes (None), fails (why) or `timeout` seconds pass (0: no limit but the
@@ -73,13 +65,13 @@ def wait(cluster: Cluster, namespace: str, name: str, deployment: dict, pod_hash
     deadline = time.monotonic() + timeout if timeout else None
     events: "queue.Queue" = queue.Queue()
     version = deployment["metadata"]["resourceVersion"]
-    threading.Thread(target=_pump, daemon=True,
+    threading.Thread(target=kube.pump, daemon=True,
                      args=(events, kube.watch_deployment(cluster, namespace, name, version))).start()
     pods: dict[str, dict] = {}
     if pod_hash:
         listed, pods_version = kube.pod_listing(cluster, namespace, {rollout.TEMPLATE_HASH: pod_hash})
         pods = {p["metadata"]["name"]: p for p in listed}
-        threading.Thread(target=_pump, daemon=True, args=(events, kube.watch_pods(
+        threading.Thread(target=kube.pump, daemon=True, args=(events, kube.watch_pods(
             cluster, namespace, {rollout.TEMPLATE_HASH: pod_hash}, pods_version))).start()
     progress = Progress(out, tty)
     try:
@@ -142,11 +134,14 @@ def run(cluster: Cluster, estate: Estate, app: str, *, to_revision: int, yes: bo
     patched = kube.patch_deployment(cluster, ns, app, rollout.rollback_patch(deployment, target))
     out.write(f"{app} rolled back to the template of revision {to_revision_found}\n")
     pod_hash = (target["metadata"].get("labels") or {}).get(rollout.TEMPLATE_HASH)
+    status = f"hearth status{' --qa' if estate.stage.name == 'qa' else ''}"
     try:
         failure = wait(cluster, ns, app, patched, pod_hash, out, tty, timeout)
     except KeyboardInterrupt:
-        raise HearthError(f"stopped waiting: the rollout of {app} goes on in the cluster (hearth status"
-                          f"{' --qa' if estate.stage.name == 'qa' else ''})", 130) from None
+        raise HearthError(f"stopped waiting: the rollout of {app} goes on in the cluster ({status})", 130) from None
+    except HearthError as error:  # the patch went through: say so, whatever ended the wait
+        raise HearthError(f"{app} was rolled back, then waiting for its rollout stopped: {error}; the rollout goes "
+                          f"on in the cluster ({status})", error.code) from None
     out.write(f"{PULUMI_NOTE}\n{RELEASE_NOTE.format(bad=bad, good=good)}\n")
     if failure:
         raise HearthError(f"the rollback of {app} to {good} failed: {failure}")

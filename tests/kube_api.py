@@ -10,7 +10,8 @@ merge patch is applied as a merge patch). It checks the bearer token of its kube
 Kubernetes `Status` objects, and refuses to store a built-in object that Kubernetes 1.34 would not accept
 (kubernetes-validate, strict), a patched one included. More endpoints plug in with `KubeApi.route`: a
 handler gets the server, the matched path and the query (and the body, for a method that has one), and
-returns a `Reply`.
+returns a `Reply`. `KubeApi.answering` makes requests fail for a while: an error Status, a proxy's bare
+reply, or a stream that breaks off (`Reset`).
 
 `live_estate()` is the cluster as the spec's operators left it, not as the program would make it:
 the four apps' Deployments and Services in `default`, two in `qa`, namespace `ci` with CI's account,
@@ -38,6 +39,8 @@ import hashlib
 import json
 import re
 import secrets
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -94,10 +97,14 @@ RESOURCE_PATH = re.compile(r"^/(?:api/(?P<core>v1)|apis/(?P<group>[^/]+)/(?P<ver
 @dataclass
 class Reply:
     """A JSON object, or a stream: an iterable of byte chunks sent as they come (chunked encoding), as
-    the API server sends a watch or a followed log."""
+    the API server sends a watch or a followed log. A stream that raises `Reset` ends in a TCP reset."""
     status: int
     body: Union[dict, Iterable[bytes]]
     content_type: str = "application/json"
+
+
+class Reset(Exception):
+    """Raised by a stream's body: the connection is reset there, mid-stream (RST, no final chunk)."""
 
 
 def status(code: int, reason: str, message: str) -> Reply:
@@ -364,6 +371,17 @@ class KubeApi:
             return handler
         return register
 
+    @contextlib.contextmanager
+    def answering(self, method: str, path: str, answer: Callable[[], Reply]) -> Iterator[None]:
+        """While inside, requests of `method` whose path matches the regex `path` get `answer()` (an error
+        Status, a stream that breaks off) instead of what the server would answer."""
+        entry = (method, re.compile(path), lambda *_: answer())
+        self.routes.insert(0, entry)
+        try:
+            yield
+        finally:
+            self.routes.remove(entry)
+
     def handle(self, method: str, target: str, authorization: Optional[str], body: Optional[Body] = None) -> Reply:
         self.requests.append(f"{method} {target}")
         if authorization != f"Bearer {self.token}":
@@ -414,6 +432,10 @@ class KubeApi:
                     self.wfile.write(b"0\r\n\r\n")
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True  # the client left a stream: nothing more to send
+                except Reset:  # SO_LINGER 0: closing sends RST, as a dropped connection looks to the client
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
 
             def log_message(self, *args) -> None:
                 pass

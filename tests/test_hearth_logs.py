@@ -16,7 +16,7 @@ import pytest
 
 from hearth.cli import main
 from hearth.logs import Printer
-from tests.kube_api import iso
+from tests.kube_api import Reply, Reset, iso, status
 from tests.test_hearth_status import Result
 from tools.offline import ROOT
 
@@ -157,6 +157,47 @@ def test_an_unknown_app_or_duration(kubeconfig):
     assert unknown.err == "hearth: shop: not an app of prod (its apps: api, web, lextris, stumper)\n"
     bad = run(kubeconfig, "--since", "soon")
     assert bad.code == 2 and bad.err.startswith("hearth: hearth logs: argument --since: 'soon': expected a duration")
+
+
+def breaking_off(*lines: str):
+    """A log stream that sends `lines` and then is reset, as a dropped connection looks to the client."""
+    def body():
+        yield "".join(f"{line}\n" for line in lines).encode()
+        time.sleep(0.2)  # the lines reach the client before the reset does
+        raise Reset
+    return lambda: Reply(200, body(), "text/plain")
+
+
+QA_LOGS = r"^/api/v1/namespaces/qa/pods/[^/]+/log$"
+
+
+def test_an_error_answer_or_a_stream_that_breaks_off_without_following(running_cluster, kubeconfig):
+    with running_cluster.answering("GET", r"^/api/v1/namespaces/qa/pods$",
+                                   lambda: status(500, "InternalError", "etcdserver: leader changed")):
+        refused = run(kubeconfig, "--no-follow", "--qa")
+    with running_cluster.answering("GET", QA_LOGS, breaking_off("the line before")):
+        broken = run(kubeconfig, "--no-follow", "--qa")
+    assert (refused.code, refused.out) == (2, "")
+    assert refused.err == (f"hearth: the cluster at {running_cluster.url} answered GET /api/v1/namespaces/qa/pods "
+                           "with 500: etcdserver: leader changed\n")
+    [api_pod] = pods_of(running_cluster, "api", "qa")
+    assert broken.code == 2 and broken.out == ""  # without following, a log is read whole before it is printed
+    assert broken.err.count("\n") == 1 and broken.err.startswith(
+        f"hearth: the connection to the cluster at {running_cluster.url} broke off during GET "
+        f"/api/v1/namespaces/qa/pods/{api_pod}/log (")
+
+
+def test_a_stream_that_breaks_off_while_following_ends_the_command(running_cluster, kubeconfig):
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    with running_cluster.answering("GET", QA_LOGS, breaking_off("the line before")):
+        done = subprocess.run([sys.executable, "-m", "hearth", "logs", "--qa", "api"], capture_output=True, text=True,
+                              env=env, cwd=ROOT, timeout=WAIT * 3)
+    [api_pod] = pods_of(running_cluster, "api", "qa")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(
+        f"hearth: the connection to the cluster at {running_cluster.url} broke off during GET "
+        f"/api/v1/namespaces/qa/pods/{api_pod}/log ("), done.stderr
+    assert f"api/{api_pod.rsplit('-', 1)[1]}:migrate the line before" in done.stdout.splitlines()
 
 
 def test_each_app_has_its_color_on_a_terminal():

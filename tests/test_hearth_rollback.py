@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 
 import pytest
 
 from hearth import rollout
 from hearth.cli import main
+from tests.kube_api import Reply, Reset, status
 from tests.test_hearth_status import Result
 
 pytest_plugins = ["tests.kube_api"]
@@ -133,6 +135,34 @@ def test_a_rollout_that_never_finishes_is_given_up_after_the_timeout(hearth, run
     assert result.code == 1
     assert result.err == ("hearth: the rollback of api to v1.4.1 failed: it did not finish within 0.3 s (waiting for the "
                           "deployment spec update to be observed); it goes on in the cluster: hearth status\n")
+
+
+def test_an_error_answer_or_a_watch_that_breaks_off(hearth, running_cluster):
+    """Before the patch, an error answer is one line and nothing changes; after it, the line says the
+    rollback went through."""
+    before, requests = deployment(running_cluster), len(patches(running_cluster))
+    with running_cluster.answering("GET", r"^/apis/apps/v1/namespaces/default/replicasets$",
+                                   lambda: status(500, "InternalError", "etcdserver: request timed out")):
+        refused = hearth("rollback", "api", "--yes")
+    assert (refused.code, refused.out) == (2, "")
+    assert refused.err == (f"hearth: the cluster at {running_cluster.url} answered GET "
+                           "/apis/apps/v1/namespaces/default/replicasets with 500: etcdserver: request timed out\n")
+    assert deployment(running_cluster) == before and len(patches(running_cluster)) == requests
+
+    def reset():
+        def body():
+            time.sleep(0.1)
+            yield b""
+            raise Reset
+        return Reply(200, body())
+    with running_cluster.answering("GET", r"^/apis/apps/v1/namespaces/default/deployments$", reset):
+        broken = hearth("rollback", "api", "--yes")
+    assert broken.code == 2 and broken.err.count("\n") == 1
+    assert broken.err.startswith(f"hearth: api was rolled back, then waiting for its rollout stopped: the connection "
+                                 f"to the cluster at {running_cluster.url} broke off during GET "
+                                 "/apis/apps/v1/namespaces/default/deployments (")
+    assert broken.err.endswith("); the rollout goes on in the cluster (hearth status)\n")
+    assert len(patches(running_cluster)) == requests + 1
 
 
 def test_the_patch_request_is_a_json_patch(running_cluster):

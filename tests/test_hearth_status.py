@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 
 from hearth.cli import main
-from tests.kube_api import AppState, app_objects, iso
+from tests.kube_api import AppState, Reply, app_objects, iso, status
 from tools.offline import ROOT
 
 pytest_plugins = ["tests.kube_api", "tests.tls_server", "tests.dns_server", "tests.live_account"]
@@ -420,7 +420,7 @@ def test_an_unreachable_cluster(hearth, tmp_path):
         config = tmp_path / "kubeconfig"
         config.write_text(Path(os.environ["KUBECONFIG"]).read_text().replace(
             _server(), f"http://127.0.0.1:{port}"))
-        result = hearth("status", "--kubeconfig", str(config), probes=False)
+        result = hearth("status", "--kubeconfig", str(config))  # the probes start first: at 127.0.0.1 too
     assert result.code == 2
     assert one_line(result).startswith(f"hearth: cannot reach the cluster at http://127.0.0.1:{port} (ConnectError: ")
     assert result.err.endswith("): the k3s API answers only through the VPN\n")
@@ -437,12 +437,26 @@ def test_refused_credentials_and_a_broken_kubeconfig(hearth, tmp_path):
     config["users"][0]["user"]["token"] = "not-the-token"
     (tmp_path / "wrong").write_text(yaml.safe_dump(config))
     (tmp_path / "broken").write_text("clusters: [")
-    refused = hearth("status", "--kubeconfig", str(tmp_path / "wrong"), probes=False)
+    refused = hearth("status", "--kubeconfig", str(tmp_path / "wrong"))
     broken = hearth("status", "--kubeconfig", str(tmp_path / "broken"), probes=False)
     assert refused.code == broken.code == 2
     assert one_line(refused).startswith("hearth: the cluster at http://127.0.0.1:") and \
         refused.err.endswith(f"refused the credentials of {tmp_path / 'wrong'}: 401 Unauthorized\n")
     assert one_line(broken).startswith(f"hearth: {tmp_path / 'broken'} is not a usable kubeconfig: ")
+
+
+@pytest.mark.parametrize("reply, told", [
+    (lambda: status(500, "InternalError", "etcdserver: request timed out"), "500: etcdserver: request timed out"),
+    (lambda: status(404, "NotFound", "the server could not find the requested resource"),
+     "404: the server could not find the requested resource"),
+    (lambda: Reply(502, [b"<html><body>502 Bad Gateway</body></html>"], "text/html"), "502: Bad Gateway"),  # a proxy's
+])
+def test_an_error_answer_is_one_line(hearth, running_cluster, reply, told):
+    with running_cluster.answering("GET", r"^/apis/apps/v1/namespaces/default/deployments$", reply):
+        result = hearth("status")
+    assert result.code == 2
+    assert one_line(result) == (f"hearth: the cluster at {running_cluster.url} answered GET "
+                                f"/apis/apps/v1/namespaces/default/deployments with {told}\n")
 
 
 def test_bad_usage_is_one_line_too(hearth):

@@ -206,6 +206,22 @@ def matches(plan: Plan, document: dict, shown: Optional[dict[str, dict]] = None)
     return [match(r, shown[r.urn], document) for r in plan.resources if r.custom]
 
 
+# --- live facts both commands judge alike -----------------------------------------------------------
+
+def mail_from_verified(m: Match) -> bool:
+    """Whether SES shows the MAIL FROM domain the resource plans as verified live: only then may a failed MX
+    lookup reject mail (RejectMessage)."""
+    live = m.live if m.exists else {}
+    return live.get("status") == "Success" and live.get("domain") == m.inputs.get("mailFromDomain")
+
+
+def peer_allowed_ips(peer: dict) -> tuple[str, bool]:
+    """A live WireGuard peer's AllowedIPs (the running interface's, else the file's), and whether a
+    katforge:wireguardPeers line can hold them: wireguard.sh keeps one /32 per peer."""
+    allowed = peer.get("runningAllowedIps") or peer.get("allowedIps") or ""
+    return allowed, "," not in allowed and allowed.endswith("/32")
+
+
 # --- security group rules -------------------------------------------------------------------------
 
 @dataclass(frozen=True)

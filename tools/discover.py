@@ -247,6 +247,7 @@ def peer_name(comment: Optional[str], taken: set[str]) -> Optional[str]:
 
 def wireguard_facts(document: dict, current: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The live WireGuard server's port, client network and peers, so wireguard.sh keeps every client."""
+    from tools.adoption import peer_allowed_ips
     wg = ((document.get("hosts") or {}).get("vpn") or {}).get("wireguard")
     if not wg:
         return {}, []
@@ -264,8 +265,8 @@ def wireguard_facts(document: dict, current: dict[str, Any]) -> tuple[dict[str, 
     taken = {line.split(",")[0] for line in lines}
     unnamed = 0
     for peer in wg.get("peers") or []:
-        allowed = peer.get("runningAllowedIps") or peer.get("allowedIps") or ""
-        if "," in allowed or not allowed.endswith("/32"):
+        allowed, keepable = peer_allowed_ips(peer)
+        if not keepable:
             notes.append(f"live WireGuard peer {peer['publicKey']} allows {allowed or 'nothing'}, which a "
                          "wireguardPeers line (one /32) cannot say: make preflight names it")
             continue
@@ -322,10 +323,9 @@ def planned_facts(plan: Plan, document: dict, current: dict[str, Any]) -> tuple[
             values[f"{host}KeepSecurityGroups"] = sorted(kept | set(groups))
     for m in found:
         if m.resource.type == "aws:ses/mailFrom:MailFrom" and m.known:
-            live = m.live if m.exists else {}
-            verified = live.get("status") == "Success" and live.get("domain") == m.inputs.get("mailFromDomain")
-            values["mailFromMxFailure"] = ("RejectMessage" if verified and live.get("behaviorOnMxFailure")
-                                           == "RejectMessage" else "UseDefaultValue")
+            values["mailFromMxFailure"] = ("RejectMessage" if adoption.mail_from_verified(m)
+                                           and m.live.get("behaviorOnMxFailure") == "RejectMessage"
+                                           else "UseDefaultValue")
         if m.resource.type == "kubernetes:apps/v1:Deployment" and m.exists:
             app = m.inputs["metadata"]["name"]
             image = (m.live.get("images") or {}).get(app) or ""

@@ -426,10 +426,10 @@ class Checks:
         for m in self.matches:
             if m.resource.type != "aws:ses/mailFrom:MailFrom" or m.inputs.get("behaviorOnMxFailure") != "RejectMessage":
                 continue
-            live = m.live if m.exists else {}
-            if not (live.get("status") == "Success" and live.get("domain") == m.inputs.get("mailFromDomain")):
+            if not adoption.mail_from_verified(m):
+                status = (m.live if m.exists else {}).get("status")
                 self.hazard(f"{m.key}: MAIL FROM {m.inputs.get('mailFromDomain')} is not verified live "
-                            f"({live.get('status') or 'not set up'}), so RejectMessage would refuse every send: "
+                            f"({status or 'not set up'}), so RejectMessage would refuse every send: "
                             f"pulumi config set {PROJECT}:mailFromMxFailure UseDefaultValue --stack {self.plan.stack} "
                             "until SES shows it verified")
 
@@ -555,9 +555,9 @@ class Checks:
                    if len(parts) == 3}
         index = len(planned)
         for peer in wg.get("peers") or []:
-            allowed = peer.get("runningAllowedIps") or peer.get("allowedIps") or ""
+            allowed, keepable = adoption.peer_allowed_ips(peer)
             name = planned.get(peer["publicKey"], [None])[0]
-            if "," in allowed or not allowed.endswith("/32"):
+            if not keepable:
                 self.hazard(f"WireGuard peer {peer.get('name') or peer['publicKey']}: allows {allowed or 'nothing'}, "
                             "which wireguard.sh cannot keep (one /32 per peer): give it one address on the VPN host "
                             "first")

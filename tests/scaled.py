@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from tools.diagram import SCALED
 from tools.offline import Plan, SecretValue, evaluate
 
 ONE_AGENT = ("agent-1,t3.medium,172.31.14.120",)
@@ -27,6 +28,5 @@ def rds() -> Plan:
 
 @lru_cache(maxsize=None)
 def scaled(stack: str) -> Plan:
-    """The scaled estate the second diagram shows: one agent, both stages' databases on RDS."""
-    prod = {**RDS, "katforge:k3sAgents": list(ONE_AGENT)}
-    return evaluate("prod", prod) if stack == "prod" else evaluate("qa", {"katforge:database": "rds"}, prod_config=prod)
+    """The scaled estate the second diagram shows (tools/diagram.py SCALED): one agent, both stages on RDS."""
+    return evaluate(stack, SCALED[stack], prod_config=SCALED["prod"] if stack != "prod" else None)

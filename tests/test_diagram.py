@@ -117,3 +117,39 @@ def test_graphviz_renders_both_formats_with_the_digest(tmp_path, plans):
     svg, png = diagram.render(source, tmp_path)
     assert png.read_bytes().startswith(b"\x89PNG")
     assert diagram.committed_digest(svg.read_text()) == diagram.digest(diagram.dot_source(plans))
+
+
+# --- the scaled estate: docs/estate-scaled.* ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scaled_plans():
+    from tests import scaled
+
+    return [json.loads(scaled.scaled(stack).to_json()) for stack in ("prod", "qa")]
+
+
+def test_the_committed_scaled_diagram_is_generated_from_todays_plans(scaled_plans):
+    svg = ROOT / "docs" / "estate-scaled.svg"
+    assert svg.exists() and (ROOT / "docs" / "estate-scaled.png").exists(), "run make diagram"
+    assert diagram.committed_digest(svg.read_text()) == diagram.digest(diagram.dot_source(scaled_plans)), \
+        "docs/estate-scaled.svg is older than the program: run make diagram and commit docs/estate*"
+
+
+def test_the_scaled_diagram_shows_the_agent_joined_to_the_host_and_the_apps_on_rds(scaled_plans):
+    source = diagram.dot_source(scaled_plans)
+    nodes = {node: label.replace("\\n", "\n").split("\n") for node, label in NODE.findall(source)}
+    edges = [(tail, head, label.replace("\\n", " ")) for tail, head, label in EDGE.findall(source)]
+    (agent,) = titled(nodes, "host agent-1")
+    (k3s_host,) = titled(nodes, "host k3s")
+    (rds,) = titled(nodes, "RDS PostgreSQL 16")
+    assert {"database katforge (prod)", "database katforge_qa (qa)"} <= set(nodes[rds])
+    joined = " ".join(label for tail, head, label in edges if (tail, head) == (agent, k3s_host))
+    assert all(port in joined for port in ("k3s API", "flannel VXLAN", "kubelet"))
+    assert any((tail, head) == (k3s_host, agent) for tail, head, _ in edges)  # the host reaches the agent
+    assert {tail for tail, head, _ in edges if head == rds} >= {agent, k3s_host}  # RDS admits the nodes
+    for deployment in resources(scaled_plans, "kubernetes:apps/v1:Deployment"):
+        for app in titled(nodes, deployment["inputs"]["metadata"]["name"]):
+            assert any((tail, head) == (app, rds) and label.startswith("SQL") for tail, head, label in edges)
+    # The default picture has neither.
+    default = diagram.dot_source([json.loads(evaluate_cached(s).to_json()) for s in ("prod", "qa")])
+    assert "host agent-1" not in default and "RDS PostgreSQL" not in default

@@ -6,6 +6,9 @@ hosts and their Elastic IPs, the DNS names per zone, PostgreSQL and the backups 
 namespaces and apps in k3s. The arrows are the traffic paths: the security group rules (who may reach
 which host on which port), the DNS answers, Traefik's routes and the apps' network policies. A
 resource of a known type shows up as soon as the program declares it.
+
+The second picture, docs/estate-scaled.svg and .png, is the scaled estate of the README's "When one
+host is not enough" (`SCALED`: one k3s agent, both stages' databases on RDS), drawn the same way.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from infra.settings import STAGES
-from tools.offline import KNOWN_AFTER_DEPLOY, ROOT, evaluate
+from tools.offline import KNOWN_AFTER_DEPLOY, ROOT, SecretValue, evaluate
 
 DOCS = ROOT / "docs"
 STACKS = tuple(STAGES)
@@ -37,6 +40,8 @@ EIP_ASSOCIATION = "aws:ec2/eipAssociation:EipAssociation"
 RECORD = "aws:route53/record:Record"
 INGRESS_RULE = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
 BUCKET = "aws:s3/bucket:Bucket"
+RDS_INSTANCE = "aws:rds/instance:Instance"
+RDS_DATABASE = "katforge:database:RdsStageDatabase"
 SES_IDENTITY = "aws:ses/domainIdentity:DomainIdentity"
 NAMESPACES = ("kubernetes:core/v1:Namespace", "kubernetes:core/v1:NamespacePatch")
 DEPLOYMENT = "kubernetes:apps/v1:Deployment"
@@ -51,7 +56,8 @@ STAGE_DATABASE = "katforge:bootstrap:StageDatabase"
 REMOTE_COMMAND = "command:remote:Command"
 
 PORTS = {("tcp", 22): "SSH", ("tcp", 80): "HTTP", ("tcp", 443): "HTTPS", ("tcp", 587): "SMTP",
-         ("tcp", 5432): "PostgreSQL", ("tcp", 6443): "k3s API", ("udp", 51820): "WireGuard"}
+         ("tcp", 5432): "PostgreSQL", ("tcp", 6443): "k3s API", ("udp", 51820): "WireGuard",
+         ("udp", 8472): "flannel VXLAN", ("tcp", 10250): "kubelet"}
 ANYWHERE = "0.0.0.0/0"
 # A port open to the whole internet serves site visitors, except the VPN's, which serves operators.
 OPERATOR_PORTS = {("udp", 51820)}
@@ -69,6 +75,10 @@ STYLE = {  # by kind of box
     "data": {"shape": "cylinder", "fillcolor": "#f0e6ff"},
 }
 OPERATORS_LABEL = "Operators\nWireGuard clients, kubectl"
+# The scaled estate of the second picture: each stack's config on top of its committed one.
+SCALED = {"prod": {"katforge:k3sAgents": ["agent-1,t3.medium,172.31.14.120"], "katforge:database": "rds",
+                   "katforge:rdsMasterPassword": SecretValue("diagram-rds-master-password")},
+          "qa": {"katforge:database": "rds"}}
 
 
 def node_id(key: str) -> str:
@@ -228,15 +238,22 @@ class Drawing:
         self.postgres_host = self.host_serving(POSTGRES)
         self.k3s_host = self.host_serving(K3S_API)
         self.postgres = None
+        self.rds = None
         self.apps: dict[str, str] = {}  # deployment urn -> node
         self.ses = None
 
     # A host's security groups are among what its instance depends on; a rule's parent is its group.
     def host_with_group(self, group_urn: str) -> Optional[str]:
-        return next((urn for urn, i in self.hosts.items() if group_urn in i["options"]["depends_on"]), None)
+        return next(iter(self.hosts_with_group(group_urn)), None)
+
+    def hosts_with_group(self, group_urn: str) -> list[str]:
+        """Every host in the group: the k3s agents share one."""
+        return [urn for urn, i in self.hosts.items() if group_urn in i["options"]["depends_on"]]
 
     def host_serving(self, port: tuple[str, int]) -> Optional[str]:
-        return next((self.host_with_group(r["parent"]) for r in self.rules if port_of(r["inputs"]) == port), None)
+        """The host a rule of that port opens (RDS's group has no host)."""
+        return next((host for r in self.rules if port_of(r["inputs"]) == port
+                     for host in [self.host_with_group(r["parent"])] if host), None)
 
     def host_box(self, host_urn: Optional[str]) -> tuple:
         return self.vpc + (host_urn,) if host_urn else self.aws
@@ -264,34 +281,50 @@ class Drawing:
                          for name in script_values(self.estate.descendants(component), "PG_DATABASE")]
             label = "\n".join(["PostgreSQL (native)", f"{ip}:5432", *(f"database {d}" for d in databases)])
             self.postgres = self.graph.node("postgresql", label, "data", self.host_box(self.postgres_host))
+        for instance in self.estate.of(RDS_INSTANCE):
+            inputs = instance["inputs"]
+            databases = [f"{name} ({stack_of(component)})" for component in self.estate.of(RDS_DATABASE)
+                         for name in script_values(self.estate.descendants(component), "PG_DATABASE")]
+            label = "\n".join([f"RDS PostgreSQL {inputs.get('engineVersion', '')}", inputs.get("instanceClass", ""),
+                               "private, encrypted, backed up", *(f"database {d}" for d in databases)])
+            self.rds = self.graph.node(instance["urn"], label, "data", self.vpc)
 
     def draw_security_rules(self) -> None:
         """Who may reach which host on which port: the traffic paths into the VPC."""
         for rule in self.rules:
-            target = self.host_with_group(rule["parent"])
-            if target is None:
-                continue
-            port, cidr = port_of(rule["inputs"]), rule["inputs"].get("cidrIpv4", "")
-            head = self.postgres if port == POSTGRES and self.postgres else node_id(target)
-            address = cidr.removesuffix("/32")
-            source_group = next((g for g in rule["options"]["depends_on"]
-                                 if g != rule["parent"] and self.host_with_group(g)), None)
-            # Another host's group or Elastic IP (an address known after deploy), or its address: the VPN,
-            # NATing its clients.
-            source_eip = next((self.host_of_eip[e["urn"]] for e in self.estate.depends_on(rule, EIP)
-                               if e["urn"] in self.host_of_eip), None)
-            if source_group or source_eip or address in self.host_of_ip:
-                source = (self.host_with_group(source_group) if source_group else source_eip
-                          or self.host_of_ip[address])
-                self.graph.edge(node_id(source), head, port_name(port), note="VPN clients")
-            elif cidr == ANYWHERE:
-                tail = self.operators() if port in OPERATOR_PORTS else self.internet
-                eip = self.eip_of.get(target)
-                self.graph.edge(tail, node_id(eip["urn"]) if eip else head, port_name(port))
-            elif ipaddress.ip_network(cidr).is_private:
-                self.graph.annotate(head, f"{port_name(port)} open to {cidr}")
-            else:
-                self.graph.edge(self.operators(), head, port_name(port), note=cidr)
+            targets = self.hosts_with_group(rule["parent"])
+            if not targets and self.rds:  # RDS's group: the nodes it admits
+                for group in rule["options"]["depends_on"]:
+                    for source in self.hosts_with_group(group) if group != rule["parent"] else ():
+                        self.graph.edge(node_id(source), self.rds, port_name(port_of(rule["inputs"])))
+            for target in targets:
+                self.draw_rule(rule, target)
+
+    def draw_rule(self, rule: dict, target: str) -> None:
+        port, cidr = port_of(rule["inputs"]), rule["inputs"].get("cidrIpv4", "")
+        head = self.postgres if port == POSTGRES and self.postgres else node_id(target)
+        address = cidr.removesuffix("/32")
+        groups = [g for g in rule["options"]["depends_on"] if self.hosts_with_group(g)]
+        if not cidr and groups == [rule["parent"]]:
+            return  # from its own group: between the agents, which share it
+        source_group = next((g for g in groups if g != rule["parent"]), None)
+        # Another host's group or Elastic IP (an address known after deploy), or its address: the VPN,
+        # NATing its clients; or another node of k3s.
+        source_eip = next((self.host_of_eip[e["urn"]] for e in self.estate.depends_on(rule, EIP)
+                           if e["urn"] in self.host_of_eip), None)
+        if source_group or source_eip or address in self.host_of_ip:
+            source = (self.host_with_group(source_group) if source_group else source_eip
+                      or self.host_of_ip[address])
+            vpn = source == self.host_serving(("udp", 51820))
+            self.graph.edge(node_id(source), head, port_name(port), note="VPN clients" if vpn else "")
+        elif cidr == ANYWHERE:
+            tail = self.operators() if port in OPERATOR_PORTS else self.internet
+            eip = self.eip_of.get(target)
+            self.graph.edge(tail, node_id(eip["urn"]) if eip else head, port_name(port))
+        elif ipaddress.ip_network(cidr).is_private:
+            self.graph.annotate(head, f"{port_name(port)} open to {cidr}")
+        else:
+            self.graph.edge(self.operators(), head, port_name(port), note=cidr)
 
     def operators(self) -> str:
         return self.graph.node("operators", OPERATORS_LABEL, "external")
@@ -325,10 +358,14 @@ class Drawing:
                 graph.edge(me, self.ses, "verifies", "dotted")
 
     def draw_cluster(self) -> None:
-        """k3s on the host that serves its API: Traefik's routes into the namespaces' apps."""
+        """k3s on the host that serves its API: Traefik's routes into the namespaces' apps. With agents the
+        cluster spans the nodes, and is drawn beside them in the VPC."""
         estate, graph = self.estate, self.graph
         version = script_values(estate.resources, "K3S_VERSION")
-        k3s = graph.cluster(self.host_box(self.k3s_host) + ("k3s",), " ".join(["k3s", *version[:1]]))
+        agents = [i["name"] for i in estate.of(INSTANCE) if i["inputs"].get("tags", {}).get("Role") == "k3s-agent"]
+        where = (self.vpc if agents else self.host_box(self.k3s_host)) + ("k3s",)
+        nodes = f" (nodes: k3s, {', '.join(agents)})" if agents else ""
+        k3s = graph.cluster(where, " ".join(["k3s", *version[:1]]) + nodes)
 
         def namespace_box(name: str) -> tuple:
             stacks = sorted({stack_of(r) for r in estate.resources if metadata(r).get("namespace") == name})
@@ -389,8 +426,13 @@ class Drawing:
                 for egress in spec.get("egress", []):
                     ports = {(p.get("protocol", "TCP").lower(), p.get("port")) for p in egress.get("ports", [])}
                     cidrs = [peer["ipBlock"]["cidr"] for peer in egress.get("to", []) if "ipBlock" in peer]
-                    if POSTGRES in ports and self.postgres:
+                    on_host = self.postgres and (not self.rds or self.host_of_ip.get(cidrs[0].removesuffix("/32")))
+                    if POSTGRES in ports and on_host:
                         self.graph.edge(self.apps[app["urn"]], self.postgres, " ".join(["SQL", *databases]))
+                    elif POSTGRES in ports and self.rds:  # the VPC's port 5432: RDS, whose address moves
+                        databases = script_values(self.estate.descendants(
+                            self.estate.component_of(app, RDS_DATABASE)), "PG_DATABASE")
+                        self.graph.edge(self.apps[app["urn"]], self.rds, " ".join(["SQL", *databases]))
                     elif SMTP in ports and self.ses:
                         self.graph.edge(self.apps[app["urn"]], self.ses, "SMTP")
                     elif ANYWHERE in cidrs:
@@ -440,11 +482,17 @@ def current_plans() -> list[dict]:
     return [json.loads(evaluate(stack).to_json()) for stack in STACKS]
 
 
-def render(source: str, directory: Path = DOCS) -> list[Path]:
+def scaled_plans() -> list[dict]:
+    """The plans of SCALED: qa's reads prod's outputs, so it is evaluated with prod's scaled config."""
+    return [json.loads(evaluate(stack, SCALED[stack], prod_config=SCALED["prod"] if stack != "prod" else None)
+                       .to_json()) for stack in STACKS]
+
+
+def render(source: str, directory: Path = DOCS, name: str = "estate") -> list[Path]:
     directory.mkdir(exist_ok=True)
     written = []
     for fmt in ("svg", "png"):
-        path = directory / f"estate.{fmt}"
+        path = directory / f"{name}.{fmt}"
         subprocess.run(["dot", f"-T{fmt}", "-o", str(path)], input=source.encode(), check=True)
         written.append(path)
     return written
@@ -454,17 +502,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("plans", nargs="*", type=Path, help="plan JSON files (default: evaluate prod and qa)")
     parser.add_argument("--dot", action="store_true", help="print the DOT source instead of rendering it")
+    parser.add_argument("--scaled", action="store_true", help="with --dot: the scaled estate's")
     args = parser.parse_args(argv)
     if not args.dot and shutil.which("dot") is None:
         print(INSTALL_HINT, file=sys.stderr)
         return 1
-    plans = [json.loads(path.read_text()) for path in args.plans] if args.plans else current_plans()
-    source = with_digest(dot_source(plans))
-    if args.dot:
-        sys.stdout.write(source)
-        return 0
-    for path in render(source):
-        print(f"wrote {path.relative_to(ROOT)}")
+    if args.plans:
+        pictures = {"estate": [json.loads(path.read_text()) for path in args.plans]}
+    elif args.dot:
+        pictures = {"estate": scaled_plans() if args.scaled else current_plans()}
+    else:  # make diagram: the estate as committed, and scaled
+        pictures = {"estate": current_plans(), "estate-scaled": scaled_plans()}
+    for name, plans in pictures.items():
+        source = with_digest(dot_source(plans))
+        if args.dot:
+            sys.stdout.write(source)
+            continue
+        for path in render(source, name=name):
+            print(f"wrote {path.relative_to(ROOT)}")
     return 0
 
 

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.fake_hosts import K3S_VERSION, WG_ADDRESS
+from tests.fake_hosts import K3S_VERSION, WG_ADDRESS, wg_keypair
 from tools import discover_hosts
 from tools.discover_targets import targets
 
@@ -151,6 +151,43 @@ def test_the_scripts_send_no_secret_over_the_wire(role, sshd, fake_hosts):
     assert error is None and lines
     text = "\n".join("\t".join(line) for line in lines)
     assert not [value for value in fake_hosts.planted if value in text]
+
+
+def test_secrets_spelled_otherwise_are_never_sent(sshd, fake_hosts, tmp_path):
+    # wg-quick reads keys and section names in any case, and k3s reads --datastore-endpoint (with its
+    # password) from K3S_DATASTORE_ENDPOINT: a file written so must not send them over the wire.
+    private, public = wg_keypair()
+    preshared = subprocess.run(["wg", "genpsk"], capture_output=True, text=True, check=True).stdout.strip()
+    peer = wg_keypair()[1]
+    wg_dir = tmp_path / "wireguard"
+    wg_dir.mkdir(mode=0o700)
+    (wg_dir / "wgl0.conf").write_text(f"""[interface]
+address = 10.98.0.1/24
+listenport = 51999
+privatekey = {private}
+
+[PEER]
+publickey = {peer}
+PRESHAREDKEY = {preshared}
+allowedips = 10.98.0.2/32
+""")
+    endpoint = "postgres://k3s:PLANTED-datastore-password@db.internal:5432/k3s"
+    env_file = tmp_path / "k3s.service.env"
+    env_file.write_text(f"K3S_DATASTORE_ENDPOINT='{endpoint}'\n")
+    ssh = ssh_of(sshd, fake_hosts, WG_DIR=str(wg_dir), WG_INTERFACE="wgl0", WG_NETNS="", K3S_ENV_FILE=str(env_file))
+    sent = {}
+    for role in ("vpn", "k3s"):
+        lines, error = discover_hosts.run(ssh, role, sshd.host)
+        assert error is None and lines
+        text = "\n".join("\t".join(line) for line in lines)
+        assert not [value for value in (private, preshared, "PLANTED-datastore-password") if value in text]
+        sent[role] = lines
+    wg = discover_hosts.vpn_facts(sent["vpn"], [])["wireguard"]
+    assert (wg["config"]["address"], wg["config"]["listenPort"]) == ("10.98.0.1/24", 51999)
+    assert wg["privateKey"]["where"] == "inline" and wg["publicKey"] == public
+    assert [(p["publicKey"], p["allowedIps"], p["presharedKey"]) for p in wg["peers"]] == [(peer, "10.98.0.2/32", True)]
+    k3s = discover_hosts.k3s_facts(sent["k3s"], targets("prod"), [])["k3s"]
+    assert k3s["env"] == {str(env_file): {"K3S_DATASTORE_ENDPOINT": "[redacted]"}}
 
 
 def test_an_unreachable_host_is_an_error_not_a_crash(sshd, fake_hosts, prod_targets):

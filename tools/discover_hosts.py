@@ -178,13 +178,15 @@ def vpn_facts(lines: list[list[str]], secrets: list[dict]) -> dict:
         elif kind == "ip-forward":
             wg["ipForward"] = f[0] == "1"
 
-    interface = next((s for s in sections.values() if s["section"] == "Interface"), {"settings": []})
-    settings = dict(interface["settings"])
-    post_up = [v for k, v in interface["settings"] if k == "PostUp"]
-    wg["config"].update(address=settings.get("Address"),
-                        listenPort=int(settings["ListenPort"]) if settings.get("ListenPort", "").isdigit() else None,
+    # wg and wg-quick read section names and keys in any case.
+    interface = next((s for s in sections.values() if (s["section"] or "").lower() == "interface"),
+                     {"settings": []})
+    settings = {key.lower(): value for key, value in interface["settings"]}
+    post_up = [v for k, v in interface["settings"] if k.lower() == "postup"]
+    wg["config"].update(address=settings.get("address"),
+                        listenPort=int(settings["listenport"]) if settings.get("listenport", "").isdigit() else None,
                         postUp=post_up)
-    inline = "PrivateKey" in settings
+    inline = "privatekey" in settings
     pointed = [v.split("private-key", 1)[1].split()[0] for v in post_up if "private-key" in v]
     wg["privateKey"] = ({"where": "inline", "path": wg["config"].get("path")} if inline else
                         {"where": "file", "path": pointed[0].replace("%i", wg.get("interface", ""))} if pointed else
@@ -197,13 +199,13 @@ def vpn_facts(lines: list[list[str]], secrets: list[dict]) -> dict:
 
     peers: dict[str, dict] = {}
     for section in sections.values():
-        if section["section"] != "Peer":
+        if (section["section"] or "").lower() != "peer":
             continue
-        values = dict(section["settings"])
-        key = values.get("PublicKey")
+        values = {key.lower(): value for key, value in section["settings"]}
+        key = values.get("publickey")
         if key:
-            peers[key] = {"publicKey": key, "allowedIps": values.get("AllowedIPs", ""),
-                          "name": section["comment"] or None, "presharedKey": "PresharedKey" in values,
+            peers[key] = {"publicKey": key, "allowedIps": values.get("allowedips", ""),
+                          "name": section["comment"] or None, "presharedKey": "presharedkey" in values,
                           "in": ["config"]}
     for key, ips in running_peers.items():
         peer = peers.setdefault(key, {"publicKey": key, "allowedIps": ips, "name": None, "presharedKey": None,

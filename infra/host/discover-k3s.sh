@@ -22,8 +22,9 @@ set -uo pipefail
 
 REDACTED='[redacted]'
 # Names of settings whose value is a secret: k3s flags and config keys (--token, --agent-token,
-# --datastore-endpoint with its password, --etcd-s3-secret-key...) and environment variables.
-secret_name='(token|secret|passw|key|credential|datastore-endpoint|proxy)'
+# --datastore-endpoint with its password, --etcd-s3-secret-key...) and environment variables
+# (K3S_DATASTORE_ENDPOINT...).
+secret_name='(token|secret|passw|key|credential|datastore[-_]endpoint|proxy)'
 
 emit() { local IFS=$'\t'; printf '%s\n' "$*"; }
 is_secret() { [[ ${1,,} =~ $secret_name ]]; }

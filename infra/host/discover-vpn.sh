@@ -9,8 +9,9 @@
 # WG_NETNS      the network namespace the interface lives in; default the host's own
 #
 # Runs as root (the configuration is root's alone). Changes nothing. Prints one fact a line,
-# "<kind><TAB><field>...". Never a private or preshared key: their lines print as [redacted], and the
-# running interface is asked only for public values (never `wg show ... private-key` or `dump`).
+# "<kind><TAB><field>...". Never a private or preshared key: their lines print as [redacted], in any case
+# (wg and wg-quick read keys and section names in any case), and the running interface is asked only for
+# public values (never `wg show ... private-key` or `dump`).
 set -uo pipefail
 
 REDACTED='[redacted]'
@@ -36,12 +37,13 @@ main() {
                           printf "wg-conf-section\t%d\t%s\t%s\n", section, name, comment; comment = ""; next }
       /=/ { key = $0; sub(/[[:space:]]*=.*/, "", key); gsub(/[[:space:]]/, "", key)
             value = $0; sub(/^[^=]*=[[:space:]]*/, "", value); sub(/[[:space:]]+$/, "", value)
-            if (key == "PrivateKey" || key == "PresharedKey") value = redacted
+            if (tolower(key) == "privatekey" || tolower(key) == "presharedkey") value = redacted
             printf "wg-conf-setting\t%d\t%s\t%s\n", section, key, value }
       { comment = "" }' "$conf"
     # The server's public key from the file's own key, to compare with what clients know.
-    inline_key=$(awk '/^\[/ { s = $0 } s == "[Interface]" && /^[[:space:]]*PrivateKey[[:space:]]*=/ {
-      sub(/^[^=]*=[[:space:]]*/, ""); sub(/[[:space:]]+$/, ""); print; exit }' "$conf")
+    inline_key=$(awk '/^[[:space:]]*\[/ { s = tolower($0); gsub(/[[:space:]]/, "", s) }
+      s == "[interface]" && tolower($0) ~ /^[[:space:]]*privatekey[[:space:]]*=/ {
+        sub(/^[^=]*=[[:space:]]*/, ""); sub(/[[:space:]]*(#.*)?$/, ""); print; exit }' "$conf")
     if [[ -n $inline_key ]]; then
       emit wg-conf-public-key "$(wg pubkey <<<"$inline_key" 2>/dev/null || echo -)"
     fi

@@ -5,6 +5,7 @@ backup. They run at once, each within a deadline, and one that does not answer i
 from __future__ import annotations
 
 import datetime
+import json
 import re
 import socket
 import ssl
@@ -217,18 +218,36 @@ def _size(count: int) -> str:
     raise AssertionError
 
 
-def newest_backup(bucket: str, prefix: str, region: str, now: datetime.datetime,
-                  timeout: float = TIMEOUT_SECONDS) -> Probe:
-    """The newest dump under the stage's prefix, with the operator's AWS credentials (AWS_PROFILE or the
-    environment; AWS_ENDPOINT_URL is honoured by boto3 itself)."""
+def _from_s3(read: Callable, url: str, facts: dict, region: str, timeout: float,
+             absent: Optional[Callable[[], Probe]] = None):
+    """`read(s3)`, with the operator's AWS credentials (AWS_PROFILE or the environment; AWS_ENDPOINT_URL is
+    honoured by boto3 itself), within `timeout`; its failure as the check's Probe, about `url`. An absent
+    key is `absent()`, where the check has a word for it."""
     import boto3
     import botocore.config
     import botocore.exceptions
 
-    facts = {"bucket": bucket, "prefix": prefix}
     config = botocore.config.Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1})
     try:
-        s3 = boto3.session.Session().client("s3", region_name=region, config=config)
+        return read(boto3.session.Session().client("s3", region_name=region, config=config))
+    except botocore.exceptions.NoCredentialsError:
+        return Probe("error", "no AWS credentials: set AWS_PROFILE (or the AWS_* variables) to an identity with "
+                              "the katforge-backup-restore policy", facts)
+    except botocore.exceptions.ClientError as error:
+        detail = error.response.get("Error", {})
+        if absent and detail.get("Code") in ("NoSuchKey", "404"):
+            return absent()
+        return Probe("error", f"{url}: {detail.get('Code')}: {detail.get('Message')}", facts)
+    except (botocore.exceptions.BotoCoreError, OSError) as error:
+        return Probe("unreachable", f"{url}: {error}", facts)
+
+
+def newest_backup(bucket: str, prefix: str, region: str, now: datetime.datetime,
+                  timeout: float = TIMEOUT_SECONDS) -> Probe:
+    """The newest complete dump under the stage's prefix."""
+    facts = {"bucket": bucket, "prefix": prefix}
+
+    def listing(s3) -> tuple[dict, set]:
         dumps, manifests = {}, set()
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
@@ -237,14 +256,12 @@ def newest_backup(bucket: str, prefix: str, region: str, now: datetime.datetime,
                     dumps[match["at"]] = obj
                 elif match:
                     manifests.add(match["at"])
-    except botocore.exceptions.NoCredentialsError:
-        return Probe("error", "no AWS credentials: set AWS_PROFILE (or the AWS_* variables) to an identity with "
-                              "the katforge-backup-restore policy", facts)
-    except botocore.exceptions.ClientError as error:
-        detail = error.response.get("Error", {})
-        return Probe("error", f"s3://{bucket}: {detail.get('Code')}: {detail.get('Message')}", facts)
-    except (botocore.exceptions.BotoCoreError, OSError) as error:
-        return Probe("unreachable", f"s3://{bucket}: {error}", facts)
+        return dumps, manifests
+
+    found = _from_s3(listing, f"s3://{bucket}", facts, region, timeout)
+    if isinstance(found, Probe):
+        return found
+    dumps, manifests = found
     complete = {at: obj for at, obj in dumps.items() if at in manifests}
     if not complete:
         return Probe("missing", f"no {'complete ' if dumps else ''}dump under s3://{bucket}/{prefix}", facts)
@@ -272,27 +289,15 @@ DRILL_WARN_DAYS = 35
 
 
 def last_drill(bucket: str, stage: str, region: str, now: datetime.datetime, timeout: float = TIMEOUT_SECONDS) -> Probe:
-    import json
-
-    import boto3
-    import botocore.config
-    import botocore.exceptions
-
     key = f"{stage}/drill/latest.json"
     facts = {"bucket": bucket, "key": key}
-    config = botocore.config.Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1})
+    result = _from_s3(lambda s3: s3.get_object(Bucket=bucket, Key=key)["Body"].read(), f"s3://{bucket}/{key}", facts,
+                      region, timeout, absent=lambda: Probe(
+                          "missing", f"no drill has run: s3://{bucket}/{key} is absent (make drill STAGE={stage})", facts))
+    if isinstance(result, Probe):
+        return result
     try:
-        s3 = boto3.session.Session().client("s3", region_name=region, config=config)
-        result = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-    except botocore.exceptions.NoCredentialsError:
-        return Probe("error", "no AWS credentials: set AWS_PROFILE (or the AWS_* variables)", facts)
-    except botocore.exceptions.ClientError as error:
-        detail = error.response.get("Error", {})
-        if detail.get("Code") in ("NoSuchKey", "404"):
-            return Probe("missing", f"no drill has run: s3://{bucket}/{key} is absent (make drill STAGE={stage})", facts)
-        return Probe("error", f"s3://{bucket}/{key}: {detail.get('Code')}: {detail.get('Message')}", facts)
-    except (botocore.exceptions.BotoCoreError, OSError) as error:
-        return Probe("unreachable", f"s3://{bucket}: {error}", facts)
+        result = json.loads(result)
     except ValueError as error:
         return Probe("error", f"s3://{bucket}/{key} is not JSON: {error}", facts)
     started = datetime.datetime.fromisoformat(str(result.get("started", "")).replace("Z", "+00:00"))

@@ -373,6 +373,24 @@ def test_backups_missing_or_unreadable(hearth, monkeypatch, backups, running_clu
         "error s3://hearth-no-such-bucket: NoSuchBucket:")
 
 
+def test_without_aws_credentials_both_bucket_checks_say_what_to_set(monkeypatch, tmp_path):
+    """The backup and the drill read the bucket alike (one client, one set of failures)."""
+    from hearth import probes
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+                 "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.setenv(name, str(tmp_path / "absent"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing is sent unsigned, but if it were: here
+    now = datetime.datetime.now(datetime.timezone.utc)
+    checks = [probes.newest_backup(BUCKET, "prod/katforge/", "us-east-2", now, 1),
+              probes.last_drill(BUCKET, "prod", "us-east-2", now, 1)]
+    assert {(c.state, c.message) for c in checks} == {(
+        "error", "no AWS credentials: set AWS_PROFILE (or the AWS_* variables) to an identity with the "
+                 "katforge-backup-restore policy")}
+
+
 def test_memory_pressure_and_an_overcommitted_node(hearth, running_cluster):
     with running_cluster.kept():
         node = running_cluster.get("v1", "Node", "ip-172-31-14-98")

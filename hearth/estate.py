@@ -53,6 +53,10 @@ class Estate:
     def app(self, name: str) -> Optional[program.App]:
         return next((app for app in self.apps if app.name == name), None)
 
+    def declared_replicas(self, app: program.App) -> int:
+        """The replicas the program declares for the app: its own Deployment's (infra/apps.py, deployment())."""
+        return program.deployment(app, stage=self.stage.name, namespace=self.namespace, image_tag="")["spec"]["replicas"]
+
     def routes(self, app: program.App) -> list[str]:
         """The app's routes as the table writes them: host and path, a redirect with its target."""
         return [f"{r.host}{r.path if r.path != '/' else ''}" + (f" -> {r.redirect_to}" if r.redirect_to else "")

@@ -3,8 +3,9 @@
 Read-only. The checks beyond the cluster (certificates, DNS, the newest backup) start first and run
 while the cluster is read, each within its deadline. The report is one dict: `render_json` prints it
 (keys sorted, the schema in hearth/status.schema.json), `render_table` lays it out for people. It is
-healthy when every app has finished its rollout with every replica ready and no pod in trouble, and
-every check is `ok`.
+healthy when every app has finished its rollout with every replica ready and no pod in trouble, runs at
+least the replicas the program declares (a Deployment scaled to 0 has finished its rollout too, serving
+nothing), and every check is `ok`.
 """
 from __future__ import annotations
 
@@ -64,11 +65,12 @@ def _selects(app: program.App, pod: dict) -> bool:
 
 def app_report(app: program.App, estate: Estate, deployment: Optional[dict], sets: list[dict], pods: list[dict],
                now: datetime.datetime) -> dict:
-    routes = estate.routes(app)
+    routes, declared = estate.routes(app), estate.declared_replicas(app)
     if deployment is None:
         message = f"no Deployment {app.name} in namespace {estate.namespace}"
         return {"name": app.name, "state": "missing", "healthy": False, "image": None, "version": None,
-                "revision": None, "replicas": {"desired": 0, "ready": 0, "updated": 0, "available": 0},
+                "revision": None,
+                "replicas": {"desired": 0, "declared": declared, "ready": 0, "updated": 0, "available": 0},
                 "restarts": 0, "lastRollout": None, "lastRolloutAgeSeconds": None,
                 "rollout": {"state": "missing", "message": message}, "problems": [message], "routes": routes}
     spec, status = deployment["spec"], deployment.get("status") or {}
@@ -84,10 +86,17 @@ def app_report(app: program.App, estate: Estate, deployment: Optional[dict], set
         problems.insert(0, progress.message)
     if progress.done and ready < desired and not problems:
         problems.append(f"{ready} of {desired} replicas ready")
+    # Scaled down by hand, or by a restore that stopped the apps and never started them again.
+    scaled_down = desired < declared
+    if scaled_down:
+        problems.insert(0, f"scaled to {desired}, the program declares {declared}: "
+                           f"`kubectl -n {estate.namespace} scale deployment/{app.name} --replicas={declared}`")
     if progress.state == "failed":
         state = "failed"
     elif any("crash-looping" in p for p in problems):
         state = "crash-looping"
+    elif scaled_down:
+        state = "scaled-down"
     elif problems:
         state = "degraded"
     else:
@@ -96,8 +105,8 @@ def app_report(app: program.App, estate: Estate, deployment: Optional[dict], set
     return {
         "name": app.name, "state": state, "healthy": state == "ok", "image": image, "version": rollout.tag_of(image),
         "revision": rollout.revision(deployment),
-        "replicas": {"desired": desired, "ready": ready, "updated": status.get("updatedReplicas", 0),
-                     "available": status.get("availableReplicas", 0)},
+        "replicas": {"desired": desired, "declared": declared, "ready": ready,
+                     "updated": status.get("updatedReplicas", 0), "available": status.get("availableReplicas", 0)},
         "restarts": rollout.restarts(mine), "lastRollout": iso(last),
         "lastRolloutAgeSeconds": int((now - last).total_seconds()) if last else None,
         "rollout": {"state": progress.state, "message": progress.message}, "problems": problems, "routes": routes,

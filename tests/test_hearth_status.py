@@ -182,6 +182,44 @@ def test_a_failed_migration(hearth, running_cluster):
     assert report["problems"] == [f"api: {api['rollout']['message']}"]
 
 
+def scale_to_zero(api, namespace: str, app: str) -> None:
+    """What `kubectl scale --replicas=0` leaves (katforge-restore --stop-apps does it): the spec at 0, its
+    ReplicaSet at 0, no pod; the rollout complete, as far as the Deployment's status tells."""
+    deployment = api.get("apps/v1", "Deployment", app, namespace)
+    deployment["spec"]["replicas"] = 0
+    deployment["metadata"]["generation"] += 1
+    deployment["status"] = {"observedGeneration": deployment["metadata"]["generation"],
+                            "conditions": deployment["status"]["conditions"]}
+    api.add(deployment)
+    for (kind, ns, name), obj in list(api.objects.items()):
+        if ns == namespace and (obj["metadata"].get("labels") or {}).get("app") == app:
+            if kind.kind == "Pod":
+                api.remove("v1", "Pod", name, ns)
+            elif kind.kind == "ReplicaSet" and obj["spec"]["replicas"]:
+                obj = api.get("apps/v1", "ReplicaSet", name, ns)
+                obj["spec"]["replicas"], obj["status"] = 0, {"replicas": 0, "observedGeneration": 1}
+                api.add(obj)
+
+
+def test_an_app_scaled_to_zero_is_down(hearth, running_cluster):
+    """Left at 0 by a restore that stopped the apps and never started them, or by hand: the rollout is
+    complete and nothing serves."""
+    with running_cluster.kept():
+        scale_to_zero(running_cluster, "default", "stumper")
+        result = hearth("status")
+        report = json.loads(hearth("status", "--json").out)
+    assert result.code == 1
+    assert ("stumper  v1.4.2   0/0    0         2d ago      scaled-down  stumper.gg\n"
+            "    scaled to 0, the program declares 1: `kubectl -n default scale deployment/stumper --replicas=1`\n"
+            ) in result.out
+    assert result.out.endswith("\nunhealthy: stumper (scaled-down)\n")
+    jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text())).validate(report)
+    [stumper] = [a for a in report["apps"] if a["name"] == "stumper"]
+    assert stumper["replicas"] == {"desired": 0, "declared": 1, "ready": 0, "updated": 0, "available": 0}
+    assert report["problems"] == ["stumper: scaled to 0, the program declares 1: "
+                                  "`kubectl -n default scale deployment/stumper --replicas=1`"]
+
+
 def test_qa_is_its_namespace_its_names_and_its_dumps(hearth):
     result = hearth("status", "--qa")
     assert result.code == 1  # qa's newest dump is 50 h old
@@ -209,7 +247,7 @@ def test_json_is_the_documented_schema_and_stable(hearth):
     assert report["healthy"] is True and report["problems"] == []
     [api] = [a for a in report["apps"] if a["name"] == "api"]
     assert (api["version"], api["image"], api["revision"]) == ("v1.4.2", "ghcr.io/katforge/api.katforge.com:v1.4.2", 7)
-    assert api["replicas"] == {"desired": 1, "ready": 1, "updated": 1, "available": 1}
+    assert api["replicas"] == {"desired": 1, "declared": 1, "ready": 1, "updated": 1, "available": 1}
     assert report["backup"]["sizeBytes"] == 1536 and report["backup"]["ageSeconds"] == 5 * 3600
     assert {c["name"]: c["daysLeft"] for c in report["certificates"]} == dict.fromkeys(
         ["api.katforge.com", "katforge.com", "stumper.gg", "www.katforge.com"], 60)

@@ -9,7 +9,9 @@ it. No long-lived AWS key is stored in GitHub.
 
 The deploy role may change the estate and nothing else (infra/policies.py `deploy_policy`): it cannot
 give itself or anything it creates more than the boundary, cannot lift the boundary, and cannot change
-itself. Changes to these roles or to the boundary are therefore applied by an operator's `pulumi up`.
+itself. Changes to these roles or to the boundary are therefore applied by an operator's `pulumi up`, as
+are new roles, trust policies, roles handed to instances, managed policies' versions and the bucket policy
+and public access block (infra/policies.py `guard_statements`, OperatorsOnly).
 
 The provider (one per URL in an account) and the roles have account-unique names: live ones are
 imported (`katforge:imports`). The roles' inline policies get names of Pulumi's own, so they never meet

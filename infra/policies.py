@@ -59,10 +59,12 @@ def ses_send_policy(identity_arn: str, configuration_set_arn: str, from_addresse
 # --- The CI roles' permissions (infra/pipeline.py) ------------------------------------------------
 # What `pulumi up` may touch is the estate and nothing else: EC2 objects carrying the estate's tag,
 # the records of the estate's domains, the SES identity, the estate's buckets and the state bucket,
-# and IAM objects of the estate's names. Every role and user the deploy role creates or changes must
-# carry the permissions boundary, and the boundary is the most any of them can ever do: it holds the
-# deploy role's own grants plus what the estate's workloads need, and the same guards. So nothing the
-# deploy role makes can do more than the estate needs, and it cannot lift the boundary or change itself.
+# and IAM objects of the estate's names. Every user the deploy role creates and every role and user it
+# grants to must carry the permissions boundary, and the boundary is the most any of them can ever do: it
+# holds the deploy role's own grants plus what the estate's workloads need, and the same guards. So
+# nothing the deploy role makes can do more than the estate needs, and it cannot lift the boundary or
+# change itself. What could leak or plant a dump or widen another identity stays an operator's
+# (guard_statements' OperatorsOnly).
 ESTATE_TAG = ("Project", "katforge")  # on every instance, address, security group, rule and root volume
 BOUNDARY_POLICY = "katforge-permissions-boundary"
 DEPLOY_ROLE = "katforge-github-deploy"
@@ -153,8 +155,7 @@ def _ec2_statements(scope: EstateScope) -> list[dict]:
          "Condition": {"StringEquals": {"ec2:Owner": UBUNTU_OWNER}}},
         {"Sid": "Ec2ManageTagged", "Effect": "Allow",
          "Action": ["ec2:ModifyInstanceAttribute", "ec2:ModifyInstanceMetadataOptions", "ec2:StartInstances",
-                    "ec2:StopInstances", "ec2:AssociateIamInstanceProfile",
-                    "ec2:ReplaceIamInstanceProfileAssociation", "ec2:AssociateAddress", "ec2:DisassociateAddress",
+                    "ec2:StopInstances", "ec2:AssociateAddress", "ec2:DisassociateAddress",
                     "ec2:AuthorizeSecurityGroupIngress", "ec2:AuthorizeSecurityGroupEgress",
                     "ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress", "ec2:ModifySecurityGroupRules",
                     "ec2:UpdateSecurityGroupRuleDescriptionsIngress", "ec2:UpdateSecurityGroupRuleDescriptionsEgress",
@@ -197,12 +198,12 @@ def _s3_statements(scope: EstateScope) -> list[dict]:
     buckets = [f"arn:aws:s3:::{bucket}" for bucket in scope.buckets]
     state = f"arn:aws:s3:::{scope.state_bucket}"
     return [
-        # The buckets' settings only (their ARNs name no object): never a dump.
+        # The buckets' settings only (their ARNs name no object): never a dump. Not the policy nor the
+        # public access block (OperatorsOnly).
         {"Sid": "EstateBuckets", "Effect": "Allow",
          "Action": ["s3:CreateBucket", "s3:ListBucket", "s3:GetBucket*", "s3:GetAccelerateConfiguration",
                     "s3:GetLifecycleConfiguration", "s3:GetReplicationConfiguration", "s3:GetEncryptionConfiguration",
-                    "s3:PutBucketVersioning", "s3:PutEncryptionConfiguration", "s3:PutBucketPublicAccessBlock",
-                    "s3:PutBucketPolicy", "s3:DeleteBucketPolicy", "s3:PutLifecycleConfiguration",
+                    "s3:PutBucketVersioning", "s3:PutEncryptionConfiguration", "s3:PutLifecycleConfiguration",
                     "s3:PutBucketTagging"],
          "Resource": buckets},
         {"Sid": "StateBucket", "Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetBucketLocation"],
@@ -222,9 +223,10 @@ def _iam_statements(scope: EstateScope) -> list[dict]:
     return [
         {"Sid": "IamRead", "Effect": "Allow", "Action": ["iam:Get*", "iam:List*"],
          "Resource": [roles, *users, policies, profiles, provider]},
-        # Every grant to a role or user, and every role or user made, comes with the boundary.
+        # Every grant to a role or user, and every user made, comes with the boundary (roles are made
+        # by operators: OperatorsOnly).
         {"Sid": "IamGrantWithinBoundary", "Effect": "Allow",
-         "Action": ["iam:CreateRole", "iam:CreateUser", "iam:PutRolePermissionsBoundary",
+         "Action": ["iam:CreateUser", "iam:PutRolePermissionsBoundary",
                     "iam:PutUserPermissionsBoundary", "iam:PutRolePolicy", "iam:PutUserPolicy",
                     "iam:DeleteRolePolicy", "iam:DeleteUserPolicy", "iam:DetachRolePolicy", "iam:DetachUserPolicy"],
          "Resource": [roles, *users], "Condition": boundary},
@@ -234,19 +236,15 @@ def _iam_statements(scope: EstateScope) -> list[dict]:
          "Resource": [roles, *users],
          "Condition": {"ArnLike": {**boundary["ArnLike"], "iam:PolicyARN": ["arn:aws:iam::aws:policy/ReadOnlyAccess", policies]}}},
         {"Sid": "IamManage", "Effect": "Allow",
-         "Action": ["iam:UpdateRole", "iam:UpdateRoleDescription", "iam:UpdateAssumeRolePolicy", "iam:DeleteRole",
+         "Action": ["iam:UpdateRole", "iam:UpdateRoleDescription", "iam:DeleteRole",
                     "iam:TagRole", "iam:UntagRole", "iam:TagUser", "iam:UntagUser", "iam:UpdateAccessKey",
-                    "iam:DeleteAccessKey", "iam:CreatePolicy", "iam:CreatePolicyVersion", "iam:DeletePolicyVersion",
-                    "iam:SetDefaultPolicyVersion", "iam:DeletePolicy", "iam:TagPolicy", "iam:UntagPolicy",
-                    "iam:CreateInstanceProfile", "iam:DeleteInstanceProfile", "iam:AddRoleToInstanceProfile",
+                    "iam:DeleteAccessKey", "iam:CreatePolicy", "iam:DeletePolicy", "iam:TagPolicy", "iam:UntagPolicy",
+                    "iam:CreateInstanceProfile", "iam:DeleteInstanceProfile",
                     "iam:RemoveRoleFromInstanceProfile", "iam:TagInstanceProfile", "iam:UntagInstanceProfile",
                     "iam:CreateOpenIDConnectProvider", "iam:AddClientIDToOpenIDConnectProvider",
                     "iam:RemoveClientIDFromOpenIDConnectProvider", "iam:UpdateOpenIDConnectProviderThumbprint",
                     "iam:TagOpenIDConnectProvider", "iam:UntagOpenIDConnectProvider"],
          "Resource": [roles, *users, policies, profiles, provider]},
-        # The k3s host's instance profile: an estate role, handed to EC2 only.
-        {"Sid": "IamPassToEc2", "Effect": "Allow", "Action": "iam:PassRole", "Resource": roles,
-         "Condition": {"StringEquals": {"iam:PassedToService": "ec2.amazonaws.com"}}},
     ]
 
 
@@ -256,9 +254,7 @@ def guard_statements(scope: EstateScope) -> list[dict]:
     return [
         {"Sid": "KeepTheBoundary", "Effect": "Deny",
          "Action": ["iam:DeleteRolePermissionsBoundary", "iam:DeleteUserPermissionsBoundary"], "Resource": "*"},
-        {"Sid": "BoundaryIsFixed", "Effect": "Deny",
-         "Action": ["iam:CreatePolicyVersion", "iam:DeletePolicy", "iam:DeletePolicyVersion",
-                    "iam:SetDefaultPolicyVersion", "iam:TagPolicy", "iam:UntagPolicy"],
+        {"Sid": "BoundaryIsFixed", "Effect": "Deny", "Action": ["iam:DeletePolicy", "iam:TagPolicy", "iam:UntagPolicy"],
          "Resource": scope.boundary_arn},
         # The CI roles change only by an operator's hand: the deploy role could otherwise widen its own
         # grants, or the preview role's trust and grants, which pull requests use.
@@ -267,6 +263,21 @@ def guard_statements(scope: EstateScope) -> list[dict]:
         # No other identity's credentials: no role chaining (a trust policy naming this role would
         # otherwise suffice within the account) and no new access keys (operators rotate them).
         {"Sid": "NoOtherIdentities", "Effect": "Deny", "Action": ["sts:AssumeRole", "iam:CreateAccessKey"],
+         "Resource": "*"},
+        # An operator's `pulumi up` only (README, "Setting up CI"), for any bounded identity, as each could
+        # otherwise leak or plant a dump or widen an identity the boundary does not hold:
+        # - a bucket's policy, public access block and ACLs: a Principal "*" grant makes every dump public;
+        # - who may become a role: a new role (it could take the backup writer's name and its dumps) or a
+        #   changed trust policy (the writer's; a hand-made katforge-* role without the boundary);
+        # - handing a role to an instance (RunInstances with an instance profile and its own user data,
+        #   an association; each needs iam:PassRole) or to an instance profile;
+        # - a managed policy's versions: operators, unbounded, attach katforge-backup-restore.
+        {"Sid": "OperatorsOnly", "Effect": "Deny",
+         "Action": ["s3:PutBucketPolicy", "s3:DeleteBucketPolicy", "s3:PutBucketPublicAccessBlock", "s3:Put*Acl",
+                    "s3:PutBucketOwnershipControls", "iam:CreateRole", "iam:UpdateAssumeRolePolicy", "iam:PassRole",
+                    "iam:AddRoleToInstanceProfile", "ec2:AssociateIamInstanceProfile",
+                    "ec2:ReplaceIamInstanceProfileAssociation", "iam:CreatePolicyVersion",
+                    "iam:DeletePolicyVersion", "iam:SetDefaultPolicyVersion"],
          "Resource": "*"},
         # The dumps are the backup writer's alone: the k3s host adds them and reads them back (the HEAD
         # after a lost upload answer, the drill, `sudo katforge-restore`); operators restore with a policy
@@ -339,9 +350,8 @@ def boundary_policy(scope: EstateScope) -> str:
         deploy["IamGrantWithinBoundary"], deploy["IamAttachKnownPolicies"],
         {"Sid": "IamManage", "Effect": "Allow",
          "Action": ["iam:Update*", "iam:Tag*", "iam:Untag*", "iam:Delete*", "iam:CreatePolicy*",
-                    "iam:SetDefaultPolicyVersion", "iam:*InstanceProfile*", "iam:*OpenIDConnectProvider*"],
+                    "iam:*InstanceProfile*", "iam:*OpenIDConnectProvider*"],
          "Resource": iam},
-        deploy["IamPassToEc2"],
         *guard_statements(scope),
     )
     # Without statement IDs: the limit leaves no room for them (the Sids above name each in this code).

@@ -81,9 +81,12 @@ ACCEPTED = {
     ("katforge-github-deploy-policy", "IamRead", "RESOURCE_MISMATCH"):
         "iam:Get*/List* also name account-wide reads, which these resources leave out on purpose",
     ("katforge-github-deploy-policy", "EstateBuckets", "RESOURCE_POLICY_PRIVILEGE_ESCALATION"):
-        "a bucket policy it writes cannot give it the dumps: NoDatabaseDumps denies them "
+        "s3:PutLifecycleConfiguration (the bucket's expiry rules) could expire dumps: destroying, not reading or "
+        "planting one; the bucket policy that could hand it the dumps is an operator's (OperatorsOnly), and "
+        "NoDatabaseDumps denies them whatever a bucket policy says "
         "(test_a_bucket_policy_cannot_hand_the_deploy_role_the_dumps)",
-    ("permissions-boundary", "s3:*", "RESOURCE_POLICY_PRIVILEGE_ESCALATION"): "the same, through the boundary's guard",
+    ("permissions-boundary", "s3:*", "RESOURCE_POLICY_PRIVILEGE_ESCALATION"):
+        "the boundary's OperatorsOnly denies every bounded identity the bucket policy, and NoDatabaseDumps the dumps",
     **{("permissions-boundary", first, "RESOURCE_MISMATCH"): "the boundary is a ceiling in service-wide actions over "
        "the estate's resources: each action applies where its resource type is listed"
        for first in ("ec2:*", "ses:*", "s3:*", "iam:Update*")},
@@ -178,16 +181,15 @@ def ec2(kind: str, name: str) -> str:
 WITH_BOUNDARY = {"iam:PermissionsBoundary": BOUNDARY}
 # What `pulumi up` does, each allowed: the controls that show every denial below is the policy's doing.
 ESTATE_WORK = [
-    ("iam:CreateRole", role("katforge-new"), WITH_BOUNDARY),
     ("iam:CreateUser", f"arn:aws:iam::{ACCOUNT}:user/ses-sender", WITH_BOUNDARY),
+    ("iam:UpdateRoleDescription", role("katforge-backup-writer"), {}),
     ("iam:PutRolePolicy", role("katforge-backup-writer"), WITH_BOUNDARY),
     ("iam:PutRolePermissionsBoundary", role("katforge-backup-writer"), WITH_BOUNDARY),
     ("iam:AttachRolePolicy", role("katforge-backup-writer"),
      {**WITH_BOUNDARY, "iam:PolicyARN": f"arn:aws:iam::{ACCOUNT}:policy/katforge-backup-restore"}),
     ("iam:DetachUserPolicy", f"arn:aws:iam::{ACCOUNT}:user/traefik-dns-challenge",
      {**WITH_BOUNDARY, "iam:PolicyARN": "arn:aws:iam::aws:policy/AmazonRoute53FullAccess"}),
-    ("iam:PassRole", role("katforge-backup-writer"), {"iam:PassedToService": "ec2.amazonaws.com"}),
-    ("iam:CreatePolicyVersion", f"arn:aws:iam::{ACCOUNT}:policy/katforge-backup-restore", {}),
+    ("iam:CreatePolicy", f"arn:aws:iam::{ACCOUNT}:policy/katforge-new", {}),
     ("ec2:ModifyInstanceAttribute", ec2("instance", "i-0abc12345def67890"), TAGGED),
     ("ec2:AuthorizeSecurityGroupIngress", ec2("security-group", "sg-0abc"), TAGGED),
     ("ec2:RunInstances", ec2("instance", "*"), {"aws:RequestTag/Project": "katforge"}),
@@ -196,7 +198,7 @@ ESTATE_WORK = [
     ("route53:ChangeResourceRecordSets", "arn:aws:route53:::hostedzone/Z0292557263L1FJT7JXXS",
      {"route53:ChangeResourceRecordSetsNormalizedRecordNames": ["qa.katforge.com", "_acme-challenge.stumper.gg"]}),
     ("ses:VerifyDomainDkim", "*", {"aws:RequestedRegion": REGION}),
-    ("s3:PutBucketPolicy", f"arn:aws:s3:::{BACKUPS}", {}),
+    ("s3:PutBucketVersioning", f"arn:aws:s3:::{BACKUPS}", {}),
     ("s3:PutObject", f"arn:aws:s3:::{STATE}/.pulumi/stacks/katforge/prod.json", {}),
 ]
 
@@ -232,6 +234,27 @@ ESCALATIONS = [
     ("sts:AssumeRole", role("katforge-backup-writer"), {}),
     ("iam:CreateAccessKey", f"arn:aws:iam::{ACCOUNT}:user/ses-sender", {}),
     ("iam:PassRole", role("katforge-backup-writer"), {"iam:PassedToService": "lambda.amazonaws.com"}),
+    # Only an operator's `pulumi up` (README, "Setting up CI"): what would leak or plant a dump or widen
+    # another identity. A public bucket: its policy and public access block, and ACLs.
+    *((action, f"arn:aws:s3:::{BACKUPS}", {}) for action in (
+        "s3:PutBucketPolicy", "s3:DeleteBucketPolicy", "s3:PutBucketPublicAccessBlock", "s3:PutBucketAcl",
+        "s3:PutBucketOwnershipControls")),
+    ("s3:PutObjectAcl", f"arn:aws:s3:::{BACKUPS}/prod/katforge/20270115T033000Z.dump", {}),
+    # Who may become a role: a new role (it could take the backup writer's name, and with it the dumps),
+    # a changed trust policy (the writer's, or a hand-made katforge role's without a boundary).
+    ("iam:CreateRole", role("katforge-new"), WITH_BOUNDARY),
+    ("iam:CreateRole", role("katforge-backup-writer"), WITH_BOUNDARY),
+    ("iam:UpdateAssumeRolePolicy", role("katforge-backup-writer"), {}),
+    ("iam:UpdateAssumeRolePolicy", role("katforge-handmade-admin"), {}),
+    # A role handed to an instance whose user data CI chose (RunInstances with an instance profile needs
+    # iam:PassRole), or to an instance profile.
+    ("iam:PassRole", role("katforge-backup-writer"), {"iam:PassedToService": "ec2.amazonaws.com"}),
+    ("iam:AddRoleToInstanceProfile", f"arn:aws:iam::{ACCOUNT}:instance-profile/katforge-k3s-host", {}),
+    ("ec2:AssociateIamInstanceProfile", ec2("instance", "i-0abc12345def67890"), TAGGED),
+    ("ec2:ReplaceIamInstanceProfileAssociation", ec2("instance", "i-0abc12345def67890"), TAGGED),
+    # A managed policy operators attach (no boundary on them): a new default version would be theirs.
+    *((action, f"arn:aws:iam::{ACCOUNT}:policy/katforge-backup-restore", {}) for action in (
+        "iam:CreatePolicyVersion", "iam:SetDefaultPolicyVersion", "iam:DeletePolicyVersion")),
 ]
 OUTSIDE_THE_ESTATE = [
     ("iam:PutRolePolicy", role("admin"), WITH_BOUNDARY),
@@ -508,13 +531,14 @@ WORK_BY_TYPE = {
     "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule": ("ec2:AuthorizeSecurityGroupEgress",
                                                                 ec2("security-group", "sg-0abc"), TAGGED),
     "aws:iam/accessKey:AccessKey": None,  # a new key's secret would be the deploy role's to read
-    "aws:iam/instanceProfile:InstanceProfile": ("iam:AddRoleToInstanceProfile",
-                                                f"arn:aws:iam::{ACCOUNT}:instance-profile/katforge-k3s-host", {}),
+    "aws:iam/instanceProfile:InstanceProfile": None,  # it hands a role to instances
     "aws:iam/openIdConnectProvider:OpenIdConnectProvider": (
         "iam:AddClientIDToOpenIDConnectProvider",
         f"arn:aws:iam::{ACCOUNT}:oidc-provider/token.actions.githubusercontent.com", {}),
-    "aws:iam/policy:Policy": ("iam:CreatePolicyVersion", f"arn:aws:iam::{ACCOUNT}:policy/katforge-backup-restore", {}),
-    "aws:iam/role:Role": ("iam:UpdateAssumeRolePolicy", role("katforge-backup-writer"), {}),
+    # A new managed policy; a changed one (a new version) is an operator's.
+    "aws:iam/policy:Policy": ("iam:CreatePolicy", f"arn:aws:iam::{ACCOUNT}:policy/katforge-new", {}),
+    # Its description and tags; a new role or a changed trust policy is an operator's.
+    "aws:iam/role:Role": ("iam:UpdateRoleDescription", role("katforge-backup-writer"), {}),
     "aws:iam/rolePolicy:RolePolicy": ("iam:PutRolePolicy", role("katforge-backup-writer"), WITH_BOUNDARY),
     "aws:iam/rolePolicyAttachment:RolePolicyAttachment": (
         "iam:AttachRolePolicy", role("katforge-backup-writer"),
@@ -530,9 +554,8 @@ WORK_BY_TYPE = {
     "aws:s3/bucket:Bucket": ("s3:PutBucketTagging", f"arn:aws:s3:::{BACKUPS}", {}),
     "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration": ("s3:PutLifecycleConfiguration",
                                                                         f"arn:aws:s3:::{BACKUPS}", {}),
-    "aws:s3/bucketPolicy:BucketPolicy": ("s3:PutBucketPolicy", f"arn:aws:s3:::{BACKUPS}", {}),
-    "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock": ("s3:PutBucketPublicAccessBlock",
-                                                              f"arn:aws:s3:::{BACKUPS}", {}),
+    "aws:s3/bucketPolicy:BucketPolicy": None,  # what could make a dump public
+    "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock": None,
     "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration": (
         "s3:PutEncryptionConfiguration", f"arn:aws:s3:::{BACKUPS}", {}),
     "aws:s3/bucketVersioning:BucketVersioning": ("s3:PutBucketVersioning", f"arn:aws:s3:::{BACKUPS}", {}),
@@ -551,3 +574,15 @@ def test_the_deploy_role_can_do_its_work_on_every_aws_resource_type_of_the_plan(
         if work:
             action, resource, context = work
             assert allowed(deploy, action, resource, **context), type_
+
+
+def test_moto_refuses_the_deploy_role_the_backup_buckets_policy(moto):
+    """A real request: the bucket policy (a Principal "*" grant would make every dump public) is an operator's.
+    moto names the public access block's action s3:PutPublicAccessBlock, not IAM's
+    s3:PutBucketPublicAccessBlock, so that one rests on principalmapper (ESCALATIONS)."""
+    s3 = moto.client("s3", moto.deploy)
+    public = json.dumps({"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": "*", "Action": "s3:GetObject", "Resource": f"arn:aws:s3:::{BACKUPS}/*"}]})
+    assert denied(lambda: s3.put_bucket_policy(Bucket=BACKUPS, Policy=public))
+    assert denied(lambda: s3.delete_bucket_policy(Bucket=BACKUPS))
+    s3.put_bucket_tagging(Bucket=BACKUPS, Tagging={"TagSet": [{"Key": "Project", "Value": "katforge"}]})  # control

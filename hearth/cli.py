@@ -64,11 +64,15 @@ def parser() -> argparse.ArgumentParser:
     logs.add_argument("--since", type=_duration, default="10m", help="start this far back (default: %(default)s)")
     logs.add_argument("--no-follow", action="store_true", help="print what is there and leave")
     rollback = commands.add_parser("rollback", parents=[common], help="kubectl rollout undo: back to the previous ReplicaSet",
-                                   description="Then waits for the rollout like kubectl rollout status; a failed "
-                                               "migration exits 1 with its reason.")
+                                   description="Puts back the revision's whole pod template (shown, beyond the "
+                                               "images, before asking), then waits for the rollout like kubectl "
+                                               "rollout status; a failed migration exits 1 with its reason.")
     rollback.add_argument("app", metavar="APP")
     rollback.add_argument("--to-revision", type=int, default=0, metavar="N",
                           help="the revision to go back to (default: the previous one)")
+    rollback.add_argument("--image-only", action="store_true",
+                          help="set only the revision's images (as kubectl set image would), keeping the rest of the "
+                               "pod template: env, probes, resources, init containers, annotations")
     rollback.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     rollback.add_argument("--timeout", type=_duration, default="0", metavar="DURATION",
                           help="stop waiting after this long, e.g. 5m (default: 0, until the Deployment's progress "
@@ -116,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None, *, environ: Mapping[str, str] = o
                             err=stderr, color=_colored(stdout, environ))
         from hearth import rollback
         return rollback.run(cluster, estate, args.app, to_revision=args.to_revision, yes=args.yes, stdin=stdin,
-                            out=stdout, tty=stdout.isatty(), timeout=args.timeout)
+                            out=stdout, tty=stdout.isatty(), timeout=args.timeout, image_only=args.image_only)
     except HearthError as error:
         stderr.write(f"hearth: {' '.join(str(error).split())}\n")  # one line, whatever a library's message holds
         return error.code

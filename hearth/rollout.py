@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
+import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -139,6 +141,134 @@ def rollback_patch(deployment: dict, target: dict) -> list[dict]:
             {"op": "replace", "path": "/metadata/annotations", "value": {**kept, **taken}}]
 
 
+def image_patch(deployment: dict, target: dict, app: str) -> list[dict]:
+    """`--image-only`: the JSON patch that sets the target's images and nothing else, as `kubectl set image`
+    would. Each container takes the image of the target's container of its name; one the target lacks (the
+    migrate init container, before the program added it) takes the target's app image if it ran the
+    app's, as infra/apps.py has migrate run the release it migrates for. Each replace is guarded by a
+    test of what it replaces, so an image changed meanwhile (the pipeline shipping) fails the patch."""
+    template = deployment["spec"]["template"]
+    wanted = _images(target["spec"]["template"])
+    app_now, app_then = image_of(template, app), image_of(target["spec"]["template"], app)
+    operations = []
+    for field in ("initContainers", "containers"):
+        for index, container in enumerate((template.get("spec") or {}).get(field) or []):
+            image = wanted.get(container["name"]) or (app_then if container.get("image") == app_now else None)
+            if image and image != container.get("image"):
+                path = f"/spec/template/spec/{field}/{index}"
+                operations += [{"op": "test", "path": f"{path}/name", "value": container["name"]},
+                               {"op": "test", "path": f"{path}/image", "value": container.get("image")},
+                               {"op": "replace", "path": f"{path}/image", "value": image}]
+    return operations
+
+
+def _images(template: dict) -> dict[str, str]:
+    """Container name -> image, init containers included."""
+    spec = template.get("spec") or {}
+    return {c["name"]: c.get("image", "") for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])}
+
+
+def image_changes(before: dict, after: dict) -> list[str]:
+    """`container: from -> to` for each container whose image differs between two pod templates."""
+    old, new = _images(before), _images(after)
+    return [f"{name}: {old.get(name, '-')} -> {new.get(name, '-')}" for name in sorted(set(old) | set(new))
+            if name in old and name in new and old[name] != new[name]]
+
+
+# --- what a rollback changes beyond the images ----------------------------------------------------------
+# `rollout undo` puts back the whole pod template of the revision, and the Deployment's annotations as the
+# ReplicaSet recorded them. Env values are never shown (one may be a secret written inline): only names.
+
+PROBES = ("readinessProbe", "livenessProbe", "startupProbe")
+SHORT = 60  # characters of a value shown
+
+
+def _short(value) -> str:
+    if value in (None, "", [], {}):
+        return "none"
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), sort_keys=True)
+    if re.fullmatch(r"[0-9a-f]{40,}", text):  # a digest: its start tells them apart
+        return text[:12] + "…"
+    return text if len(text) <= SHORT else text[:SHORT - 1] + "…"
+
+
+def _probe(probe: Optional[dict]) -> str:
+    """A probe as its check: `httpGet /:http`, `tcpSocket :http`, `exec php -v`, or none."""
+    if not probe:
+        return "none"
+    for kind in ("httpGet", "tcpSocket", "grpc"):
+        if kind in probe:
+            check = probe[kind]
+            return f"{kind} {check.get('path', '')}:{check.get('port', '')}"
+    if "exec" in probe:
+        return "exec " + _short(" ".join((probe["exec"] or {}).get("command") or []))
+    return _short(probe)
+
+
+def _flat(value, prefix: str = "") -> dict[str, object]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: value} if prefix else {}
+
+
+def _mapping_changes(what: str, before: dict, after: dict) -> list[str]:
+    return [f"{what} {key}: {_short(before.get(key))} -> {_short(after.get(key))}"
+            for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+
+
+def _container_changes(before: dict, after: dict) -> list[str]:
+    changes = []
+    old_env = {e["name"]: e for e in before.get("env") or []}
+    new_env = {e["name"]: e for e in after.get("env") or []}
+    env = [f"{sign} {', '.join(names)}" for sign, names in (
+        ("+", [n for n in new_env if n not in old_env]), ("-", [n for n in old_env if n not in new_env]),
+        ("~", [n for n in new_env if n in old_env and new_env[n] != old_env[n]])) if names]
+    if env:
+        changes.append(f"env {'; '.join(env)}")
+    for probe in PROBES:
+        if before.get(probe) != after.get(probe):
+            old, new = _probe(before.get(probe)), _probe(after.get(probe))
+            changes.append(f"{probe} {old} -> {new}" if old != new else f"{probe} {new}: its timing changes")
+    resources = _flat(_pruned(before.get("resources") or {})), _flat(_pruned(after.get("resources") or {}))
+    if resources[0] != resources[1]:
+        changes.append("resources " + ", ".join(f"{key} {_short(resources[0].get(key))} -> {_short(resources[1].get(key))}"
+                                                for key in sorted(set(resources[0]) | set(resources[1]))
+                                                if resources[0].get(key) != resources[1].get(key)))
+    seen = {"name", "image", "env", "resources", *PROBES}
+    for key in sorted((set(before) | set(after)) - seen):
+        if before.get(key) != after.get(key):
+            changes.append(f"{key} {_short(before.get(key))} -> {_short(after.get(key))}")
+    return changes
+
+
+def undo_changes(deployment: dict, target: dict) -> list[str]:
+    """What `rollout undo` to `target` changes besides the images, one line each: the pod template's
+    annotations (katforge.com/secrets-sha256 among them) and labels, its containers (added, removed; per
+    container env names, probes, resources, anything else), the pod's other fields, and the Deployment's
+    own annotations, which the patch takes from the ReplicaSet."""
+    now, then = (_pruned(without_hash(t)) for t in (deployment["spec"]["template"], target["spec"]["template"]))
+    changes = []
+    for where in ("annotations", "labels"):
+        changes += _mapping_changes(f"pod {where[:-1]}", (now.get("metadata") or {}).get(where) or {},
+                                    (then.get("metadata") or {}).get(where) or {})
+    spec_now, spec_then = now.get("spec") or {}, then.get("spec") or {}
+    for field, kind in (("initContainers", "init container"), ("containers", "container")):
+        old = {c["name"]: c for c in spec_now.get(field) or []}
+        new = {c["name"]: c for c in spec_then.get(field) or []}
+        for name in [*old, *(n for n in new if n not in old)]:
+            if name not in new:
+                changes.append(f"{kind} {name}: removed")
+            elif name not in old:
+                changes.append(f"{kind} {name}: added")
+            else:
+                changes += [f"{kind} {name}: {change}" for change in _container_changes(old[name], new[name])]
+    changes += _mapping_changes("pod", {k: v for k, v in spec_now.items() if k not in ("initContainers", "containers")},
+                                {k: v for k, v in spec_then.items() if k not in ("initContainers", "containers")})
+    annotations = rollback_patch(deployment, target)[1]["value"]
+    changes += _mapping_changes("deployment annotation", deployment["metadata"].get("annotations") or {}, annotations)
+    return changes
+
+
 # --- rollout status ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -151,11 +281,16 @@ class Rollout:
         return self.state == "complete"
 
 
+def observed(deployment: dict) -> bool:
+    """The controller has seen the Deployment's spec as it is (its generation)."""
+    return deployment["metadata"].get("generation", 0) <= (deployment.get("status") or {}).get("observedGeneration", 0)
+
+
 def rollout(deployment: dict) -> Rollout:
     """kubectl's DeploymentStatusViewer.Status (rollout_status.go), as a state and its message."""
     name = deployment["metadata"]["name"]
     status = deployment.get("status") or {}
-    if deployment["metadata"].get("generation", 0) > status.get("observedGeneration", 0):
+    if not observed(deployment):
         return Rollout("progressing", "waiting for the deployment spec update to be observed")
     progressing = next((c for c in status.get("conditions") or [] if c.get("type") == "Progressing"), None)
     if progressing and progressing.get("reason") == DEADLINE_EXCEEDED:

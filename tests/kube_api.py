@@ -170,7 +170,8 @@ def _pointer(path: str) -> list[str]:
 
 
 def json_patch(document: dict, operations: list[dict]) -> dict:
-    """RFC 6902's add, remove and replace (what `kubectl rollout undo` sends), on a copy."""
+    """RFC 6902's add, remove, replace (what `kubectl rollout undo` sends) and test (which fails the whole
+    patch when a value is not what the client expected), on a copy."""
     document = copy.deepcopy(document)
     for op in operations:
         *parents, last = _pointer(op["path"])
@@ -185,6 +186,9 @@ def json_patch(document: dict, operations: list[dict]) -> dict:
                 del target[index]
             elif op["op"] == "replace":
                 target[index] = op["value"]
+            elif op["op"] == "test":
+                if target[index] != op["value"]:
+                    raise ValueError(f"test failed: {op['path']} is not {op['value']!r}")
             else:
                 raise ValueError(f"unsupported operation {op['op']!r}")
         elif op["op"] in ("add", "replace"):
@@ -193,6 +197,9 @@ def json_patch(document: dict, operations: list[dict]) -> dict:
             target[last] = op["value"]
         elif op["op"] == "remove":
             del target[last]
+        elif op["op"] == "test":
+            if last not in target or target[last] != op["value"]:
+                raise ValueError(f"test failed: {op['path']} is not {op['value']!r}")
         else:
             raise ValueError(f"unsupported operation {op['op']!r}")
     return document

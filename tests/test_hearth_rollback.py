@@ -2,6 +2,8 @@
 deployment controller then plays, and how each ending is told."""
 from __future__ import annotations
 
+import copy
+import hashlib
 import io
 import json
 import os
@@ -52,8 +54,8 @@ def test_back_to_the_previous_release_after_asking(hearth, running_cluster):
     ]
     assert "deployment api: successfully rolled out" in lines
     assert lines[-3:] == [
-        "Pulumi keeps this rollback: the Deployments' images are ignored by the program and applied client-side, so "
-        "the next `pulumi up` never sends a tag back (infra/bootstrap.py, kubernetes_providers).",
+        "Pulumi: only the images changed, and the program ignores them (infra/apps.py, IMAGE_FIELDS): "
+        "`pulumi up --refresh` keeps this rollback.",
         "The GitHub Release of v1.4.2 still says it is the latest: re-ship a fix, or edit that release in GitHub "
         "(mark it a draft, set the release of v1.4.1 as latest; the workflow re-fires).",
         "api runs v1.4.1"]
@@ -81,7 +83,7 @@ def test_a_failed_migration_fails_the_rollback_with_its_reason(hearth, running_c
                           "In AbstractPostgreSQLDriver.php line 79: An exception occurred in the driver: SQLSTATE[08006] "
                           "[7] connection to server at \"172.31.14.98\", port 5432 failed: FATAL: password "
                           "authentication failed for user \"katforge\"\n")
-    assert "Pulumi keeps this rollback" in result.out and "api runs" not in result.out
+    assert "Pulumi: only the images changed" in result.out and "api runs" not in result.out
 
 
 def test_a_crash_looping_release_fails_the_rollback_too(hearth, running_cluster):
@@ -90,6 +92,92 @@ def test_a_crash_looping_release_fails_the_rollback_too(hearth, running_cluster)
     assert result.code == 1
     assert result.err == ("hearth: the rollback of web to v1.4.1 failed: web is crash-looping: restarted 3 times, "
                           "last exit code 255 (Error)\n")
+
+
+def older_template(api, app: str = "api", revision: str = "6") -> dict:
+    """Make the ReplicaSet of `revision` one of a release whose template differed beyond its image, as an
+    older release's did (or the hand-made template before the program's first deployment): another
+    Secrets digest, an env variable since gone and the SMTP ones not yet there, no readiness probe, another
+    memory limit. Returns the Deployment as it is before the rollback."""
+    [rs] = [o for (k, ns, _), o in api.objects.items() if k.kind == "ReplicaSet" and ns == "default"
+            and o["metadata"]["labels"]["app"] == app and o["metadata"]["annotations"][rollout.REVISION] == revision]
+    rs = copy.deepcopy(rs)
+    template = rs["spec"]["template"]
+    template["metadata"]["annotations"]["katforge.com/secrets-sha256"] = "0f" * 32
+    [container] = template["spec"]["containers"]
+    container["env"] = [e for e in container["env"] if not e["name"].startswith(("SMTP_", "MAILER_"))] + [
+        {"name": "LEGACY_SESSIONS", "value": "1"}]
+    del container["readinessProbe"]
+    container["resources"]["limits"]["memory"] = "320Mi"
+    api.add(rs)
+    return deployment(api, app)
+
+
+TEMPLATE_CHANGES = [
+    "Revision 6 also differs from what runs here (the rollback puts these back too):",
+    f"  pod annotation katforge.com/secrets-sha256: {hashlib.sha256(b'prod-secrets').hexdigest()[:12]}… -> 0f0f0f0f0f0f…",
+    "  container api: env + LEGACY_SESSIONS; - SMTP_HOST, SMTP_PORT, SMTP_USERNAME, SMTP_PASSWORD, MAILER_DSN",
+    "  container api: readinessProbe tcpSocket :http -> none",
+    "  container api: resources limits.memory 256Mi -> 320Mi",
+    "warning: revision 6 differs from what runs in more than its images (above): the rollback puts back its whole pod "
+    "template, as kubectl rollout undo does, and Pulumi does not put the program's back until a `pulumi up --refresh`. "
+    "To roll back the images only: hearth rollback api --image-only",
+]
+
+
+def test_a_revision_that_differs_beyond_its_images_is_shown_whole_and_warned_of(hearth, running_cluster):
+    """kubectl rollout undo puts back the whole template: every difference is shown before asking, and the
+    note after says what Pulumi will and will not put back."""
+    older_template(running_cluster)
+    result = hearth("rollback", "api", stdin="y\n")
+    assert (result.code, result.err) == (0, "")
+    lines = result.out.splitlines()
+    assert lines[3:3 + len(TEMPLATE_CHANGES)] == TEMPLATE_CHANGES
+    assert lines[3 + len(TEMPLATE_CHANGES)].startswith("Roll api back to v1.4.1? [y/N] api rolled back to the template")
+    assert lines[-3] == (
+        "Pulumi: the images are the ship pipeline's, but the rest of the pod template is the program's, and a "
+        "`pulumi up` without --refresh compares the program with what Pulumi last recorded, not with the live "
+        "Deployment: the differences above stay (`pulumi preview --refresh` shows them). `pulumi up --refresh` (or "
+        "`pulumi refresh`, then `pulumi up`) reads the live Deployment first and patches the program's template back "
+        "over it, keeping this image: the app then rolls out once more.")
+    [container] = deployment(running_cluster)["spec"]["template"]["spec"]["containers"]
+    assert "readinessProbe" not in container and container["env"][-1]["name"] == "LEGACY_SESSIONS"
+
+
+def test_image_only_sets_the_revisions_images_and_keeps_the_template(hearth, running_cluster):
+    before = older_template(running_cluster)
+    requests = len(patches(running_cluster))
+    result = hearth("rollback", "api", "--image-only", stdin="y\n")
+    assert (result.code, result.err) == (0, "")
+    lines = result.out.splitlines()
+    assert lines[:4] == [
+        "api in prod (namespace default): v1.4.2 (revision 7) -> v1.4.1 (the images of revision 6; the template stays)",
+        "  api: ghcr.io/katforge/api.katforge.com:v1.4.2 -> ghcr.io/katforge/api.katforge.com:v1.4.1",
+        "  migrate: ghcr.io/katforge/api.katforge.com:v1.4.2 -> ghcr.io/katforge/api.katforge.com:v1.4.1",
+        "Roll api back to v1.4.1? [y/N] api rolled back to the images of revision 6",
+    ]
+    assert lines[-3:-1] == ["Pulumi: only the images changed, and the program ignores them (infra/apps.py, "
+                            "IMAGE_FIELDS): `pulumi up --refresh` keeps this rollback.",
+                            RELEASE_NOTE_4_2]
+    assert lines[-1] == "api runs v1.4.1"
+    assert len(patches(running_cluster)) == requests + 1
+    after = deployment(running_cluster)
+    template = copy.deepcopy(before["spec"]["template"])
+    for container in template["spec"]["containers"] + template["spec"]["initContainers"]:
+        container["image"] = "ghcr.io/katforge/api.katforge.com:v1.4.1"
+    assert after["spec"]["template"] == template  # the images, and nothing else
+    assert after["metadata"]["annotations"][rollout.REVISION] == "8"  # a new ReplicaSet: a template never run
+
+
+def test_image_only_watches_the_new_replica_set_for_a_failed_migration(hearth, running_cluster):
+    running_cluster.controller.outcomes[("default", "api")] = "migrate-failed"
+    result = hearth("rollback", "api", "--image-only", "--yes")
+    assert result.code == 1
+    assert result.err.startswith("hearth: the rollback of api to v1.4.1 failed: migrate failed 4 times, exit code 1")
+
+
+RELEASE_NOTE_4_2 = ("The GitHub Release of v1.4.2 still says it is the latest: re-ship a fix, or edit that release in "
+                    "GitHub (mark it a draft, set the release of v1.4.1 as latest; the workflow re-fires).")
 
 
 @pytest.mark.parametrize("answer", ["n\n", "", "yes please\n"])

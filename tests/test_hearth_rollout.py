@@ -10,7 +10,8 @@ import datetime
 import pytest
 
 from hearth import rollout
-from tests.kube_api import (MIGRATION_ERROR, TEMPLATE_HASH, app_objects, json_patch, pod, replica_set, with_status)
+from tests.kube_api import (MIGRATION_ERROR, TEMPLATE_HASH, _deployment, app_objects, json_patch, pod, replica_set,
+                            with_status)
 
 NOW = datetime.datetime(2025, 6, 3, 12, 0, tzinfo=datetime.timezone.utc)
 
@@ -94,6 +95,64 @@ def test_the_patch_is_kubectls():
     assert annotations["kubernetes.io/change-cause"] == "kubectl set image api=v1.4.1"
     assert "deployment.kubernetes.io/desired-replicas" not in annotations  # the ReplicaSet's own, skipped
     assert rollout.same_template(target["spec"]["template"], deployment["spec"]["template"]) is False
+
+
+def adopted_history(app: str = "api") -> tuple[dict, list[dict]]:
+    """Right after the program's first deployment: the previous revision is the hand-made template the
+    operators left (tests/kube_api.py's live estate, an inline secret added), the current one the program's."""
+    deployment, sets = history(app, tags=("v1.4.2", "v1.4.2"))
+    handmade = _deployment("default", app)["spec"]["template"]
+    handmade["spec"]["containers"][0]["env"].append({"name": "APP_SECRET", "value": "PLANTED-inline-secret"})
+    old = sets[0]
+    old["spec"]["template"] = {**handmade, "metadata": {"labels": {
+        **handmade["metadata"]["labels"], TEMPLATE_HASH: old["spec"]["template"]["metadata"]["labels"][TEMPLATE_HASH]}}}
+    old["metadata"]["annotations"] = {rollout.REVISION: old["metadata"]["annotations"][rollout.REVISION]}  # no others
+    return deployment, sets
+
+
+def test_what_an_undo_brings_back_beyond_the_images():
+    """Undoing the program's first deployment goes back to the hand-made template: every difference is
+    named, values never shown (an env value may be a secret)."""
+    deployment, sets = adopted_history()
+    changes = rollout.undo_changes(deployment, rollout.rollback_target(deployment, sets))
+    assert changes[:5] == [
+        "pod annotation katforge.com/secrets-sha256: " + deployment["spec"]["template"]["metadata"]["annotations"][
+            "katforge.com/secrets-sha256"][:12] + "… -> none",
+        "pod label app.kubernetes.io/name: api -> none",
+        "pod label app.kubernetes.io/part-of: katforge -> none",
+        "init container migrate: removed",
+        "container api: env + APP_SECRET; - APP_ENV, SMTP_HOST, SMTP_PORT, SMTP_USERNAME, SMTP_PASSWORD, MAILER_DSN; "
+        "~ DATABASE_URL",
+    ]
+    assert {"container api: readinessProbe tcpSocket :http -> none", "container api: livenessProbe tcpSocket :http -> none",
+            "container api: resources limits.cpu 1 -> none, limits.memory 256Mi -> none, requests.cpu 100m -> none, "
+            "requests.memory 160Mi -> none",
+            'pod securityContext: {"seccompProfile":{"type":"RuntimeDefault"}} -> none'} <= set(changes)
+    assert [c.split(":")[0] for c in changes if c.startswith("deployment annotation")] == [
+        f"deployment annotation checkov.io/skip{n}" for n in range(1, 8)]  # the patch takes the ReplicaSet's
+    assert not any("PLANTED" in line for line in changes)
+    same = history()
+    assert rollout.undo_changes(same[0], rollout.rollback_target(*same)) == []  # a release that changed only its images
+
+
+def test_image_only_patches_the_images_and_fails_on_one_changed_meanwhile():
+    deployment, sets = adopted_history()
+    target = rollout.rollback_target(deployment, sets)
+    target["spec"]["template"]["spec"]["containers"][0]["image"] = "ghcr.io/katforge/api.katforge.com:v1.4.1"
+    patch = rollout.image_patch(deployment, target, "api")
+    patched = json_patch(deployment, patch)
+    images = {c["name"]: c["image"] for c in patched["spec"]["template"]["spec"]["initContainers"]
+              + patched["spec"]["template"]["spec"]["containers"]}
+    # migrate, which the hand-made template did not have, follows the app's image
+    assert images == dict.fromkeys(["migrate", "api"], "ghcr.io/katforge/api.katforge.com:v1.4.1")
+    for container in patched["spec"]["template"]["spec"]["initContainers"] + patched["spec"]["template"]["spec"]["containers"]:
+        container["image"] = "ghcr.io/katforge/api.katforge.com:v1.4.2"
+    assert patched == deployment  # nothing else
+    shipped = copy.deepcopy(deployment)
+    shipped["spec"]["template"]["spec"]["containers"][0]["image"] = "ghcr.io/katforge/api.katforge.com:v1.4.3"
+    with pytest.raises(ValueError, match="test failed: /spec/template/spec/containers/0/image"):
+        json_patch(shipped, patch)  # the pipeline shipped between hearth's read and its patch
+    assert rollout.image_patch(json_patch(deployment, patch), target, "api") == []  # there already
 
 
 def test_the_current_template_is_recognised_whatever_the_hash():

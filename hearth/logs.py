@@ -9,7 +9,7 @@ stdout.
 
 A stream the API server refuses (a pod gone, a node's kubelet down) is a notice, and the others go on; a
 connection to the API server that breaks off, a stream's or the watch's, ends the command with that one
-line (exit 2): on the estate's one node the API server and the kubelet are one k3s process.
+line (exit 2) rather than leave it following some pods and silently not others.
 """
 from __future__ import annotations
 

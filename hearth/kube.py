@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import queue
-from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional
 
 import httpx2

@@ -161,7 +161,8 @@ def run(cluster: Cluster, estate: Estate, app: str, *, to_revision: int, yes: bo
     out.write(f"{stage}: {bad} (revision {now_revision}) -> {good} (" + (
         f"the images of revision {to_revision_found}; the template stays" if image_only else
         f"revision {to_revision_found}") + ")\n")
-    out.writelines(f"  {line}\n" for line in rollout.image_changes(template, then))
+    out.writelines(f"  {line}\n" for line in rollout.image_changes(rollout.images(template), (
+        rollout.images_only(deployment, target, app) if image_only else rollout.images(then))))
     qa = " --qa" if estate.stage.name == "qa" else ""
     if changes:
         out.write(f"Revision {to_revision_found} also differs from what runs here (the rollback puts these back too):\n")

@@ -141,38 +141,41 @@ def rollback_patch(deployment: dict, target: dict) -> list[dict]:
             {"op": "replace", "path": "/metadata/annotations", "value": {**kept, **taken}}]
 
 
-def image_patch(deployment: dict, target: dict, app: str) -> list[dict]:
-    """`--image-only`: the JSON patch that sets the target's images and nothing else, as `kubectl set image`
-    would. Each container takes the image of the target's container of its name; one the target lacks (the
-    migrate init container, before the program added it) takes the target's app image if it ran the
-    app's, as infra/apps.py has migrate run the release it migrates for. Each replace is guarded by a
-    test of what it replaces, so an image changed meanwhile (the pipeline shipping) fails the patch."""
-    template = deployment["spec"]["template"]
-    wanted = _images(target["spec"]["template"])
-    app_now, app_then = image_of(template, app), image_of(target["spec"]["template"], app)
-    operations = []
-    for field in ("initContainers", "containers"):
-        for index, container in enumerate((template.get("spec") or {}).get(field) or []):
-            image = wanted.get(container["name"]) or (app_then if container.get("image") == app_now else None)
-            if image and image != container.get("image"):
-                path = f"/spec/template/spec/{field}/{index}"
-                operations += [{"op": "test", "path": f"{path}/name", "value": container["name"]},
-                               {"op": "test", "path": f"{path}/image", "value": container.get("image")},
-                               {"op": "replace", "path": f"{path}/image", "value": image}]
-    return operations
-
-
-def _images(template: dict) -> dict[str, str]:
+def images(template: dict) -> dict[str, str]:
     """Container name -> image, init containers included."""
     spec = template.get("spec") or {}
     return {c["name"]: c.get("image", "") for c in (spec.get("initContainers") or []) + (spec.get("containers") or [])}
 
 
-def image_changes(before: dict, after: dict) -> list[str]:
-    """`container: from -> to` for each container whose image differs between two pod templates."""
-    old, new = _images(before), _images(after)
-    return [f"{name}: {old.get(name, '-')} -> {new.get(name, '-')}" for name in sorted(set(old) | set(new))
-            if name in old and name in new and old[name] != new[name]]
+def images_only(deployment: dict, target: dict, app: str) -> dict[str, str]:
+    """`--image-only`: the image each container of the Deployment gets, as `kubectl set image` would set
+    the target's: the image of the target's container of its name; for one the target lacks (the migrate
+    init container, before the program added it), the target's app image if it ran the app's, as
+    infra/apps.py has migrate run the release it migrates for; otherwise its own."""
+    now, then = images(deployment["spec"]["template"]), images(target["spec"]["template"])
+    app_now, app_then = image_of(deployment["spec"]["template"], app), image_of(target["spec"]["template"], app)
+    return {name: then.get(name) or (app_then if image == app_now else image) for name, image in now.items()}
+
+
+def image_patch(deployment: dict, target: dict, app: str) -> list[dict]:
+    """The JSON patch that sets `images_only` and nothing else. Each replace is guarded by a test of what it
+    replaces, so an image changed meanwhile (the pipeline shipping) fails the patch."""
+    wanted = images_only(deployment, target, app)
+    operations = []
+    for field in ("initContainers", "containers"):
+        for index, container in enumerate((deployment["spec"]["template"].get("spec") or {}).get(field) or []):
+            if wanted[container["name"]] != container.get("image", ""):
+                path = f"/spec/template/spec/{field}/{index}"
+                operations += [{"op": "test", "path": f"{path}/name", "value": container["name"]},
+                               {"op": "test", "path": f"{path}/image", "value": container.get("image")},
+                               {"op": "replace", "path": f"{path}/image", "value": wanted[container["name"]]}]
+    return operations
+
+
+def image_changes(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    """`container: from -> to` for each container (in both) whose image differs."""
+    return [f"{name}: {before[name]} -> {after[name]}" for name in sorted(set(before) & set(after))
+            if before[name] != after[name]]
 
 
 # --- what a rollback changes beyond the images ----------------------------------------------------------

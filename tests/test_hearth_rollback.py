@@ -13,7 +13,7 @@ import pytest
 
 from hearth import rollout
 from hearth.cli import main
-from tests.kube_api import Reply, Reset, status
+from tests.kube_api import Reply, Reset, _deployment, status
 from tests.test_hearth_status import Result
 
 pytest_plugins = ["tests.kube_api"]
@@ -167,6 +167,35 @@ def test_image_only_sets_the_revisions_images_and_keeps_the_template(hearth, run
         container["image"] = "ghcr.io/katforge/api.katforge.com:v1.4.1"
     assert after["spec"]["template"] == template  # the images, and nothing else
     assert after["metadata"]["annotations"][rollout.REVISION] == "8"  # a new ReplicaSet: a template never run
+
+
+def test_right_after_adoption_the_previous_revision_is_the_hand_made_template(hearth, running_cluster):
+    """Revision 6 is the template the operators left (tests/kube_api.py's live estate): an undo would drop the
+    migrate init container, the probes and the program's env; --image-only goes back to its release alone."""
+    [rs] = [o for (k, ns, _), o in running_cluster.objects.items() if k.kind == "ReplicaSet" and ns == "default"
+            and o["metadata"]["labels"]["app"] == "api" and o["metadata"]["annotations"][rollout.REVISION] == "6"]
+    rs = copy.deepcopy(rs)
+    handmade = _deployment("default", "api")["spec"]["template"]
+    handmade["spec"]["containers"][0]["image"] = "ghcr.io/katforge/api.katforge.com:v1.4.1"
+    handmade["metadata"]["labels"][rollout.TEMPLATE_HASH] = rs["spec"]["template"]["metadata"]["labels"][rollout.TEMPLATE_HASH]
+    rs["spec"]["template"] = handmade
+    running_cluster.add(rs)
+    before = deployment(running_cluster)
+    asked = hearth("rollback", "api", stdin="n\n")
+    assert asked.code == 1 and deployment(running_cluster) == before
+    shown = asked.out.splitlines()
+    assert shown[:2] == ["api in prod (namespace default): v1.4.2 (revision 7) -> v1.4.1 (revision 6)",
+                         "  api: ghcr.io/katforge/api.katforge.com:v1.4.2 -> ghcr.io/katforge/api.katforge.com:v1.4.1"]
+    assert {"  init container migrate: removed", "  container api: readinessProbe tcpSocket :http -> none"} <= set(shown)
+    assert shown[-2].startswith("warning: revision 6 differs from what runs in more than its images")
+    result = hearth("rollback", "api", "--image-only", "--yes")
+    assert result.code == 0, result.err
+    assert result.out.splitlines()[1:3] == [
+        "  api: ghcr.io/katforge/api.katforge.com:v1.4.2 -> ghcr.io/katforge/api.katforge.com:v1.4.1",
+        "  migrate: ghcr.io/katforge/api.katforge.com:v1.4.2 -> ghcr.io/katforge/api.katforge.com:v1.4.1"]
+    template = deployment(running_cluster)["spec"]["template"]["spec"]
+    assert [(c["name"], c["image"].rsplit(":", 1)[1]) for c in template["initContainers"] + template["containers"]] == [
+        ("migrate", "v1.4.1"), ("api", "v1.4.1")]
 
 
 def test_image_only_watches_the_new_replica_set_for_a_failed_migration(hearth, running_cluster):

@@ -28,7 +28,7 @@ def test_every_source_is_read_into_one_file(adoption, live_account):
     run = adoption.runs[0]
     assert run.status == 0, run.stdout
     document = run.document
-    assert document["schema"] == 1 and document["stack"] == "prod"
+    assert document["schema"] == 2 and document["stack"] == "prod"
     assert {s: state["status"] for s, state in document["sources"].items()} == {
         "aws": "read", "cluster": "read", "hosts": "read"}
     made = live_account.made

@@ -50,11 +50,12 @@ def test_both_hosts_are_reached_over_ssh_as_the_given_user(found, sshd):
 def test_k3s_version_unit_flags_env_and_config(found, fake_hosts):
     k3s = found[0]["k3s"]["k3s"]
     assert k3s["version"] == K3S_VERSION
-    assert k3s["execStart"] == ["/usr/local/bin/k3s", "server", "--disable", "servicelb", "--token", "[redacted]",
-                                "--write-kubeconfig-mode", "644"]
-    assert k3s["unitEnvironment"] == {"K3S_DEBUG": "false", "K3S_AGENT_TOKEN": "[redacted]"}
     env_file = str(fake_hosts.root / "k3s.service.env")
-    assert k3s["unitEnvFiles"] == ["/etc/default/k3s", "/etc/sysconfig/k3s", env_file]
+    assert k3s["unitFiles"] == [{"path": str(fake_hosts.root / "k3s.service"), "settings": [
+        ["EnvironmentFile", "/etc/default/k3s"], ["EnvironmentFile", "/etc/sysconfig/k3s"], ["EnvironmentFile", env_file],
+        ["Environment", ["K3S_DEBUG", "false"]], ["Environment", ["K3S_AGENT_TOKEN", "[redacted]"]],
+        ["ExecStart", ["/usr/local/bin/k3s", "server", "--disable", "servicelb", "--token", "[redacted]",
+                       "--write-kubeconfig-mode", "644"]]]}]
     assert k3s["env"] == {env_file: {"K3S_TOKEN": "[redacted]", "K3S_KUBECONFIG_MODE": "644"}}
     assert k3s["config"]["settings"] == {"tls-san": ["k3s.katforge.com", "3.19.192.157"], "node-ip": "172.31.14.98",
                                          "token": "[redacted]"}

@@ -99,9 +99,11 @@ def test_after_discovery_only_what_the_runbook_does_on_the_hosts_is_left(adoptio
     written = stack_copy(tmp_path)
     written.write_bytes(adoption.written)
     report = assess(plans, written, adoption.runs[1].document)
-    assert [h.split(":")[0] for h in report.hazards] == [f"PostgreSQL role {fake_hosts.roles['md5']}", "PostgreSQL"]
+    assert [h.split(":")[0] for h in report.hazards] == [f"PostgreSQL role {fake_hosts.roles['md5']}", "PostgreSQL",
+                                                         "k3s host"]
     assert "\\password " + fake_hosts.roles["md5"] in report.hazards[0]
     assert "pulumi config set katforge:postgresAllowRestart true --stack prod" in report.hazards[1]
+    assert "pulumi config set katforge:k3sReplaceLiveFlags true" in report.hazards[2]
 
 
 def test_preflight_passes_after_discovery_and_the_runbook(adoption, capsys, tmp_path):
@@ -294,12 +296,53 @@ def test_postgresql_settings_that_need_a_restart_not_allowed(plans, stack, passi
 
 
 def test_secrets_encryption_on_in_config_and_off_live(plans, stack, passing):
-    only(assess(plans, setting(stack, k3sSecretsEncryption=True), passing[0]),
-         "k3s: the live cluster keeps Secrets unencrypted and katforge:k3sSecretsEncryption is true")
+    line = only(assess(plans, setting(stack, k3sSecretsEncryption=True), passing[0]),
+                "k3s host: k3s-install.sh refuses, so pulumi up stops there (after the AWS changes): k3s v1.34.6+k3s1 "
+                "runs without secrets encryption")
+    assert "pulumi config set katforge:k3sEncryptExistingSecrets true" in line
     # Either opt in to encrypting them, or keep what runs (discovery sets it).
     assert assess(plans, setting(stack, k3sEncryptExistingSecrets=True), passing[0]).hazards == []
     assert assess(plans, setting(stack, k3sEncryptExistingSecrets=False, k3sSecretsEncryption=False),
                   passing[0]).hazards == []
+
+
+def test_live_k3s_settings_that_config_yaml_sets_otherwise(plans, stack, passing):
+    # The live unit's command line and its env file give --write-kubeconfig-mode 644 (tests/fake_hosts.py),
+    # the program's config.yaml 0600: k3s-install.sh's own check refuses it, as on the host.
+    line = only(assess(plans, setting(stack, k3sReplaceLiveFlags=False), passing[0]), "k3s host: k3s-install.sh refuses")
+    assert "write-kubeconfig-mode: 644 on the live host, 0600 in config.yaml (from the live unit's command line)" in line
+    assert "pulumi config set katforge:k3sReplaceLiveFlags true" in line
+    assert not any(value in line for value in ("[redacted]", "katforge-preflight-"))
+    # Without the flag the env file's K3S_KUBECONFIG_MODE is the live value, refused alike.
+    document = copy.deepcopy(passing[0])
+    unit = document["hosts"]["k3s"]["k3s"]["unitFiles"][0]
+    for setting_ in unit["settings"]:
+        if setting_[0] == "ExecStart":
+            setting_[1] = [word for word in setting_[1] if word not in ("--write-kubeconfig-mode", "644")]
+    env_file = next(iter(document["hosts"]["k3s"]["k3s"]["env"]))
+    only(assess(plans, stack, document), f"write-kubeconfig-mode: 644 on the live host, 0600 in config.yaml (from "
+                                         f"K3S_KUBECONFIG_MODE in {env_file})")
+    assert assess(plans, setting(stack, k3sReplaceLiveFlags=True), passing[0]).hazards == []
+
+
+def test_a_live_k3s_flag_in_a_drop_in_is_refused_even_with_the_opt_in(plans, stack, passing):
+    document = copy.deepcopy(passing[0])
+    drop_in = "/etc/systemd/system/k3s.service.d/override.conf"
+    document["hosts"]["k3s"]["k3s"]["unitFiles"].append({"path": drop_in, "settings": [
+        ["ExecStart", []], ["ExecStart", ["/usr/local/bin/k3s", "server", "--node-ip", "10.0.0.5"]]]})
+    line = only(assess(plans, stack, document), "node-ip: 10.0.0.5 on the live host, 172.31.14.98 in config.yaml (from "
+                                                f"the ExecStart of {drop_in})")
+    assert "cannot be replaced" in line
+
+
+@pytest.mark.parametrize("live, message", [
+    ("v1.34.7+k3s1", "refusing to downgrade k3s from v1.34.7+k3s1 to v1.34.6+k3s1"),
+    ("v1.32.9+k3s1", "refusing to go from v1.32.9+k3s1 to v1.34.6+k3s1: Kubernetes upgrades one minor version at a time"),
+], ids=["downgrade", "two-minors"])
+def test_a_k3s_release_the_script_will_not_go_to(plans, stack, passing, live, message):
+    document = copy.deepcopy(passing[0])
+    document["hosts"]["k3s"]["k3s"]["version"] = live
+    only(assess(plans, stack, document), message)
 
 
 def test_a_wireguard_port_other_than_the_live_one(plans, stack, passing):

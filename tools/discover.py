@@ -5,7 +5,7 @@ Orchestrates the three sources (tools/discover_aws.py, discover_cluster.py, disc
 looking for the names tools/discover_targets.py takes from the stack's config and offline plan, and
 writes one deterministic JSON file: the same live estate gives the same bytes.
 
-The file (schema 1; keys sorted):
+The file (schema 2; keys sorted):
   sources   {aws|cluster|hosts: {"status": "read"|"skipped"|"error", "why"|"error": ...}}
   aws       region, account; instances.{k3s,vpn} (lookup, subnet, rootVolume, securityGroups.<sg>.ingress[],
             metadataOptions, elasticIp.association, ...); iam.{users,roles,instanceProfiles,policies,
@@ -35,7 +35,7 @@ from infra.settings import MOVING_TAGS, REGION, STAGES, SettingsError
 from tools.offline import PROJECT, ROOT, NotFound, Plan, effective_config, project_config_schema
 from tools.stackfile import StackFileError
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the k3s unit file by file, config.yaml's lines, pg_hba's text, sshd
 
 DESCRIPTION = f"""\
 Finds what of the Katforge estate already runs, so the first `pulumi up` can import it instead of

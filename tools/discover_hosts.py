@@ -61,7 +61,9 @@ def _flag(value: str) -> bool:
 
 
 def k3s_facts(lines: list[list[str]], t: Targets, secrets: list[dict]) -> dict:
-    k3s: dict[str, Any] = {"execStart": [], "unitEnvironment": {}, "unitEnvFiles": [], "env": {}, "manifests": []}
+    # unitFiles: the unit file, then its drop-ins, each with its [Service] settings in order: ["ExecStart",
+    # [words]], ["Environment", [name, value]], ["EnvironmentFile", path]; a None value empties the list.
+    k3s: dict[str, Any] = {"unitFiles": [], "env": {}, "manifests": []}
     pg: dict[str, Any] = {"roles": {}, "databases": {}, "hba": [], "pendingRestart": {}, "settings": {}}
     config_lines: list[str] = []
     encryption: list[str] = []
@@ -70,12 +72,18 @@ def k3s_facts(lines: list[list[str]], t: Targets, secrets: list[dict]) -> dict:
             k3s["version"] = None if f[0] == "-" else f[0]
         elif kind in ("unit-source", "unit-absent"):
             k3s["unit"] = {"source": f[0], "present": kind == "unit-source"}
-        elif kind == "exec-arg":
-            k3s["execStart"].append(f[0])
-        elif kind == "unit-env-file":
-            k3s["unitEnvFiles"].append(f[0])
+        elif kind == "unit-file":
+            k3s["unitFiles"].append({"path": f[0], "settings": []})
+        elif kind == "unit-exec-start":
+            k3s["unitFiles"][-1]["settings"].append(["ExecStart", f[1:]])
         elif kind == "unit-env":
-            k3s["unitEnvironment"][f[0]] = f[1]
+            k3s["unitFiles"][-1]["settings"].append(["Environment", f[1:3]])
+        elif kind == "unit-env-file":
+            k3s["unitFiles"][-1]["settings"].append(["EnvironmentFile", f[1]])
+        elif kind == "unit-env-reset":
+            k3s["unitFiles"][-1]["settings"].append(["Environment", None])
+        elif kind == "unit-env-file-reset":
+            k3s["unitFiles"][-1]["settings"].append(["EnvironmentFile", None])
         elif kind == "env-file":
             k3s["env"][f[0]] = {}
         elif kind == "env":
@@ -114,6 +122,8 @@ def k3s_facts(lines: list[list[str]], t: Targets, secrets: list[dict]) -> dict:
         elif kind == "pg-pending-restart":
             pg["pendingRestart"][f[0]] = {"running": f[1], "configured": f[2]}
     if k3s.get("config", {}).get("present"):
+        # The lines as k3s-install.sh compares them (secrets redacted, comments but its own left out).
+        k3s["config"]["lines"] = config_lines
         k3s["config"]["settings"] = yaml.safe_load("\n".join(config_lines)) or {}
     if encryption:
         status = next((line.split(":", 1)[1].strip() for line in encryption if line.startswith("Encryption Status:")), None)
@@ -127,13 +137,16 @@ def k3s_facts(lines: list[list[str]], t: Targets, secrets: list[dict]) -> dict:
         for name, value in variables.items():
             if value == REDACTED:
                 secrets.append({"where": f"{where}: {path} {name}", "configKey": None})
-    for name, value in k3s["unitEnvironment"].items():
-        if value == REDACTED:
-            secrets.append({"where": f"{where}: {k3s['unit']['source']} Environment {name}", "configKey": None})
-    for i, arg in enumerate(k3s["execStart"]):
-        if arg == REDACTED or arg.endswith(f"={REDACTED}"):
-            flag = arg.split("=", 1)[0] if arg != REDACTED else k3s["execStart"][i - 1]
-            secrets.append({"where": f"{where}: k3s unit ExecStart {flag}", "configKey": None})
+    for n, unit_file in enumerate(k3s["unitFiles"]):
+        unit = "k3s unit" if n == 0 else unit_file["path"]
+        for key, value in unit_file["settings"]:
+            if key == "Environment" and value and value[1] == REDACTED:
+                secrets.append({"where": f"{where}: {unit} Environment {value[0]}", "configKey": None})
+            elif key == "ExecStart":
+                for i, arg in enumerate(value):
+                    if arg == REDACTED or arg.endswith(f"={REDACTED}"):
+                        flag = arg.split("=", 1)[0] if arg != REDACTED else value[i - 1]
+                        secrets.append({"where": f"{where}: {unit} ExecStart {flag}", "configKey": None})
     for key, value in (k3s.get("config", {}).get("settings") or {}).items():
         if value == REDACTED:
             secrets.append({"where": f"{where}: {k3s['config']['path']} {key}", "configKey": None})

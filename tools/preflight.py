@@ -18,15 +18,18 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import re
 import shlex
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, TextIO
 
-import yaml
 
+from infra.bootstrap import HOST_FILES
 from infra.settings import STAGES, SettingsError
 from tools import adoption
 from tools.adoption import Match, PlannedNetwork, Rule
@@ -513,24 +516,23 @@ class Checks:
                         f"{self.plan.stack} (one restart; the apps reconnect), or restart it yourself when it stops")
 
     def k3s(self) -> None:
+        """What k3s-install.sh refuses, decided by the script itself (its check-only mode) on the live facts:
+        live flags, env files and config.yaml that config.yaml sets otherwise, a downgrade or a jump of more
+        than one minor release, secrets encryption."""
         step = self.step("k3s-install.sh")
         k3s = (((self.document.get("hosts") or {}).get("k3s") or {}).get("k3s"))
         if step is None or k3s is None:
             return
         environment, config = step
-        try:
-            wanted = bool((yaml.safe_load(config) or {}).get("secrets-encryption"))
-        except yaml.YAMLError:
-            return
         status = (k3s.get("secretsEncryption") or {})
         if "error" in status or not status.get("status"):
             self.hazard(f"k3s secrets encryption: not checked ({status.get('error', 'no status')}): make discover must "
                         "read it on the k3s host")
-        elif wanted and status["status"] == "Disabled" and environment.get("K3S_ENCRYPT_EXISTING_SECRETS") != "1":
-            self.hazard(f"k3s: the live cluster keeps Secrets unencrypted and {PROJECT}:k3sSecretsEncryption is true, "
-                        f"which k3s-install.sh refuses: pulumi config set {PROJECT}:k3sSecretsEncryption false --stack "
-                        f"{self.plan.stack} (make discover sets it), or back up the server and set "
-                        f"{PROJECT}:k3sEncryptExistingSecrets true")
+        with tempfile.TemporaryDirectory(prefix="katforge-preflight-") as tree:
+            root = Path(tree)
+            refusal = host_check("k3s-install.sh", {**environment, **k3s_check_tree(root, k3s)}, config, root)
+        if refusal:
+            self.hazard(f"k3s host: k3s-install.sh refuses, so pulumi up stops there (after the AWS changes): {refusal}")
 
     def wireguard(self) -> None:
         step = self.step("wireguard.sh")
@@ -611,6 +613,74 @@ class Checks:
             self.ssh(network)
         self.report.rows.sort(key=lambda r: (OPS.index(r.op), r.resource))
         return self.report
+
+
+# --- the host scripts' own checks, on trees rebuilt from the discovered facts ------------------------
+
+def host_check(script: str, environment: dict[str, str], stdin: str, root: Path) -> Optional[str]:
+    """Run infra/host/<script> in its check-only mode against the tree at `root` (rebuilt from the
+    discovered facts): its refusal as one line, with the paths as on the host, or None when it refuses
+    nothing. The script's own decision, not a copy of it: its checks pipe Python to python3, this one."""
+    bin_dir = root / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python3").symlink_to(sys.executable)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', os.defpath)}", "LC_ALL": "C.UTF-8", **environment}
+    result = subprocess.run(["bash", str(HOST_FILES / script)], input=stdin, env=env, capture_output=True, text=True,
+                            timeout=120)
+    if result.returncode == 0:
+        return None
+    prefix = f"{script.removesuffix('.sh')}: "
+    lines = (line.removeprefix(prefix).strip() for line in result.stderr.replace(str(root), "").splitlines())
+    return " ".join(line for line in lines if line and not line.startswith("check only:")) \
+        or f"{script} failed (exit status {result.returncode})"
+
+
+def k3s_check_tree(root: Path, k3s: dict) -> dict[str, str]:
+    """The k3s host's unit, env files and config.yaml as discovery read them (a secret as [redacted], which
+    no value of the program's config.yaml holds), under `root`, and the variables that point
+    k3s-install.sh's check at them (K3S_CHECK_ONLY)."""
+    def inside(path: str) -> str:
+        return f"{root}/{path.lstrip('/')}"
+
+    config_path = k3s["config"]["path"]
+    moved = {path: inside(path) for path in [config_path, *(k3s.get("env") or {})]}
+
+    def mapped(value: str) -> str:  # a flag's or a variable's value that names a file of the tree
+        flag, equals, rest = value.partition("=")
+        return moved.get(value) or (f"{flag}={moved[rest]}" if equals and rest in moved else value)
+
+    lines: list[str] = []
+    for unit_file in k3s.get("unitFiles") or []:
+        lines += [f"# {inside(unit_file['path'])}", "[Service]"]
+        for key, value in unit_file["settings"]:
+            if not value:
+                lines.append(f"{key}=")
+            elif key == "ExecStart":
+                lines.append(f"ExecStart={shlex.join(mapped(word) for word in value)}")
+            elif key == "Environment":
+                lines.append(f"Environment={shlex.quote(value[0] + '=' + mapped(value[1]))}")
+            else:
+                lines.append(f"EnvironmentFile=-{inside(value)}")
+        lines.append("")
+    for path, variables in (k3s.get("env") or {}).items():
+        Path(moved[path]).parent.mkdir(parents=True, exist_ok=True)
+        Path(moved[path]).write_text("".join(f"{name}={shlex.quote(mapped(value))}\n" for name, value in variables.items()))
+    config = k3s.get("config") or {}
+    if config.get("present"):
+        Path(moved[config_path]).parent.mkdir(parents=True, exist_ok=True)
+        Path(moved[config_path]).write_text("\n".join(config.get("lines") or []) + "\n")
+    facts = root / "facts"
+    facts.mkdir()
+    (facts / "unit.cat").write_text("\n".join(lines))
+    (facts / "version").write_text(k3s.get("version") or "")
+    status = k3s.get("secretsEncryption") or {}
+    if status.get("output"):
+        (facts / "encryption-status").write_text("\n".join(status["output"]) + "\n")
+    # The unit k3s-install.sh writes goes where the live one is, and reads k3s.service.env beside it.
+    units = k3s.get("unitFiles")
+    systemd = str(Path(units[0]["path"]).parent) if units else "/systemd"
+    return {"K3S_CHECK_ONLY": str(facts), "K3S_CONFIG_FILE": moved[config_path], "K3S_SYSTEMD_DIR": inside(systemd),
+            "KATFORGE_STATE_DIR": inside("/state")}
 
 
 # Settings pg-configure.sh writes that PostgreSQL reads only at start (postmaster context, PostgreSQL 16)

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Read-only: what the k3s host runs, for `make discover` (tools/discover_hosts.py sends this script over
-# SSH on stdin). k3s: its version, the unit's ExecStart and environment, the env file, config.yaml,
+# SSH on stdin). k3s: its version, the unit's (and its drop-ins') ExecStart and environment, the env files,
+# config.yaml,
 # secrets encryption, the manifests k3s re-applies. PostgreSQL: version, roles with the kind of their
 # password hash, databases and owners, pg_hba rules, settings waiting for a restart.
 #
 #   ssh ubuntu@k3s.katforge.com sudo -n bash -s < discover-k3s.sh
 #
 # K3S_BIN          the k3s program; default k3s
-# K3S_UNIT_FILE    read this unit file instead of `systemctl cat k3s.service`
+# K3S_UNIT_FILE    read this unit file (and its .d/*.conf drop-ins) instead of `systemctl cat k3s.service`
 # K3S_ENV_FILE     read this env file instead of the unit's EnvironmentFiles
 # K3S_CONFIG_FILE  default /etc/rancher/k3s/config.yaml
 # K3S_DATA_DIR     k3s's --data-dir; default /var/lib/rancher/k3s (manifests in server/manifests)
@@ -46,47 +47,72 @@ main() {
     emit k3s-version -
   fi
 
+  # The unit as systemd reads it: the unit file, then its drop-ins, each after a "# <path>" line
+  # (`systemctl cat`). Per file, the settings of [Service] that give k3s its flags and environment.
   env_files=()
   if [[ -n ${K3S_UNIT_FILE:-} ]]; then
     unit_source=$K3S_UNIT_FILE
-    unit=$(cat "$K3S_UNIT_FILE" 2>/dev/null)
+    unit=$(for file in "$K3S_UNIT_FILE" "$K3S_UNIT_FILE.d"/*.conf; do
+             [[ -r $file ]] && printf '# %s\n%s\n\n' "$file" "$(<"$file")"
+           done)
   else
     unit_source="systemctl cat k3s.service"
-    unit=$(systemctl cat k3s.service 2>/dev/null)
+    unit=$(systemctl cat --no-pager k3s.service 2>/dev/null)
   fi
   if [[ -z $unit ]]; then
     emit unit-absent "$unit_source"
   else
     emit unit-source "$unit_source"
-    # systemd joins lines ending in a backslash; a later `ExecStart=` (a drop-in) replaces the earlier ones.
-    # The installer ends ExecStart with a backslash before an empty line.
-    exec_start=$(sed -e ':a' -e '/\\$/N; s/\\\n/ /; ta' <<<"$unit" |
-      awk '/^ExecStart=/ { sub(/^ExecStart=/, ""); sub(/[[:space:]]*\\?[[:space:]]*$/, ""); last = $0 } END { print last }')
-    # Split as systemd does for the installer's quoted words ('--flag' 'value').
-    redact_next=false
-    while IFS= read -r -d '' word; do
-      if $redact_next; then
-        word=$REDACTED
-        redact_next=false
-      elif [[ $word == -* ]]; then
-        flag=${word%%=*}
-        if [[ $flag == -t ]] || is_secret "$flag"; then
-          if [[ $word == *=* ]]; then word="$flag=$REDACTED"; else redact_next=true; fi
-        fi
-      fi
-      emit exec-arg "$word"
-    done < <(xargs printf '%s\0' <<<"$exec_start" 2>/dev/null)
+    file="" section=""
+    # systemd joins lines ending in a backslash (the installer ends ExecStart with one before an empty line).
     while IFS= read -r line; do
-      file=${line#EnvironmentFile=}
-      file=${file#-}
-      file=${file//%N/k3s}
-      env_files+=("$file")
-      emit unit-env-file "$file"
-    done < <(grep -E '^EnvironmentFile=' <<<"$unit")
-    while IFS= read -r -d '' assignment; do
-      name=${assignment%%=*}
-      if is_secret "$name"; then emit unit-env "$name" "$REDACTED"; else emit unit-env "$name" "${assignment#*=}"; fi
-    done < <(grep -E '^Environment=' <<<"$unit" | sed 's/^Environment=//' | xargs printf '%s\0' 2>/dev/null)
+      if [[ $line =~ ^#\ (/.*\.(service|conf))$ ]]; then
+        file=${BASH_REMATCH[1]} section=""
+        emit unit-file "$file"
+        continue
+      fi
+      line=${line#"${line%%[![:space:]]*}"}
+      [[ $line == \[* ]] && section=$line
+      [[ $section == "[Service]" && $line =~ ^(ExecStart|Environment|EnvironmentFile)[[:space:]]*=[[:space:]]*(.*)$ ]] ||
+        continue
+      key=${BASH_REMATCH[1]} value=${BASH_REMATCH[2]}
+      value=${value%"${value##*[![:space:]\\]}"}
+      case $key in
+        ExecStart)
+          # Split as systemd does for the installer's quoted words ('--flag' 'value'); an empty value
+          # empties the list, so a drop-in can replace the command line.
+          words=() redact_next=false
+          while IFS= read -r -d '' word; do
+            if $redact_next; then
+              word=$REDACTED
+              redact_next=false
+            elif [[ $word == -* ]]; then
+              flag=${word%%=*}
+              if [[ $flag == -t ]] || is_secret "$flag"; then
+                if [[ $word == *=* ]]; then word="$flag=$REDACTED"; else redact_next=true; fi
+              fi
+            fi
+            words+=("$word")
+          done < <([[ -z $value ]] || xargs printf '%s\0' <<<"$value" 2>/dev/null)
+          emit unit-exec-start "$file" "${words[@]}" ;;
+        Environment)
+          [[ -n $value ]] || emit unit-env-reset "$file"
+          while IFS= read -r -d '' assignment; do
+            name=${assignment%%=*}
+            if is_secret "$name"; then assignment="$name=$REDACTED"; fi
+            emit unit-env "$file" "$name" "${assignment#*=}"
+          done < <([[ -z $value ]] || xargs printf '%s\0' <<<"$value" 2>/dev/null) ;;
+        EnvironmentFile)
+          if [[ -z $value ]]; then
+            emit unit-env-file-reset "$file"
+          else
+            value=${value#-}
+            value=${value//%N/k3s}
+            env_files+=("$value")
+            emit unit-env-file "$file" "$value"
+          fi ;;
+      esac
+    done < <(sed -e ':a' -e '/\\$/N; s/\\\n/ /; ta' <<<"$unit")
   fi
 
   # The unit's environment files that exist (systemd skips a missing one marked with "-").
@@ -107,8 +133,13 @@ main() {
   if [[ -r $config_file ]]; then
     emit config-file "$config_file"
     # A top-level key that names a secret loses its value, and so do the lines that continue it.
-    # Comments are left out: one may hold an old value.
+    # Comments are left out (one may hold an old value), except k3s-install.sh's own, which hold none and
+    # tell its settings from those it carried: the header of a file it wrote, and its two-line mark.
     awk -v pattern="$secret_name" -v redacted="\"$REDACTED\"" '
+      BEGIN { mark = -1 }
+      NR == 1 && /^# Managed by katforge/ { print; next }
+      /^# Carried from the live k3s unit/ { print; mark = NR; next }
+      NR == mark + 1 && /^# runs\): / { print; next }
       /^[[:space:]]*(#|$)/ { next }
       /^[^[:space:]#-][^:]*:/ {
         key = $0; sub(/:.*/, "", key); gsub(/["'\'']/, "", key)

@@ -17,6 +17,13 @@
 # KATFORGE_RESTART_LOCK  held from the restart until k3s is ready, so that PostgreSQL (pg-configure.sh takes
 #                   it too) never restarts at the same time; default /run/lock/katforge-restart.lock
 # KATFORGE_RESTART_LOCK_WAIT  seconds to wait for it; default 900
+# K3S_CHECK_ONLY    a directory of facts read on the host (`make preflight` writes it from `make discover`,
+#                   tools/preflight.py): decide exactly as a run would, and change, download and restart
+#                   nothing. `k3s --version` is its file `version` (the release; empty: not installed),
+#                   `k3s secrets-encrypt status` its file `encryption-status` (absent: not known, not
+#                   checked), `systemctl cat k3s` its file `unit.cat`; the env files and config.yaml are
+#                   read where unit.cat and K3S_CONFIG_FILE say. Whether k3s runs is not checked. Exits as a
+#                   refusing run would, else 0.
 #
 # Runs as root. Like k3s-ansible (roles/k3s_server: its own unit, the release's binary), not through
 # k3s's install.sh, which rewrites the unit's command line (live flags lost), rewrites the env file
@@ -67,6 +74,7 @@ encryption_pending=$state_dir/k3s-encryption-pending
 k3s=$bin_dir/k3s
 unit_file=$systemd_dir/k3s.service
 opted_in() { [[ ${1:-0} =~ ^(1|true|yes)$ ]]; }
+check_only=${K3S_CHECK_ONLY:-}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -84,7 +92,11 @@ if ! wanted=$(version_numbers "$K3S_VERSION"); then
   exit 2
 fi
 installed=""
-[[ -x $k3s ]] && installed=$("$k3s" --version | awk 'NR == 1 { print $3 }')
+if [[ -n $check_only ]]; then
+  installed=$(<"$check_only/version")
+elif [[ -x $k3s ]]; then
+  installed=$("$k3s" --version | awk 'NR == 1 { print $3 }')
+fi
 if [[ -n $installed ]]; then
   if ! have=$(version_numbers "$installed"); then
     log "the installed k3s reports version '$installed', which this script cannot compare; nothing was changed"
@@ -145,7 +157,9 @@ EOF
 
 # The effective unit, as systemd reads it wherever it lies: the unit file, then its drop-ins, each
 # after a "# <path>" line.
-if ! systemctl cat --no-pager k3s >"$work/unit.cat" 2>"$work/unit.err"; then
+if [[ -n $check_only ]]; then
+  cp "$check_only/unit.cat" "$work/unit.cat"
+elif ! systemctl cat --no-pager k3s >"$work/unit.cat" 2>"$work/unit.err"; then
   if [[ -e $unit_file ]]; then
     log "systemctl cat k3s failed, so the live unit cannot be compared; nothing was changed: $(<"$work/unit.err")"
     exit 1
@@ -369,14 +383,20 @@ wants_encryption=$(awk '$1 == "encryption" { print $2 }' <<<"$outcome")
 # An encryption configuration that exists but lists identity first (encryption disabled) is not enough.
 encrypted() {
   local status
-  status=$("$k3s" secrets-encrypt status 2>&1) || return 1
+  if [[ -n $check_only ]]; then
+    status=$(<"$check_only/encryption-status")
+  else
+    status=$("$k3s" secrets-encrypt status 2>&1) || return 1
+  fi
   grep -q '^Encryption Status: Enabled$' <<<"$status" && grep -Eq '^ *\* +AES-CBC' <<<"$status"
 }
 # Empty while k3s does not answer.
 rotation_stage() { { "$k3s" secrets-encrypt status 2>&1 || true; } | sed -n 's/^Current Rotation Stage: //p'; }
 encrypt_existing=false
-if [[ -n $installed ]]; then
-  if ! systemctl is-active --quiet k3s; then
+if [[ -n $check_only && -n $installed && ! -e $check_only/encryption-status ]]; then
+  log "check only: secrets encryption not checked, its status is not known"
+elif [[ -n $installed ]]; then
+  if [[ -z $check_only ]] && ! systemctl is-active --quiet k3s; then
     log "k3s $installed is installed but not running: start it (systemctl start k3s) and run this again; nothing was changed"
     exit 1
   fi
@@ -399,6 +419,11 @@ if [[ -n $installed ]]; then
     log "them. Nothing was changed. Keep secrets-encryption: true in config.yaml."
     exit 1
   fi
+fi
+
+if [[ -n $check_only ]]; then
+  log "check only: nothing refused"
+  exit 0
 fi
 
 # --- what changes ----------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ with `pytest_plugins = ["tests.fake_hosts"]` in a test module.
 from __future__ import annotations
 
 import os
-import pwd
 import secrets
 import shutil
 import signal
@@ -28,7 +27,7 @@ from typing import Optional
 
 import pytest
 
-from tests.pgcluster import PgCluster
+from tests.pgcluster import PgCluster, ensure_os_user
 
 K3S_VERSION = "v1.34.6+k3s1"
 WG_ADDRESS = "10.99.0.1/24"
@@ -125,16 +124,8 @@ spec:
                      K3S_CONFIG_FILE=str(root / "config.yaml"), K3S_DATA_DIR=str(root / "k3s-data"))
 
 
-def _ensure_postgres_user() -> None:
-    # Ubuntu's package creates it; the script runs psql as it.
-    try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "postgres"], check=True)
-
-
 def _roles(hosts: FakeHosts, pg: PgCluster) -> None:
-    _ensure_postgres_user()
+    ensure_os_user("postgres")  # Ubuntu's package creates it; the script runs psql as it
     prefix = f"disc_{secrets.token_hex(4)}"
     hosts.roles = {"md5": f"{prefix}_md5", "scram": f"{prefix}_scram", "nologin": f"{prefix}_nologin"}
     hosts.database = f"{prefix}_db"

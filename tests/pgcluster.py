@@ -81,8 +81,13 @@ def ensure_os_user(name: str) -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(name)
     except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", name], check=True)
+        # Another test process (a pytest-xdist worker) may add it at the same moment: then useradd fails
+        # and the user exists all the same.
+        made = subprocess.run(["useradd", "--system", "--no-create-home", name], capture_output=True, text=True)
+    try:
         return pwd.getpwnam(name)
+    except KeyError:
+        raise RuntimeError(f"useradd {name} failed: {made.stderr.strip()}") from None
 
 
 def _server_account() -> pwd.struct_passwd | None:

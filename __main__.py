@@ -75,7 +75,8 @@ def prod_estate(settings: Settings) -> StageBase:
     k3s = kubernetes_providers(bootstrap.kubeconfig, hosts.k3s.instance.id)
     cluster = Cluster("cluster", acme_email=settings.cluster.acme_email, aws_region=REGION,
                       node_ip=settings.network.k3s_private_ip, access_key_id=dns_challenge.access_key_id,
-                      secret_access_key=dns_challenge.secret_access_key, provider=k3s.objects)
+                      secret_access_key=dns_challenge.secret_access_key, provider=k3s.objects,
+                      on_server_only=bool(agents))
     return StageBase(
         records=records, databases=databases, postgres=postgres, host=bootstrap.k3s_target, providers=k3s,
         smtp_username=email.smtp_username, smtp_password=email.smtp_password,

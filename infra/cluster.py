@@ -107,7 +107,8 @@ class Cluster(pulumi.ComponentResource):
 
     def __init__(self, name: str, *, acme_email: str, aws_region: str, node_ip: str,
                  access_key_id: pulumi.Input[str], secret_access_key: pulumi.Input[str],
-                 provider: k8s.Provider, opts: Optional[pulumi.ResourceOptions] = None):
+                 provider: k8s.Provider, on_server_only: bool = False, opts: Optional[pulumi.ResourceOptions] = None):
+        """`on_server_only`: with k3s agents, Traefik stays on the k3s host (infra/traefik_values.py)."""
         super().__init__("katforge:cluster:Cluster", name, None, opts)
 
         def declare(resource_type: type, resource_name: str, *after: pulumi.Resource, **args):
@@ -125,7 +126,7 @@ class Cluster(pulumi.ComponentResource):
             pulumi.Output.from_input(access_key_id).apply(traefik_values.credentials_hash))
         chart_config = helm_chart_config(key_hash.apply(
             lambda digest: traefik_values.values_yaml(acme_email=acme_email, aws_region=aws_region, node_ip=node_ip,
-                                                      credentials_hash=digest)))
+                                                      credentials_hash=digest, on_server_only=on_server_only)))
         # Protected: without it k3s's Traefik falls back to no certificates and no HTTPS redirect. The one the
         # operators' manifest file made is gone by now (the handover deletes it); one made otherwise is imported.
         declare(k8s.apiextensions.CustomResource, f"{name}-traefik-config", credentials,

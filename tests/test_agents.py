@@ -191,7 +191,6 @@ def test_traefik_pinned_to_the_server_is_still_what_the_chart_accepts(chart):  #
     assert "nodeSelector" not in traefik_values.values(**ARGS)  # without agents, the values stay as they are
 
 
-@pytest.mark.xfail(strict=True, reason="infra/cluster.py must pass on_server_only=bool(agents) to values_yaml")
 def test_with_agents_traefik_and_its_volume_stay_on_the_server():
     config = scaled.agents(1).named("cluster-traefik-config")
     assert yaml.safe_load(config.inputs["spec"]["valuesContent"])["nodeSelector"] == \

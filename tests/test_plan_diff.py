@@ -224,7 +224,9 @@ def custom_types(*plans):
 
 
 def test_the_table_has_one_row_per_resource_type_the_program_declares_each_with_its_source():
-    declared = custom_types(evaluate_cached("prod"), evaluate_cached("qa"))
+    from tests import scaled  # k3s agents and RDS declare types the default plans do not
+
+    declared = custom_types(evaluate_cached("prod"), evaluate_cached("qa"), scaled.scaled("prod"), scaled.scaled("qa"))
     assert set(force_new.TABLE) == declared
     assert len(force_new.RULES) == len(force_new.TABLE)
     for rule in force_new.RULES:

@@ -80,7 +80,7 @@ def hosts_section(plan: Plan) -> list[str]:
 
 
 def capacity_section(plan: Plan) -> list[str]:
-    return capacity.lines(capacity.estate_report())
+    return capacity.lines(capacity.estate_report(capacity.agents_in_plan(plan.document())))
 
 
 def known_after_deploy_section(plan: Plan) -> list[str]:

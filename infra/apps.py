@@ -100,9 +100,8 @@ SMTP_SECRET = "smtp"
 
 MANUAL_SNAPSHOT_POD = "pgdump"  # the pod name in the spec's manual backup command
 
-# Image fields the ship pipeline sets with `kubectl set image`; `pulumi up` must leave them alone, adopted
-# Deployments included: whatever the provider reads off a live object, the client-side-apply provider
-# (infra/bootstrap.py) patches only what changed between two sets of Pulumi's own inputs.
+# Image fields the ship pipeline sets with `kubectl set image`; `pulumi up` must leave them alone: ignored,
+# they keep the value the refreshed state holds, the live one (infra/bootstrap.py kubernetes_providers).
 IMAGE_FIELDS = ("spec.template.spec.containers[0].image", "spec.template.spec.initContainers[0].image")
 
 

@@ -86,12 +86,15 @@ def kubernetes_providers(kubeconfig: pulumi.Input[str], cluster: pulumi.Input[st
     PULUMI_K8S_UPSERT_EXISTING_OBJECTS says.
 
     The Deployments' images belong to the ship pipeline (`kubectl set image`, `kubectl rollout undo`),
-    and Pulumi ignores them. With server-side apply, pulumi-kubernetes cannot leave an ignored field
-    inside a list (`containers[0].image`) out of its patch (provider/pkg/await/await.go,
-    handleSSAIgnoreFields: "TODO ... nested arrays"), so any update of a Deployment would send Pulumi's
-    old tag back, and fail on the pipeline's ownership or revert a release. Client-side apply patches
-    only what changed between Pulumi's last inputs and its new ones (a three-way strategic merge,
-    openapi.PatchForResourceUpdate): an ignored image never enters the patch, and the live one stays."""
+    and Pulumi ignores them: an ignored field takes the value Pulumi's state holds, which `refresh:
+    always` (Pulumi.yaml) sets to the live one before every update. The Deployments go through a
+    client-side-apply provider: its three-way patch (openapi.PatchForResourceUpdate) sets what differs
+    between the live object and Pulumi's inputs, so a refreshed image is left as it is, and an adopted
+    object never meets a server-side-apply conflict with the fields `kubectl apply` owns.
+    pulumi-kubernetes cannot carry an ignored field inside a list over from the live object itself
+    (`containers[0].image`: provider/pkg/await/await.go splits the path on "."), so the refresh is
+    what keeps the image. Left open: a release shipped between that refresh and the Deployment's
+    update is rolled back to the one before it by that update (a ship is seconds; an `up` minutes)."""
     def provider(name: str, **mode) -> k8s.Provider:
         return k8s.Provider(name, kubeconfig=kubeconfig, cluster_identifier=cluster, enable_secret_mutable=True,
                             upsert_existing_objects=False, opts=pulumi.ResourceOptions(parent=parent), **mode)

@@ -252,7 +252,7 @@ def test_an_undeclared_secret_key_does_not_show_its_value():
 def test_make_plan_stops_with_one_line_and_exit_2(monkeypatch, capfd):
     """What `make plan` prints for a bad setting: the one line, no traceback."""
     monkeypatch.setattr("tools.offline.stack_config", 
-                        lambda stack: {"aws:region": "us-east-2", "katforge:adminCidrs": ["0.0.0.0/0"]})
+                        lambda stack, encrypted=None: {"aws:region": "us-east-2", "katforge:adminCidrs": ["0.0.0.0/0"]})
     assert plan.main(["--stack", "prod"]) == 2
     out, err = capfd.readouterr()
     assert err.startswith("Pulumi.prod.yaml: katforge:adminCidrs = 0.0.0.0/0: expected ")

@@ -126,9 +126,12 @@ def test_the_reusable_workflow_runs_pulumi_with_its_environments_role_and_commen
     assert pulumi["cloud-url"] == "${{ vars.PULUMI_BACKEND_URL }}"
 
 
-def test_previews_refresh_and_every_run_applies_the_policy_pack():
+def test_every_run_refreshes_and_applies_the_policy_pack():
+    """An up that did not refresh would send the images its state holds over the ship pipeline's."""
     pulumi = next(s for s in reusable_job()["steps"] if action(s) == "pulumi/actions")["with"]
-    assert pulumi["refresh"] == "${{ inputs.command == 'preview' }}"  # pulumi/actions v7: --refresh
+    assert pulumi["refresh"] is True  # pulumi/actions v7: --refresh
+    project = yaml.safe_load((WORKFLOWS.parent.parent / "Pulumi.yaml").read_text())
+    assert project["options"]["refresh"] == "always"  # an operator's `pulumi up` too
     assert pulumi["policyPacks"] == "policy" and pulumi["policyPackConfigs"] == "policy/config.json"
     root = WORKFLOWS.parent.parent
     assert (root / "policy" / "PulumiPolicy.yaml").is_file() and json.loads((root / "policy/config.json").read_text())

@@ -6,9 +6,10 @@ hosts over real sshd, three times, as an operator would:
   1. without writing config (the JSON only), then preflight on the untouched stack file fails;
   2. again, writing a temporary copy of Pulumi.prod.yaml (never the committed one);
   3. after the runbook's steps for what the hosts refuse (the md5 role re-hashed, as the hazard says;
-     postgresAllowRestart set; k3sReplaceLiveFlags set, since the live unit and env file give
-     --write-kubeconfig-mode 644 and the program's config.yaml 0600), writing again: the stack file must
-     not change.
+     postgresAllowRestart set; postgresDropLiveHbaRules set, since the session's server admits local users
+     by trust, initdb's default, which the program's pg_hba does not keep; k3sReplaceLiveFlags set, since
+     the live unit and env file give --write-kubeconfig-mode 644 and the program's config.yaml 0600),
+     writing again: the stack file must not change.
 The md5 role gets its original hash back at once: the other host tests expect the live-like role.
 
 `greenfield` runs discovery of the empty account (AWS only: nothing runs there) into its own copy.
@@ -108,8 +109,8 @@ def adoption(live_account, kube_api, sshd, fake_hosts, pg, tmp_path_factory) -> 
         password = next(p for p in fake_hosts.planted if p.startswith("PLANTED-md5-"))
         old_hash = rehash_md5_role(pg, role, password)
         try:
-            stackfile.write(stack_file, {"katforge:postgresAllowRestart": True, "katforge:k3sReplaceLiveFlags": True},
-                            project_config_schema())
+            stackfile.write(stack_file, {"katforge:postgresAllowRestart": True, "katforge:postgresDropLiveHbaRules": True,
+                                         "katforge:k3sReplaceLiveFlags": True}, project_config_schema())
             result.before_last = stack_file.read_bytes()
             result.runs.append(discover_into(argv, work / "run3.json"))
             result.after_last = stack_file.read_bytes()

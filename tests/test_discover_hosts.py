@@ -82,7 +82,8 @@ def test_postgres_roles_show_the_kind_of_hash_and_databases_their_owner(found, f
     assert pg["roles"][roles["md5"]]["password"] == "md5"
     assert pg["roles"][roles["scram"]]["password"] == "scram-sha-256"
     assert pg["roles"][roles["nologin"]] == {"superuser": False, "login": False, "createdb": False,
-                                            "createrole": False, "password": "none", "validUntil": None}
+                                            "createrole": False, "password": "none", "validUntil": None,
+                                            "quoted": roles["nologin"]}  # as pg-configure.sh names it
     assert pg["roles"]["postgres"]["superuser"] is True
     assert pg["databases"][fake_hosts.database]["owner"] == roles["md5"]
     assert pg["settings"]["hba_file"].endswith("pg_hba.conf")

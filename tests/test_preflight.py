@@ -99,11 +99,13 @@ def test_after_discovery_only_what_the_runbook_does_on_the_hosts_is_left(adoptio
     written = stack_copy(tmp_path)
     written.write_bytes(adoption.written)
     report = assess(plans, written, adoption.runs[1].document)
-    assert [h.split(":")[0] for h in report.hazards] == [f"PostgreSQL role {fake_hosts.roles['md5']}", "PostgreSQL",
-                                                         "k3s host"]
-    assert "\\password " + fake_hosts.roles["md5"] in report.hazards[0]
-    assert "pulumi config set katforge:postgresAllowRestart true --stack prod" in report.hazards[1]
-    assert "pulumi config set katforge:k3sReplaceLiveFlags true" in report.hazards[2]
+    md5, hba, restart, k3s = report.hazards
+    refuses = "PostgreSQL: pg-configure.sh refuses, so pulumi up stops there (after the AWS changes): refusing to "
+    assert md5.startswith(refuses) and f"\\password {fake_hosts.roles['md5']}'" in md5
+    assert hba.startswith(refuses) and "line 117: local all all trust" in hba
+    assert "pulumi config set katforge:postgresDropLiveHbaRules true" in hba
+    assert "pulumi config set katforge:postgresAllowRestart true --stack prod" in restart
+    assert k3s.startswith("k3s host:") and "pulumi config set katforge:k3sReplaceLiveFlags true" in k3s
 
 
 def test_preflight_passes_after_discovery_and_the_runbook(adoption, capsys, tmp_path):
@@ -283,10 +285,66 @@ def test_the_traefik_manifest_that_the_handover_cannot_take(plans, stack, passin
 
 def test_md5_roles_that_pg_configure_refuses(plans, stack, passing):
     document = copy.deepcopy(passing[0])
-    document["hosts"]["k3s"]["postgres"]["roles"]["katforge"] = {"login": True, "password": "md5", "superuser": False}
-    only(assess(plans, stack, document), "PostgreSQL role katforge: its password has an md5 hash")
+    document["hosts"]["k3s"]["postgres"]["roles"]["katforge"] = {"login": True, "password": "md5", "superuser": False,
+                                                                 "quoted": "katforge"}
+    line = only(assess(plans, stack, document), "PostgreSQL: pg-configure.sh refuses, so pulumi up stops there (after "
+                                                "the AWS changes): refusing to replace pg_hba.conf; nothing was changed. "
+                                                "These login roles have md5 password hashes")
+    assert "sudo -u postgres psql -c \"SET password_encryption = 'scram-sha-256'\" -c '\\password katforge'" in line
     document["hosts"]["k3s"]["postgres"]["roles"]["katforge"]["password"] = "scram-sha-256"
     assert assess(plans, stack, document).hazards == []
+
+
+def test_live_pg_hba_rules_the_new_file_would_not_honour(plans, stack, passing):
+    # The session's server admits local users by trust (initdb's default), which the program's pg_hba does not
+    # keep: pg-configure.sh's own check refuses, naming the lines, until the runbook lets them go.
+    line = only(assess(plans, setting(stack, postgresDropLiveHbaRules=False), passing[0]),
+                "refusing to replace pg_hba.conf; nothing was changed. These live rules admit connections")
+    assert ": local all all trust " in line and "katforge:postgresExtraClientCidrs" in line
+    # As Ubuntu's peer lines, plus a network of the operators' that the client networks do not hold.
+    document = copy.deepcopy(passing[0])
+    pg = document["hosts"]["k3s"]["postgres"]
+    text = dict(map(tuple, pg["hbaText"][pg["settings"]["hba_file"]]))
+    for rule in pg["hba"]:
+        if rule["method"] == "trust":
+            rule["method"] = "peer"
+            text[rule["line"]] = text[rule["line"]].replace("trust", "peer")
+    last = max(rule["rule"] for rule in pg["hba"] if rule["rule"])
+    pg["hba"].append({"line": 200, "type": "host", "databases": ["all"], "users": ["all"], "address": "192.168.0.0",
+                      "netmask": "255.255.0.0", "method": "md5", "options": [], "error": None,
+                      "file": pg["settings"]["hba_file"], "rule": last + 1})
+    text[200] = "host    all     all     192.168.0.0/16      md5"
+    pg["hbaText"][pg["settings"]["hba_file"]] = sorted(map(list, text.items()))
+    only(assess(plans, stack, document), "pg_hba.conf line 200: host all all 192.168.0.0/16 md5 Keep a network")
+    assert assess(plans, setting(stack, postgresExtraClientCidrs=["192.168.0.0/16"]), document).hazards == []
+
+
+@pytest.mark.parametrize("where, later", [("auto", True), ("zz-tuning.conf", True), ("00-early.conf", False)])
+def test_a_postgresql_setting_a_later_file_overrides(plans, stack, passing, where, later):
+    document = copy.deepcopy(passing[0])
+    pg = document["hosts"]["k3s"]["postgres"]
+    conf_d = str(Path(pg["settings"]["config_file"]).parent / "conf.d")
+    path = f"{pg['settings']['data_directory']}/postgresql.auto.conf" if where == "auto" else f"{conf_d}/{where}"
+    pg["fileSettings"].append({"seqno": 999, "name": "work_mem", "file": path, "line": 3, "applied": True})
+    report = assess(plans, stack, document)
+    if later:
+        line = only(report, f"settings of {conf_d}/katforge.conf are overridden by files read after it: work_mem "
+                            f"from {path} line 3")
+        assert "ALTER SYSTEM RESET <name>" in line
+    else:
+        assert report.hazards == []
+
+
+def test_what_postgres_owns_outside_schema_public_is_a_risk(plans, stack, passing):
+    document = copy.deepcopy(passing[0])
+    document["hosts"]["k3s"]["postgres"]["foreignOwned"]["katforge"] = [["schema", "reporting"],
+                                                                        ["table", "reporting.daily"]]
+    report = assess(plans, stack, document)
+    assert report.hazards == []
+    row = next(row for row in report.rows if "postgres owns" in row.detail)
+    assert row.op == "risk" and row.detail.startswith(
+        "postgres owns schema reporting, table reporting.daily in database katforge, outside schema public: the apps, "
+        "as role katforge from this up on, cannot alter them")
 
 
 def test_postgresql_settings_that_need_a_restart_not_allowed(plans, stack, passing):

@@ -64,7 +64,11 @@ def k3s_facts(lines: list[list[str]], t: Targets, secrets: list[dict]) -> dict:
     # unitFiles: the unit file, then its drop-ins, each with its [Service] settings in order: ["ExecStart",
     # [words]], ["Environment", [name, value]], ["EnvironmentFile", path]; a None value empties the list.
     k3s: dict[str, Any] = {"unitFiles": [], "env": {}, "manifests": []}
-    pg: dict[str, Any] = {"roles": {}, "databases": {}, "hba": [], "pendingRestart": {}, "settings": {}}
+    # hbaText: {file: [[line number, text]]}, the rules' lines (a file pg-configure.sh wrote: all of it);
+    # fileSettings: where each setting is set, in the server's reading order; foreignOwned: {database:
+    # [[kind, name]]} of what postgres owns outside schema public.
+    pg: dict[str, Any] = {"roles": {}, "databases": {}, "hba": [], "hbaText": {}, "pendingRestart": {}, "settings": {},
+                          "fileSettings": [], "confIncludes": [], "foreignOwned": {}}
     config_lines: list[str] = []
     encryption: list[str] = []
     for kind, *f in lines:
@@ -107,18 +111,31 @@ def k3s_facts(lines: list[list[str]], t: Targets, secrets: list[dict]) -> dict:
         elif kind == "pg-setting":
             pg["settings"][f[0]] = f[1]
         elif kind == "pg-role":
-            name, superuser, login, createdb, createrole, password, valid_until = f
+            name, superuser, login, createdb, createrole, password, valid_until, quoted = f
             pg["roles"][name] = {"superuser": _flag(superuser), "login": _flag(login), "createdb": _flag(createdb),
-                                 "createrole": _flag(createrole), "password": password, "validUntil": valid_until or None}
+                                 "createrole": _flag(createrole), "password": password, "validUntil": valid_until or None,
+                                 "quoted": quoted}
         elif kind == "pg-database":
             name, owner, encoding, allow = f
             pg["databases"][name] = {"owner": owner, "encoding": encoding, "allowConnections": _flag(allow)}
         elif kind == "pg-hba":
-            line, type_, databases, users, address, netmask, method, options, error = f
+            line, type_, databases, users, address, netmask, method, options, error, file, rule = f
             pg["hba"].append({"line": int(line), "type": type_, "databases": databases.split(","),
                               "users": users.split(","), "address": address or None, "netmask": netmask or None,
                               "method": method or None, "options": options.split(",") if options else [],
-                              "error": error or None})
+                              "error": error or None, "file": file, "rule": int(rule) if rule else None})
+        elif kind == "pg-hba-line":
+            pg["hbaText"].setdefault(f[0], []).append([int(f[1]), "\t".join(f[2:])])
+        elif kind == "pg-file-setting":
+            seqno, name, file, line, applied = f
+            pg["fileSettings"].append({"seqno": int(seqno), "name": name, "file": file or None,
+                                       "line": int(line) if line else None, "applied": _flag(applied)})
+        elif kind == "pg-conf-include":
+            pg["confIncludes"].append({"line": int(f[0]), "text": "\t".join(f[1:])})
+        elif kind == "pg-foreign-owned":
+            pg["foreignOwned"].setdefault(f[0], []).append(f[1:3])
+        elif kind == "pg-foreign-owned-error":
+            pg.setdefault("foreignOwnedErrors", {})[f[0]] = f[1] if len(f) > 1 else "psql failed"
         elif kind == "pg-pending-restart":
             pg["pendingRestart"][f[0]] = {"running": f[1], "configured": f[2]}
     if k3s.get("config", {}).get("present"):

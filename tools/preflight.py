@@ -476,20 +476,34 @@ class Checks:
     def commands(self) -> list[Match]:
         return [m for m in self.matches if m.resource.type == "command:remote:Command"]
 
-    def step(self, script: str) -> Optional[tuple[dict[str, str], str]]:
-        """The environment and stdin the plan runs a host script with, or None when it does not run it."""
+    def step_match(self, script: str) -> Optional[Match]:
+        """The command that runs a host script, or None when the plan does not run it."""
         for m in self.commands():
             create = m.resource.raw_inputs.get("create")
-            if not isinstance(create, str) or not create.endswith(f"/{script}") or " install " in create:
-                continue
-            words = shlex.split(create)
-            environment = dict(w.split("=", 1) for w in words[words.index("env") + 1:] if "=" in w) \
-                if "env" in words else {}
-            stdin = m.resource.raw_inputs.get("stdin")
-            return environment, stdin if isinstance(stdin, str) else ""
+            if isinstance(create, str) and create.endswith(f"/{script}") and " install " not in create:
+                return m
         return None
 
+    def step(self, script: str) -> Optional[tuple[dict[str, str], str]]:
+        """The environment and stdin the plan runs a host script with, or None when it does not run it."""
+        m = self.step_match(script)
+        if m is None:
+            return None
+        words = shlex.split(m.resource.raw_inputs["create"])
+        environment = dict(w.split("=", 1) for w in words[words.index("env") + 1:] if "=" in w) \
+            if "env" in words else {}
+        stdin = m.resource.raw_inputs.get("stdin")
+        return environment, stdin if isinstance(stdin, str) else ""
+
+    def replace_row(self, m: Match, op: str, detail: str) -> None:
+        self.report.rows = [row for row in self.report.rows if row.resource != m.key]
+        self.add(op, m, detail)
+
     def postgres(self) -> None:
+        """What pg-configure.sh refuses before any change, decided by the script itself (its check-only mode)
+        on the live facts: login roles with md5 hashes, live pg_hba rules the new file would not honour. Then
+        what makes it fail after the reload: a setting that needs a restart it may not do, and a setting of
+        katforge.conf that a file read after it (postgresql.auto.conf, a later conf.d file) overrides."""
         step = self.step("pg-configure.sh")
         pg = (((self.document.get("hosts") or {}).get("k3s") or {}).get("postgres"))
         if step is None or pg is None:
@@ -498,11 +512,12 @@ class Checks:
             self.hazard(f"PostgreSQL: not checked ({pg['error']}): make discover must read it on the k3s host")
             return
         environment, conf = step
-        for role, facts in sorted((pg.get("roles") or {}).items()):
-            if facts.get("login") and facts.get("password") == "md5":
-                self.hazard(f"PostgreSQL role {role}: its password has an md5 hash, which pg-configure.sh refuses "
-                            "(scram-sha-256 cannot check it): sudo -u postgres psql -c \"SET password_encryption = "
-                            f"'scram-sha-256'\" -c '\\password {role}' (the same password), then make discover")
+        with tempfile.TemporaryDirectory(prefix="katforge-preflight-") as tree:
+            root = Path(tree)
+            refusals = host_check("pg-configure.sh", {**environment, **pg_check_tree(root, pg)}, conf, root)
+        for refusal in refusals:
+            self.hazard(f"PostgreSQL: pg-configure.sh refuses, so pulumi up stops there (after the AWS changes): "
+                        f"{refusal}")
         wanted = dict(re.findall(r"^\s*(\w+)\s*=\s*'?([^'#\n]*?)'?\s*(?:#.*)?$", conf, flags=re.M))
         wanted["listen_addresses"] = environment.get("PG_LISTEN_ADDRESSES", "")
         live = pg.get("settings") or {}
@@ -514,6 +529,35 @@ class Checks:
             self.hazard(f"PostgreSQL: {', '.join(pending)} need a restart, which pg-configure.sh may not do, so "
                         f"pulumi up fails there: pulumi config set {PROJECT}:postgresAllowRestart true --stack "
                         f"{self.plan.stack} (one restart; the apps reconnect), or restart it yourself when it stops")
+        overrides = overridden(pg, sorted(wanted))
+        if overrides:
+            managed = f"{Path(live['config_file']).parent}/{MANAGED_CONF}"
+            self.hazard(f"PostgreSQL: pg-configure.sh fails after its reload (as it checks pg_settings.sourcefile): "
+                        f"settings of {managed} are overridden by files read after it: {', '.join(overrides)}: remove "
+                        "them there (postgresql.auto.conf: sudo -u postgres psql -c 'ALTER SYSTEM RESET <name>'), "
+                        "then make discover")
+        self.foreign_owned(pg)
+
+    def foreign_owned(self, pg: dict) -> None:
+        """pg-database.sh makes the stage's role the owner of what postgres owns in schema public, nothing
+        else: what postgres owns elsewhere in the stage's database, the apps (as that role from the first up
+        on) cannot alter, nor use unless granted."""
+        m = self.step_match("pg-database.sh")
+        if m is None:
+            return
+        environment = self.step("pg-database.sh")[0]
+        database, role = environment.get("PG_DATABASE"), environment.get("PG_ROLE")
+        owned = (pg.get("foreignOwned") or {}).get(database)
+        error = (pg.get("foreignOwnedErrors") or {}).get(database)
+        if owned:
+            shown_ = ", ".join(f"{kind} {name}" for kind, name in owned[:5]) + (
+                f" and {len(owned) - 5} more" if len(owned) > 5 else "")
+            self.replace_row(m, "risk", f"postgres owns {shown_} in database {database}, outside schema public: the "
+                                        f"apps, as role {role} from this up on, cannot alter them (nor use them unless "
+                                        f"granted); if they do, make them the role's once it exists (ALTER ... OWNER "
+                                        f"TO {role})")
+        elif error:
+            self.replace_row(m, "risk", f"not checked what postgres owns outside schema public in {database}: {error}")
 
     def k3s(self) -> None:
         """What k3s-install.sh refuses, decided by the script itself (its check-only mode) on the live facts:
@@ -530,8 +574,8 @@ class Checks:
                         "read it on the k3s host")
         with tempfile.TemporaryDirectory(prefix="katforge-preflight-") as tree:
             root = Path(tree)
-            refusal = host_check("k3s-install.sh", {**environment, **k3s_check_tree(root, k3s)}, config, root)
-        if refusal:
+            refusals = host_check("k3s-install.sh", {**environment, **k3s_check_tree(root, k3s)}, config, root)
+        for refusal in refusals:
             self.hazard(f"k3s host: k3s-install.sh refuses, so pulumi up stops there (after the AWS changes): {refusal}")
 
     def wireguard(self) -> None:
@@ -617,10 +661,11 @@ class Checks:
 
 # --- the host scripts' own checks, on trees rebuilt from the discovered facts ------------------------
 
-def host_check(script: str, environment: dict[str, str], stdin: str, root: Path) -> Optional[str]:
+def host_check(script: str, environment: dict[str, str], stdin: str, root: Path) -> list[str]:
     """Run infra/host/<script> in its check-only mode against the tree at `root` (rebuilt from the
-    discovered facts): its refusal as one line, with the paths as on the host, or None when it refuses
-    nothing. The script's own decision, not a copy of it: its checks pipe Python to python3, this one."""
+    discovered facts): its refusals, each as one line with the paths as on the host (a new one starts at
+    "refusing"), none when it refuses nothing. The script's own decision, not a copy of it: its checks
+    pipe Python to python3, this one."""
     bin_dir = root / "bin"
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "python3").symlink_to(sys.executable)
@@ -628,11 +673,23 @@ def host_check(script: str, environment: dict[str, str], stdin: str, root: Path)
     result = subprocess.run(["bash", str(HOST_FILES / script)], input=stdin, env=env, capture_output=True, text=True,
                             timeout=120)
     if result.returncode == 0:
-        return None
+        return []
+    return refusals(script, result.stderr.replace(str(root), "")) or [f"{script} failed (exit status "
+                                                                      f"{result.returncode})"]
+
+
+def refusals(script: str, log: str) -> list[str]:
+    """A host script's refusals in its log, each as one line: a new one starts at "refusing"."""
     prefix = f"{script.removesuffix('.sh')}: "
-    lines = (line.removeprefix(prefix).strip() for line in result.stderr.replace(str(root), "").splitlines())
-    return " ".join(line for line in lines if line and not line.startswith("check only:")) \
-        or f"{script} failed (exit status {result.returncode})"
+    found: list[list[str]] = []
+    for line in log.splitlines():
+        line = line.removeprefix(prefix).strip()
+        if not line or line.startswith("check only:"):
+            continue
+        if not found or line.startswith("refusing "):
+            found.append([])
+        found[-1].append(line)
+    return [" ".join(lines) for lines in found]
 
 
 def k3s_check_tree(root: Path, k3s: dict) -> dict[str, str]:
@@ -681,6 +738,80 @@ def k3s_check_tree(root: Path, k3s: dict) -> dict[str, str]:
     systemd = str(Path(units[0]["path"]).parent) if units else "/systemd"
     return {"K3S_CHECK_ONLY": str(facts), "K3S_CONFIG_FILE": moved[config_path], "K3S_SYSTEMD_DIR": inside(systemd),
             "KATFORGE_STATE_DIR": inside("/state")}
+
+
+def pg_check_tree(root: Path, pg: dict) -> dict[str, str]:
+    """pg_hba.conf as discovery read it (its rules' lines; all of a file pg-configure.sh wrote), under
+    `root`, what the server would answer pg-configure.sh's questions, and the variables that point the
+    script's check at them (PG_CHECK_ONLY)."""
+    def inside(path: str) -> str:
+        return f"{root}/{path.lstrip('/')}"
+
+    for path, lines in (pg.get("hbaText") or {}).items():
+        text = [""] * max(n for n, _ in lines)
+        for n, line in lines:
+            text[n - 1] = line
+        Path(inside(path)).parent.mkdir(parents=True, exist_ok=True)
+        Path(inside(path)).write_text("\n".join(text))
+    facts = root / "pg-facts"
+    facts.mkdir()
+    (facts / "hba_file").write_text(inside(pg["settings"]["hba_file"]))
+    # As the server lists them: SELECT ... FROM pg_authid WHERE rolcanlogin AND rolpassword LIKE 'md5%'.
+    (facts / "md5-roles").write_text(" ".join(facts_["quoted"] for _, facts_ in sorted(pg["roles"].items())
+                                              if facts_["login"] and facts_["password"] == "md5"))
+    rules = sorted((rule for rule in pg.get("hba") or [] if not rule.get("error")), key=lambda rule: rule["rule"])
+    (facts / "live-rules.json").write_text(json.dumps([
+        {"file_name": inside(rule["file"]), "line_number": rule["line"], "type": rule["type"],
+         "database": rule["databases"], "user_name": rule["users"], "address": rule["address"],
+         "netmask": rule["netmask"], "auth_method": rule["method"]} for rule in rules] or None))
+    conf_dir = root / "conf"
+    (conf_dir / "conf.d").mkdir(parents=True)
+    return {"PG_CHECK_ONLY": str(facts), "PG_CONF_DIR": str(conf_dir)}
+
+
+# The file pg-configure.sh writes the settings to, in the directory of postgresql.conf.
+MANAGED_CONF = "conf.d/katforge.conf"
+
+
+def overridden(pg: dict, names: Iterable[str]) -> list[str]:
+    """Each of `names` (katforge.conf's settings) that a file the server reads after katforge.conf sets
+    again, as "<name> from <file> line <n>", the one that wins: what pg-configure.sh finds in
+    pg_settings.sourcefile after its reload. The server reads postgresql.conf in order, the files of an
+    include_dir in their names' byte order where the directive stands, and postgresql.auto.conf last; so
+    katforge.conf comes after what it already follows, or where conf.d's include puts it."""
+    settings = pg.get("settings") or {}
+    config_file = settings.get("config_file")
+    if not config_file:
+        return []
+    conf_dir = Path(config_file).parent
+    managed = str(conf_dir / MANAGED_CONF)
+    # Not only the applied rows: an entry a later one overrides is not applied.
+    rows = [row for row in pg.get("fileSettings") or [] if row.get("file")]
+    own = [row["seqno"] for row in rows if row["file"] == managed]
+    include = next((i["line"] for i in pg.get("confIncludes") or []
+                    if re.fullmatch(r"include_dir\s*=?\s*'?(conf\.d|" + re.escape(str(conf_dir / "conf.d")) + r")/?'?"
+                                    r"\s*(#.*)?", i["text"])), None)
+
+    if not own and include is None:
+        return [f"all of them ({config_file} includes no conf.d, so the server never reads katforge.conf)"]
+
+    def after(row: dict) -> bool:
+        if own:
+            return row["seqno"] > min(own)
+        path = Path(row["file"])
+        if path.name == "postgresql.auto.conf" and str(path.parent) == settings.get("data_directory"):
+            return True
+        if path.parent == conf_dir / "conf.d":
+            return path.name.encode() > Path(MANAGED_CONF).name.encode()
+        return row["file"] == config_file and include is not None and (row["line"] or 0) > include
+
+    found = []
+    for name in names:
+        later = [row for row in rows if row["name"] == name and row["file"] != managed and after(row)]
+        if later:
+            row = max(later, key=lambda r: r["seqno"])
+            found.append(f"{name} from {row['file']} line {row['line']}")
+    return found
 
 
 # Settings pg-configure.sh writes that PostgreSQL reads only at start (postmaster context, PostgreSQL 16)

@@ -181,7 +181,7 @@ main() {
               WHEN rolpassword LIKE 'SCRAM-SHA-256\$%' THEN 'scram-sha-256'
               WHEN rolpassword ~ '^md5[0-9a-f]{32}\$' THEN 'md5'
               ELSE 'plaintext' END,
-         COALESCE(rolvaliduntil::text, '')
+         COALESCE(rolvaliduntil::text, ''), quote_ident(rolname)
    FROM pg_authid WHERE rolname !~ '^pg_' ORDER BY rolname;
   SELECT 'pg-database', datname, pg_get_userbyid(datdba), pg_encoding_to_char(encoding), datallowconn
    FROM pg_database WHERE NOT datistemplate ORDER BY datname;
@@ -190,12 +190,53 @@ main() {
          COALESCE(address, ''), COALESCE(netmask, ''), COALESCE(auth_method, ''),
          COALESCE(array_to_string(ARRAY(SELECT regexp_replace(o, '^(ldapbindpasswd|radiussecrets)=.*', '\\1=$REDACTED')
                                         FROM unnest(options) o), ','), ''),
-         COALESCE(error, '')
-   FROM pg_hba_file_rules ORDER BY line_number;
+         COALESCE(error, ''), COALESCE(file_name, ''), COALESCE(rule_number::text, '')
+   FROM pg_hba_file_rules ORDER BY file_name, line_number;
+  -- The text of pg_hba's rules, their secrets redacted; all of a file pg-configure.sh wrote (no comment of
+  -- the operators' there), to tell whether its next run would change it.
+  SELECT 'pg-hba-line', f.name, l.n,
+         regexp_replace(l.line, '((ldapbindpasswd|radiussecrets?)[[:space:]]*=[[:space:]]*)(\"[^\"]*\"|[^[:space:]]+)',
+                        '\\1$REDACTED', 'gi')
+   FROM (SELECT file_name FROM pg_hba_file_rules UNION SELECT current_setting('hba_file')) AS f (name),
+        LATERAL (SELECT coalesce(pg_read_file(f.name, true), '')) AS r (text),
+        LATERAL unnest(string_to_array(r.text, E'\n')) WITH ORDINALITY AS l (line, n)
+   WHERE r.text LIKE '# Managed by katforge%'
+      OR l.n IN (SELECT line_number FROM pg_hba_file_rules h WHERE h.file_name = f.name)
+   ORDER BY f.name, l.n;
+  -- Where each setting is set, in the order the server reads the files (no value: one may be a secret),
+  -- and postgresql.conf's include directives: what a file pg-configure.sh writes would come after.
+  SELECT 'pg-file-setting', seqno, name, COALESCE(sourcefile, ''), COALESCE(sourceline::text, ''), applied
+   FROM pg_file_settings ORDER BY seqno;
+  SELECT 'pg-conf-include', l.n, btrim(l.line)
+   FROM unnest(string_to_array(coalesce(pg_read_file(current_setting('config_file'), true), ''), E'\n'))
+        WITH ORDINALITY AS l (line, n)
+   WHERE l.line ~* '^[[:space:]]*include(_dir|_if_exists)?[[:space:]=]';
   -- A setting changed in the files that only a restart applies: running value, then the files'.
   SELECT 'pg-pending-restart', s.name, current_setting(s.name),
          COALESCE((SELECT f.setting FROM pg_file_settings f WHERE f.name = s.name ORDER BY f.seqno DESC LIMIT 1), '')
    FROM pg_settings s WHERE s.pending_restart ORDER BY s.name;
+  "
+  # Schemas, relations and functions postgres owns outside public and the system schemas (not an
+  # extension's, not a sequence that belongs to a column), at most 200.
+  foreign_owned="
+  SELECT 'pg-foreign-owned', current_database(), kind, name FROM (
+    SELECT 'schema', quote_ident(n.nspname), n.oid, 'pg_namespace'::regclass, n.nspname
+      FROM pg_namespace n WHERE n.nspowner = 'postgres'::regrole
+    UNION ALL
+    SELECT CASE c.relkind WHEN 'v' THEN 'view' WHEN 'm' THEN 'materialized view' WHEN 'S' THEN 'sequence'
+                          WHEN 'f' THEN 'foreign table' ELSE 'table' END,
+           c.oid::regclass::text, c.oid, 'pg_class'::regclass, n.nspname
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relowner = 'postgres'::regrole AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+       AND NOT EXISTS (SELECT FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                         AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i'))
+    UNION ALL
+    SELECT 'function', p.oid::regprocedure::text, p.oid, 'pg_proc'::regclass, n.nspname
+      FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE p.proowner = 'postgres'::regrole
+  ) AS o (kind, name, object, catalog, schema)
+  WHERE o.schema NOT IN ('public', 'information_schema') AND o.schema !~ '^pg_'
+    AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = o.catalog AND e.objid = o.object AND e.deptype = 'e')
+  ORDER BY kind, name LIMIT 200;
   "
   if [[ ! -x $pg_bin/psql ]]; then
     emit postgres-absent "$pg_bin/psql"
@@ -204,6 +245,17 @@ main() {
     emit postgres-error "$(head -n 1 <<<"$facts")"
   else
     printf '%s\n' "$facts"
+    # In each database but postgres: what postgres owns outside schema public. pg-database.sh gives the
+    # stage's role what postgres owns in public only; the rest the apps could not use as that role.
+    awk -F '\t' '$1 == "pg-database" && $5 == "t" && $2 != "postgres" { print $2 }' <<<"$facts" |
+      while IFS= read -r database; do
+        if ! owned=$(runuser -u postgres -- "$pg_bin/psql" -X -A -t -q -F $'\t' -v ON_ERROR_STOP=1 -d "$database" \
+                       -c "$foreign_owned" 2>&1); then
+          emit pg-foreign-owned-error "$database" "$(head -n 1 <<<"$owned")"
+        elif [[ -n $owned ]]; then
+          printf '%s\n' "$owned"
+        fi
+      done
   fi
 }
 

@@ -16,6 +16,13 @@
 #                     never restarts at the same time; default /run/lock/katforge-restart.lock
 # KATFORGE_RESTART_LOCK_WAIT  seconds to wait for it; default 900
 # PGHOST, PGPORT      libpq's usual settings, to reach the server's local socket.
+# PG_CHECK_ONLY       a directory of facts read on the host (`make preflight` writes it from `make discover`,
+#                     tools/preflight.py): decide whether a run would refuse before changing anything (md5
+#                     roles, live pg_hba rules), exactly as a run does, and change nothing. What the server
+#                     would answer is in its files: `hba_file` (the path of pg_hba.conf, under PG_CONF_DIR's
+#                     tree), `md5-roles`, `live-rules.json`. Settings waiting for a restart and settings a
+#                     later file overrides are not decided here (they need the server). Exits as a refusing run
+#                     would, else 0.
 #
 # Runs as root. Identical files change nothing: no reload, no restart. A changed candidate is swapped
 # in and checked by PostgreSQL itself (the server's own parser on the configuration files, and the
@@ -50,12 +57,15 @@ header="# Managed by katforge (infra/host/pg-configure.sh): changes made here ar
 
 # The superuser connects as the postgres OS user, whom pg_hba admits over the socket (peer).
 sql() { runuser -u postgres -- "$bin_dir/psql" -X -A -t -q -v ON_ERROR_STOP=1 -d postgres -c "$1"; }
+check_only=${PG_CHECK_ONLY:-}
+# What the server answers to the query $2; in a check, the fact $1 discovery read.
+ask() { if [[ -n $check_only ]]; then cat "$check_only/$1"; else sql "$2"; fi; }
 
 main_conf=$conf_dir/postgresql.conf
 # The server's owner: it must be able to read every file written here.
-owner=$(stat -c %U "$main_conf")
+[[ -n $check_only ]] || owner=$(stat -c %U "$main_conf")
 # Assigned on its own: errexit sees a failed command substitution only in a plain assignment.
-hba_file=$(sql 'SHOW hba_file')
+hba_file=$(ask hba_file 'SHOW hba_file')
 managed_conf=$conf_dir/conf.d/katforge.conf
 declare -A target=([katforge.conf]="$managed_conf" [pg_hba.conf]="$hba_file")
 
@@ -162,8 +172,8 @@ PY
 if [[ " ${changed[*]} " == *" pg_hba.conf "* ]]; then
   refused=false
   # pg_hba's scram-sha-256 cannot check an md5 hash: these roles would be locked out.
-  md5_roles=$(sql "SELECT string_agg(quote_ident(rolname), ' ' ORDER BY rolname) FROM pg_authid
-                   WHERE rolcanlogin AND rolpassword LIKE 'md5%'")
+  md5_roles=$(ask md5-roles "SELECT string_agg(quote_ident(rolname), ' ' ORDER BY rolname) FROM pg_authid
+                             WHERE rolcanlogin AND rolpassword LIKE 'md5%'")
   if [[ -n $md5_roles ]]; then
     log "refusing to replace pg_hba.conf; nothing was changed. These login roles have md5 password hashes,"
     log "which the new pg_hba.conf (scram-sha-256 only) would lock out: $md5_roles"
@@ -176,7 +186,7 @@ if [[ " ${changed[*]} " == *" pg_hba.conf "* ]]; then
   fi
   # A file this script wrote holds the configuration's rules only: one it did not is compared.
   if [[ -e $hba_file && $(head -n 1 "$hba_file") != "$header" ]]; then
-    sql "SELECT json_agg(json_build_object('file_name', file_name, 'line_number', line_number, 'type', type,
+    ask live-rules.json "SELECT json_agg(json_build_object('file_name', file_name, 'line_number', line_number, 'type', type,
                   'database', database, 'user_name', user_name, 'address', address, 'netmask', netmask,
                   'auth_method', auth_method) ORDER BY rule_number)
            FROM pg_hba_file_rules WHERE error IS NULL" >"$work/live-rules.json"
@@ -195,6 +205,10 @@ if [[ " ${changed[*]} " == *" pg_hba.conf "* ]]; then
     fi
   fi
   if $refused; then exit 1; fi
+fi
+if [[ -n $check_only ]]; then
+  log "check only: nothing refused before the change"
+  exit 0
 fi
 
 swap_in() {

@@ -10,11 +10,11 @@ init container is the migration's health check (the operators' page), so its fai
 once, exit 1, with the container's reason, as does a crash-looping or unpullable container (kubectl
 would wait for the progress deadline, 10 minutes).
 
-What Pulumi does afterwards (the notes below): the Deployments go through a client-side-apply provider
-with the image fields ignored (infra/bootstrap.py, kubernetes_providers). Its diff compares the program
-with the object as Pulumi last recorded it, so a plain `pulumi up` sees nothing of a rollback; a refresh
-records the live Deployment (inputs and all), after which the update's three-way patch against the live
-object puts the program's fields back and leaves the live image (pulumi-kubernetes provider/pkg/provider
+What Pulumi does afterwards (the notes below): every preview and up refreshes first (Pulumi.yaml,
+`refresh: always`), which records the live Deployment, rolled-back image and template included. The
+Deployments go through a client-side-apply provider with the image fields ignored (infra/bootstrap.py,
+kubernetes_providers): an ignored field keeps the refreshed value, and the update's three-way patch
+against the live object puts the program's other fields back (pulumi-kubernetes provider/pkg/provider/
 provider.go, Diff and Read; provider/pkg/await/await.go, csaUpdate; apimachinery's
 CreateThreeWayMergePatch: "the difference from current to modified").
 """
@@ -31,16 +31,14 @@ from hearth.kube import Cluster, HearthError
 
 # What stays true after a rollback, said every time (README, "Rolling back"; the operators' page, Rollback).
 PULUMI_IMAGES_NOTE = ("Pulumi: only the images changed, and the program ignores them (infra/apps.py, IMAGE_FIELDS): "
-                      "`pulumi up --refresh` keeps this rollback.")
+                      "the next `pulumi up` refreshes first (Pulumi.yaml) and keeps this rollback.")
 PULUMI_TEMPLATE_NOTE = ("Pulumi: the images are the ship pipeline's, but the rest of the pod template is the "
-                        "program's, and a `pulumi up` without --refresh compares the program with what Pulumi last "
-                        "recorded, not with the live Deployment: the differences above stay (`pulumi preview "
-                        "--refresh` shows them). `pulumi up --refresh` (or `pulumi refresh`, then `pulumi up`) reads "
-                        "the live Deployment first and patches the program's template back over it, keeping this "
-                        "image: the app then rolls out once more.")
+                        "program's: the next `pulumi up` refreshes first (Pulumi.yaml), sees the differences above "
+                        "(`pulumi preview` shows them) and patches the program's template back over the live "
+                        "Deployment, keeping this image: the app then rolls out once more.")
 TEMPLATE_WARNING = ("warning: revision {revision} differs from what runs in more than its images (above): the "
-                    "rollback puts back its whole pod template, as kubectl rollout undo does, and Pulumi does not "
-                    "put the program's back until a `pulumi up --refresh`. To roll back the images only: "
+                    "rollback puts back its whole pod template, as kubectl rollout undo does, until the next "
+                    "`pulumi up` puts the program's back. To roll back the images only: "
                     "hearth rollback {app}{options} --image-only")
 RELEASE_NOTE = ("The GitHub Release of {bad} still says it is the latest: re-ship a fix, or edit that release in "
                 "GitHub (mark it a draft, set the release of {good} as latest; the workflow re-fires).")

@@ -55,7 +55,7 @@ def test_back_to_the_previous_release_after_asking(hearth, running_cluster):
     assert "deployment api: successfully rolled out" in lines
     assert lines[-3:] == [
         "Pulumi: only the images changed, and the program ignores them (infra/apps.py, IMAGE_FIELDS): "
-        "`pulumi up --refresh` keeps this rollback.",
+        "the next `pulumi up` refreshes first (Pulumi.yaml) and keeps this rollback.",
         "The GitHub Release of v1.4.2 still says it is the latest: re-ship a fix, or edit that release in GitHub "
         "(mark it a draft, set the release of v1.4.1 as latest; the workflow re-fires).",
         "api runs v1.4.1"]
@@ -120,7 +120,7 @@ TEMPLATE_CHANGES = [
     "  container api: readinessProbe tcpSocket :http -> none",
     "  container api: resources limits.memory 256Mi -> 320Mi",
     "warning: revision 6 differs from what runs in more than its images (above): the rollback puts back its whole pod "
-    "template, as kubectl rollout undo does, and Pulumi does not put the program's back until a `pulumi up --refresh`. "
+    "template, as kubectl rollout undo does, until the next `pulumi up` puts the program's back. "
     "To roll back the images only: hearth rollback api --image-only",
 ]
 
@@ -135,11 +135,10 @@ def test_a_revision_that_differs_beyond_its_images_is_shown_whole_and_warned_of(
     assert lines[3:3 + len(TEMPLATE_CHANGES)] == TEMPLATE_CHANGES
     assert lines[3 + len(TEMPLATE_CHANGES)].startswith("Roll api back to v1.4.1? [y/N] api rolled back to the template")
     assert lines[-3] == (
-        "Pulumi: the images are the ship pipeline's, but the rest of the pod template is the program's, and a "
-        "`pulumi up` without --refresh compares the program with what Pulumi last recorded, not with the live "
-        "Deployment: the differences above stay (`pulumi preview --refresh` shows them). `pulumi up --refresh` (or "
-        "`pulumi refresh`, then `pulumi up`) reads the live Deployment first and patches the program's template back "
-        "over it, keeping this image: the app then rolls out once more.")
+        "Pulumi: the images are the ship pipeline's, but the rest of the pod template is the program's: the next "
+        "`pulumi up` refreshes first (Pulumi.yaml), sees the differences above (`pulumi preview` shows them) and "
+        "patches the program's template back over the live Deployment, keeping this image: the app then rolls out "
+        "once more.")
     [container] = deployment(running_cluster)["spec"]["template"]["spec"]["containers"]
     assert "readinessProbe" not in container and container["env"][-1]["name"] == "LEGACY_SESSIONS"
 
@@ -157,7 +156,7 @@ def test_image_only_sets_the_revisions_images_and_keeps_the_template(hearth, run
         "Roll api back to v1.4.1? [y/N] api rolled back to the images of revision 6",
     ]
     assert lines[-3:-1] == ["Pulumi: only the images changed, and the program ignores them (infra/apps.py, "
-                            "IMAGE_FIELDS): `pulumi up --refresh` keeps this rollback.",
+                            "IMAGE_FIELDS): the next `pulumi up` refreshes first (Pulumi.yaml) and keeps this rollback.",
                             RELEASE_NOTE_4_2]
     assert lines[-1] == "api runs v1.4.1"
     assert len(patches(running_cluster)) == requests + 1

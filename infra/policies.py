@@ -309,9 +309,17 @@ def workload_statements(scope: EstateScope) -> list[dict]:
     ]
 
 
+def _rds_statements() -> list[dict]:
+    # Reading only, so that CI's refresh and preview work once a stage's database is on RDS; making or
+    # changing the instance, its parameter and subnet groups is an operator's `pulumi up` (README, "Moving a
+    # database to RDS"): the instance holds the data, and its master password travels in the request.
+    return [{"Sid": "RdsRead", "Effect": "Allow", "Action": ["rds:Describe*", "rds:ListTagsForResource"],
+             "Resource": "*"}]
+
+
 def deploy_statements(scope: EstateScope) -> list[dict]:
     return [*_ec2_statements(scope), *_dns_statements(scope), *_ses_statements(scope), *_s3_statements(scope),
-            *_iam_statements(scope)]
+            *_iam_statements(scope), *_rds_statements()]
 
 
 def deploy_policy(scope: EstateScope) -> str:
@@ -329,9 +337,10 @@ def boundary_policy(scope: EstateScope) -> str:
     tagged = deploy["Ec2ManageTagged"]["Resource"]
     iam = deploy["IamManage"]["Resource"]
     statements = (
-        # Reading configuration (no data): EC2, Route 53 and IAM.
+        # Reading configuration (no data): EC2, Route 53, IAM and RDS.
         {"Sid": "Read", "Effect": "Allow",
-         "Action": ["ec2:Describe*", "route53:Get*", "route53:List*", "iam:Get*", "iam:List*"], "Resource": "*"},
+         "Action": ["ec2:Describe*", "route53:Get*", "route53:List*", "iam:Get*", "iam:List*", "rds:Describe*",
+                    "rds:List*"], "Resource": "*"},
         deploy["Ec2CreateTagged"], deploy["Ec2TagOnCreate"], deploy["Ec2LaunchInto"],
         deploy["Ec2UbuntuImagesOnly"],
         {"Sid": "Ec2Estate", "Effect": "Allow", "Action": "ec2:*", "Resource": tagged,

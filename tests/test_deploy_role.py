@@ -70,6 +70,9 @@ ACCEPTED = {
     ("katforge-github-deploy-policy", "Ec2Read", "RESOURCE_STAR"):
         "ec2:Describe* has no resource-level permissions for most of its actions",
     ("permissions-boundary", "ec2:Describe*", "RESOURCE_STAR"): "the same",
+    ("katforge-github-deploy-policy", "RdsRead", "RESOURCE_STAR"):
+        "a refresh of the RDS instance and its groups: configuration, no data; several Describe* calls list "
+        "account-wide",
     **{(doc, sid, "RESOURCE_MISMATCH"): "RunInstances and the calls that name several resource types are split "
        "into one statement per type, so each type gets its own condition (tag, owner)"
        for doc in ("katforge-github-deploy-policy",)
@@ -200,6 +203,9 @@ ESTATE_WORK = [
     ("ses:VerifyDomainDkim", "*", {"aws:RequestedRegion": REGION}),
     ("s3:PutBucketVersioning", f"arn:aws:s3:::{BACKUPS}", {}),
     ("s3:PutObject", f"arn:aws:s3:::{STATE}/.pulumi/stacks/katforge/prod.json", {}),
+    # A refresh once a stage's database is on RDS (every run refreshes).
+    ("rds:DescribeDBInstances", f"arn:aws:rds:{REGION}:{ACCOUNT}:db:katforge-postgres", {}),
+    ("rds:DescribeDBParameters", f"arn:aws:rds:{REGION}:{ACCOUNT}:pg:katforge-postgres", {}),
 ]
 
 
@@ -280,6 +286,10 @@ NOT_THE_DEPLOYS = [
     ("ec2:TerminateInstances", ec2("instance", "i-0abc12345def67890"), TAGGED),
     ("s3:DeleteBucket", f"arn:aws:s3:::{BACKUPS}", {}),
     ("s3:PutObject", f"arn:aws:s3:::{BACKUPS}/prod/katforge/planted.dump", {}),
+    # The RDS instance holds the data: making, changing or deleting it is an operator's `pulumi up`.
+    *((action, f"arn:aws:rds:{REGION}:{ACCOUNT}:db:katforge-postgres", {}) for action in (
+        "rds:CreateDBInstance", "rds:ModifyDBInstance", "rds:DeleteDBInstance", "rds:RestoreDBInstanceFromDBSnapshot")),
+    ("rds:ModifyDBParameterGroup", f"arn:aws:rds:{REGION}:{ACCOUNT}:pg:katforge-postgres", {}),
 ]
 
 
@@ -325,6 +335,7 @@ def test_the_preview_role_reads_the_state_but_never_a_dump():
                    plan_document("permissions-boundary"))
     assert allowed(preview, "s3:GetObject", f"arn:aws:s3:::{STATE}/.pulumi/stacks/katforge/prod.json")
     assert allowed(preview, "ec2:DescribeInstances", "*")
+    assert allowed(preview, "rds:DescribeDBInstances", f"arn:aws:rds:{REGION}:{ACCOUNT}:db:katforge-postgres")
     assert allowed(preview, "s3:PutObject", f"arn:aws:s3:::{STATE}/katforge-ci-locks/wireguard-ci-preview-prod.json")
     assert not allowed(preview, "s3:GetObject", f"arn:aws:s3:::{BACKUPS}/prod/katforge/20270115T033000Z.dump")
     assert not allowed(preview, "s3:PutObject", f"arn:aws:s3:::{STATE}/.pulumi/stacks/katforge/prod.json")

@@ -50,6 +50,8 @@ class HostRole:
     # that private key lying around unattached, while a lost key costs each peer one line of config.
     keep_root_volume: bool
     instance_profile: Optional[pulumi.Input[str]] = None
+    # The rules of security_group (Network.rules_of): in place before the instance joins the group.
+    group_rules: tuple[pulumi.Resource, ...] = ()
     holds_state: bool = True  # protected and termination-protected; False for an agent
     tags: tuple[tuple[str, str], ...] = ()
 
@@ -91,7 +93,10 @@ class Host(pulumi.ComponentResource):
             volume_tags={ESTATE_TAG[0]: ESTATE_TAG[1]},
             # An agent's replacement goes first (its node drained and deleted, infra/bootstrap.py): k3s
             # refuses a second node of the same name.
+            # The group's rules first: adopting a live host swaps it onto the program's group, which must
+            # already allow what the live one did (SSH, the k3s API, WireGuard) when the swap happens.
             opts=pulumi.ResourceOptions(parent=self, protect=role.holds_state, ignore_changes=LAUNCH_ONLY,
+                                        depends_on=list(role.group_rules),
                                         delete_before_replace=not role.holds_state,
                                         import_=adopt.import_id("Instance", role.name)),
         )
@@ -129,10 +134,12 @@ class Hosts(pulumi.ComponentResource):
                               opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True,
                                                           import_=adopt.import_id("KeyPair", "operators")))
         self.k3s = Host(HostRole("k3s", hosts.k3s, k3s_private_ip, network.k3s_subnet_id, network.k3s_sg,
-                                 forwards_packets=False, keep_root_volume=True, instance_profile=instance_profile),
+                                 forwards_packets=False, keep_root_volume=True, instance_profile=instance_profile,
+                                 group_rules=tuple(network.rules_of(network.k3s_sg))),
                         ami.id, key.key_name, addresses.k3s, child)
         self.vpn = Host(HostRole("vpn", hosts.vpn, None, network.vpn_subnet_id, network.vpn_sg,
-                                 forwards_packets=True, keep_root_volume=False),
+                                 forwards_packets=True, keep_root_volume=False,
+                                 group_rules=tuple(network.rules_of(network.vpn_sg))),
                         ami.id, key.key_name, addresses.vpn, child)
         self.agents = {agent.name: Host(agent_role(agent, network), ami.id, key.key_name, None, child)
                        for agent in hosts.k3s_agents}
@@ -143,4 +150,5 @@ def agent_role(agent: AgentSpec, network: Network) -> HostRole:
     spec = HostSpec(instance_type=agent.instance_type, expected_public_ip="", root_volume=AGENT_ROOT_VOLUME,
                     keep_security_groups=())
     return HostRole(agent.name, spec, agent.private_ip, network.agent_subnet_ids[agent.private_ip], network.agent_sg,
-                    forwards_packets=False, keep_root_volume=False, holds_state=False, tags=(AGENT_TAG,))
+                    forwards_packets=False, keep_root_volume=False, group_rules=tuple(network.rules_of(network.agent_sg)),
+                    holds_state=False, tags=(AGENT_TAG,))

@@ -110,6 +110,8 @@ class Network(pulumi.ComponentResource):
                                  for ip in agent_ips}
 
         self.groups: dict[str, aws.ec2.SecurityGroup] = {}
+        # Each group's rule resources: what an instance that joins the group waits for (rules_of).
+        self.rules: dict[aws.ec2.SecurityGroup, list[pulumi.Resource]] = {}
         self.vpn_sg = self._group(VPN_SG, "vpn", "WireGuard VPN host")
         self.k3s_sg = self._group(K3S_SG, "k3s", "k3s host: sites, k3s API, SSH, PostgreSQL")
         self.agent_sg = self._group(AGENT_SG, "k3s-agents", "k3s agents: node-to-node traffic only") \
@@ -137,15 +139,22 @@ class Network(pulumi.ComponentResource):
                                                  tags={"Name": name, **TAGS}, opts=pulumi.ResourceOptions(parent=self))
         return self.groups[key]
 
+    def rules_of(self, group: aws.ec2.SecurityGroup) -> list[pulumi.Resource]:
+        """The rules of one of the groups: an instance that joins the group depends on them, so a live host
+        swapped onto the program's group (its first `up`) finds SSH, the k3s API and WireGuard already open,
+        never an empty group for the seconds between (a group's rules are resources of their own)."""
+        return list(self.rules.get(group, []))
+
     def _rules(self, name: str, group: aws.ec2.SecurityGroup, rules: tuple[Rule, ...], egress: bool = True) -> None:
         in_group = pulumi.ResourceOptions(parent=group)
+        made = self.rules.setdefault(group, [])
         for rule in rules:
             for peer, label in filter(None, map(self._source, rule.sources)):
-                aws.vpc.SecurityGroupIngressRule(
+                made.append(aws.vpc.SecurityGroupIngressRule(
                     f"{name}-{rule.protocol}{rule.port}-from-{label}", security_group_id=group.id,
                     ip_protocol=rule.protocol, from_port=rule.port, to_port=rule.port,
-                    description=rule.why, tags=TAGS, **peer, opts=in_group)
+                    description=rule.why, tags=TAGS, **peer, opts=in_group))
         if egress:
-            aws.vpc.SecurityGroupEgressRule(f"{name}-egress", security_group_id=group.id, ip_protocol="-1",
-                                            cidr_ipv4=ANYWHERE, description="outbound: packages, ACME, SES, S3",
-                                            tags=TAGS, opts=in_group)
+            made.append(aws.vpc.SecurityGroupEgressRule(
+                f"{name}-egress", security_group_id=group.id, ip_protocol="-1", cidr_ipv4=ANYWHERE,
+                description="outbound: packages, ACME, SES, S3", tags=TAGS, opts=in_group))

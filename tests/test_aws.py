@@ -387,3 +387,16 @@ def test_dns_challenge_key_is_a_secret_output(prod):
 def test_no_secret_value_reaches_the_plan(stack):
     text = evaluate_cached(stack).to_json()
     assert "offline-placeholder" not in text and "offline-secret" not in text and "offline-smtp" not in text
+
+
+@pytest.mark.parametrize("name", ["k3s", "vpn"])
+def test_a_host_joins_its_security_group_only_after_the_groups_rules_exist(prod, name):
+    """Adopting a live host swaps it onto the program's group: were the group still empty then, SSH, the k3s
+    API or WireGuard would be closed until its rules were made."""
+    host = instance(prod, name)
+    groups = set(host.options["property_dependencies"]["vpcSecurityGroupIds"])
+    rules = {r.urn for rule_type in ("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule",
+                                     "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule")
+             for r in prod.of_type(rule_type) if groups & set(r.options["property_dependencies"]["securityGroupId"])}
+    assert len(rules) >= 2  # SSH and more, and the egress
+    assert rules <= set(host.options["depends_on"])

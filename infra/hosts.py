@@ -130,9 +130,15 @@ class Hosts(pulumi.ComponentResource):
         # The name is fixed, so a replacement (a new public key) must delete the old pair first: EC2
         # refuses a second pair of that name. Running hosts never notice: a key pair only seeds a new
         # instance's authorized_keys, and the hosts ignore keyName.
+        # An adopted pair keeps the public key it holds: publicKey is force-new, and an import reads it as
+        # EC2 returns it (DescribeKeyPairs with IncludePublicKey: its own comment, or nothing at all from a
+        # provider that does not ask; terraform-provider-aws ec2_key_pair.go, resourceKeyPairRead), so any
+        # text but that one would replace the pair on the first `up`. make preflight flags a live pair
+        # that holds another key than sshPublicKey; moving it to a new key is `pulumi up --replace`.
+        key_import = adopt.import_id("KeyPair", "operators")
         key = aws.ec2.KeyPair("operators", key_name="katforge-operators", public_key=hosts.ssh_public_key,
-                              opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True,
-                                                          import_=adopt.import_id("KeyPair", "operators")))
+                              opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True, import_=key_import,
+                                                          ignore_changes=["publicKey"] if key_import else None))
         self.k3s = Host(HostRole("k3s", hosts.k3s, k3s_private_ip, network.k3s_subnet_id, network.k3s_sg,
                                  forwards_packets=False, keep_root_volume=True, instance_profile=instance_profile,
                                  group_rules=tuple(network.rules_of(network.k3s_sg))),

@@ -13,7 +13,7 @@ estate really looks like rather than what the program would make:
 - security groups made by hand, one with an extra live rule (SSH from an admin /32) and the VPN's
   SSH open to the world;
 - IAM users traefik-dns-challenge (AmazonRoute53FullAccess, as the spec says) and ses-sender, key pair
-  katforge-operators, the GitHub OIDC provider and configuration set katforge, under the program's names;
+  katforge-operators (the stack's key, with the comment EC2 gives it), the GitHub OIDC provider and configuration set katforge, under the program's names;
 - the two hosted zones (created by hand: moto gives them random IDs), the spec's records with TTL 3600;
 - SES identity katforge.com with Easy DKIM and its records, but no MAIL FROM domain.
 
@@ -37,8 +37,8 @@ from typing import Any
 
 import boto3
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from tools.offline import OPERATOR_PLACEHOLDERS
 
 REGION = "us-east-2"
 K3S_PRIVATE_IP = "172.31.14.98"
@@ -133,9 +133,11 @@ class Account:
                             aws_session_token=self.credentials.get("AWS_SESSION_TOKEN"))
 
 
-def ssh_public_key() -> str:
-    key = ed25519.Ed25519PrivateKey.generate().public_key()
-    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+def operators_key() -> str:
+    """The key the stack's sshPublicKey holds (the offline plan's), as EC2 returns an imported key: the same
+    type and key, another comment (the pair's name)."""
+    kind, blob, *_ = OPERATOR_PLACEHOLDERS["sshPublicKey"].split()
+    return f"{kind} {blob} katforge-operators"
 
 
 def _zones(account: Account) -> dict[str, str]:
@@ -181,7 +183,7 @@ def build_live(account: Account) -> Account:
     k3s_subnet = next(cidr for cidr in subnets
                       if ipaddress.ip_address(K3S_PRIVATE_IP) in ipaddress.ip_network(cidr))
     [ami] = ec2.describe_images(ImageIds=[UBUNTU_AMI["ami_id"]])["Images"]
-    ec2.import_key_pair(KeyName="katforge-operators", PublicKeyMaterial=ssh_public_key().encode())
+    ec2.import_key_pair(KeyName="katforge-operators", PublicKeyMaterial=operators_key().encode())
 
     vpn_sg = ec2.create_security_group(GroupName="wireguard", Description="launch-wizard-2", VpcId=vpc)["GroupId"]
     _ingress(ec2, vpn_sg, "udp", 51820, cidr="0.0.0.0/0", why="wireguard")

@@ -400,3 +400,12 @@ def test_a_host_joins_its_security_group_only_after_the_groups_rules_exist(prod,
              for r in prod.of_type(rule_type) if groups & set(r.options["property_dependencies"]["securityGroupId"])}
     assert len(rules) >= 2  # SSH and more, and the egress
     assert rules <= set(host.options["depends_on"])
+
+
+def test_an_adopted_key_pair_keeps_its_public_key_and_a_new_one_takes_the_configured_one(prod):
+    """publicKey is force-new and an import reads EC2's text of it (its own comment): only an adopted pair
+    ignores it, so that adopting it replaces nothing; a new pair gets sshPublicKey."""
+    assert not prod.named("operators", "aws:ec2/keyPair:KeyPair").options.get("ignore_changes")
+    adopted = evaluate("prod", {"katforge:imports": ["KeyPair:operators=katforge-operators"]})
+    key = adopted.named("operators", "aws:ec2/keyPair:KeyPair")
+    assert key.options["import_id"] == "katforge-operators" and key.options["ignore_changes"] == ["publicKey"]

@@ -11,7 +11,7 @@ import pytest
 from botocore.stub import Stubber
 
 from tests.live_account import (ADMIN_CIDR, DKIM_TTL, K3S_PRIVATE_IP, K3S_PUBLIC_IP, LIVE_TTL, VPN_PUBLIC_IP,
-                                UBUNTU_AMI, VPN_SUBNET)
+                                UBUNTU_AMI, VPN_SUBNET, operators_key)
 from tools import discover_aws
 from tools.discover_targets import targets
 
@@ -96,6 +96,8 @@ def test_account_unique_names_that_exist_live(live, live_account):
         "type": "aws:iam/userPolicy:UserPolicy", "id": "ses-sender:ses-send"}}}
     assert live["keyPairs"]["katforge-operators"]["import"]["id"] == "katforge-operators"
     assert live["keyPairs"]["katforge-operators"]["fingerprint"]
+    # Its public key, as an import reads it (preflight compares it with sshPublicKey).
+    assert live["keyPairs"]["katforge-operators"]["publicKey"] == operators_key()
     assert live["iam"]["oidcProviders"]["token.actions.githubusercontent.com"]["import"] == {
         "type": "aws:iam/openIdConnectProvider:OpenIdConnectProvider", "id": live_account.made["oidc"]}
     assert live["ses"]["configurationSets"]["katforge"]["import"]["id"] == "katforge"

@@ -176,6 +176,29 @@ def test_a_create_that_collides_with_a_live_name(plans, stack, passing):
     assert assess(plans, stack, passing[0]).hazards == []  # or deleted by hand
 
 
+def test_an_adopted_key_pair_keeps_the_text_ec2_gives_its_key(plans, stack, passing):
+    # EC2 returns the key with a comment of its own: imported as it is, the pair would be replaced for a comment.
+    live = passing[0]["aws"]["keyPairs"]["katforge-operators"]["publicKey"]
+    planned = plans(stack, passing[0]).named("operators", "aws:ec2/keyPair:KeyPair").inputs["publicKey"]
+    assert live != planned and preflight.key_material(live) == preflight.key_material(planned)
+    report = assess(plans, stack, passing[0])
+    assert report.row("KeyPair:operators").op == "import unchanged" and report.hazards == []
+
+
+def test_a_live_key_pair_that_holds_another_key(plans, stack, passing):
+    document = copy.deepcopy(passing[0])
+    pair = document["aws"]["keyPairs"]["katforge-operators"]
+    pair["publicKey"] = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFub3RoZXIta2V5LW9mLXRoZS1vcGVyYXRvcnMtMDA katforge-operators"
+    line = only(assess(plans, stack, document), "KeyPair:operators: the live key pair katforge-operators holds another "
+                                                f"key ({pair['fingerprint']}) than katforge:sshPublicKey")
+    assert "aws ec2 delete-key-pair --key-name katforge-operators" in line
+    # The pair deleted by hand and discovery run again (no import line): the first up creates it.
+    document["aws"]["keyPairs"]["katforge-operators"] = {"exists": False}
+    imports = [line for line in stackfile.read(stack, SCHEMA)["katforge:imports"] if not line.startswith("KeyPair:")]
+    report = assess(plans, setting(stack, imports=imports), document)
+    assert report.hazards == [] and report.row("KeyPair:operators").op == "create"
+
+
 def test_a_kubernetes_object_that_exists_but_is_not_imported(plans, stack, passing):
     document = copy.deepcopy(passing[0])
     document["cluster"]["objects"]["NetworkPolicy default/default-deny"] = {"exists": True, "import": {

@@ -188,10 +188,12 @@ class Aws:
                 "description": r.get("Description"), **source}
 
     def key_pair(self, name: str) -> dict:
-        pair = self.client("ec2").describe_key_pairs(KeyNames=[name])["KeyPairs"][0]
+        # The public key (public, as its name says) is what an import reads into the state, and what
+        # preflight compares with sshPublicKey: a pair that seeds new instances with another key.
+        pair = self.client("ec2").describe_key_pairs(KeyNames=[name], IncludePublicKey=True)["KeyPairs"][0]
         return {"exists": True, "import": imported("aws:ec2/keyPair:KeyPair", name),
                 "keyPairId": pair.get("KeyPairId"), "keyType": pair.get("KeyType"),
-                "fingerprint": pair.get("KeyFingerprint")}
+                "fingerprint": pair.get("KeyFingerprint"), "publicKey": pair.get("PublicKey")}
 
     # --- IAM ---------------------------------------------------------------------------------
 

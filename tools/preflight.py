@@ -145,7 +145,11 @@ def _secret_data(m: Match) -> list[tuple[str, Any, Any]]:
 LIVE_INPUTS = {
     "aws:ec2/instance:Instance": _instance,
     "aws:ec2/eip:Eip": lambda live, planned: {"domain": live.get("domain")},
-    "aws:ec2/keyPair:KeyPair": lambda live, planned: {"keyName": (live.get("import") or {}).get("id")},
+    # The text an import reads (EC2's, with its own comment): another text than sshPublicKey is a replacement
+    # unless the program ignores publicKey, as it does for an adopted pair (infra/hosts.py).
+    "aws:ec2/keyPair:KeyPair": lambda live, planned: {"keyName": (live.get("import") or {}).get("id"),
+                                                      **({"publicKey": live["publicKey"]} if live.get("publicKey")
+                                                         else {})},
     "aws:iam/user:User": lambda live, planned: {"name": (live.get("import") or {}).get("id"),
                                                 "path": live.get("path")},
     "aws:iam/role:Role": lambda live, planned: {"name": (live.get("import") or {}).get("id")},
@@ -416,6 +420,25 @@ class Checks:
                             "the most AWS allows, so the new key fails: delete the one nothing uses (aws iam "
                             f"list-access-keys --user-name {m.inputs.get('user')}, then delete-access-key)")
 
+    def key_pair(self) -> None:
+        """An adopted key pair keeps the key it holds (its publicKey is ignored, infra/hosts.py): one other than
+        sshPublicKey would seed every new instance (an agent, a rebuilt host) with a key the bootstrap's
+        sshPrivateKey may not open."""
+        for m in self.matches:
+            if m.resource.type != "aws:ec2/keyPair:KeyPair" or not m.exists or not m.resource.options.get("import_id"):
+                continue
+            live, planned = m.live.get("publicKey"), m.inputs.get("publicKey")
+            if not live:
+                self.replace_row(m, "risk", "not checked whether it holds sshPublicKey: discovery read no public key "
+                                            "of it (run make discover again)")
+            elif key_material(live) != key_material(planned):
+                name = m.live_id or m.at
+                self.hazard(f"{m.key}: the live key pair {name} holds another key ({m.live.get('fingerprint')}) than "
+                            f"{PROJECT}:sshPublicKey, and adopting it keeps that key, so a new instance would not "
+                            f"trust sshPrivateKey: set sshPublicKey and sshPrivateKey to the live key's pair, or delete "
+                            f"the live pair (aws ec2 delete-key-pair --key-name {name}; running hosts keep their "
+                            "authorized_keys), then make discover: the first up creates it with sshPublicKey")
+
     def zones(self) -> None:
         zones = ((self.document.get("aws") or {}).get("route53") or {}).get("zones") or {}
         for zone, found in sorted(zones.items()):
@@ -649,7 +672,7 @@ class Checks:
         network = PlannedNetwork(self.plan, self.shown)
         self.sources()
         self.resources()
-        for check in (self.access_keys, self.zones, self.mail_from, self.postgres, self.k3s, self.wireguard,
+        for check in (self.access_keys, self.key_pair, self.zones, self.mail_from, self.postgres, self.k3s, self.wireguard,
                       self.traefik):
             check()
         if self.document.get("aws") is not None:
@@ -827,6 +850,12 @@ def _same_setting(name: str, live: str, wanted: str) -> bool:
     if all(sizes):
         return len({int(s.group(1)) * _UNITS.get(s.group(2) or "kB", 1) for s in sizes}) == 1
     return live.strip() == wanted.strip()
+
+
+def key_material(text: Any) -> tuple[str, ...]:
+    """An OpenSSH public key without its comment: its type and key (EC2 gives an imported key its own
+    comment, so only these two tell keys apart)."""
+    return tuple(text.split()[:2]) if isinstance(text, str) else ()
 
 
 def _admits_ssh(rule: Rule, host: str, vpn_runs: bool, vpn_address: Optional[str]) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import pulumi.runtime
 import yaml
-from pulumi_policy import (EnforcementLevel, PolicyConfigSchema, ReportViolation, ResourceValidationArgs,
+from pulumi_policy import (EnforcementLevel, ReportViolation, ResourceValidationArgs,
                            ResourceValidationPolicy, StackValidationArgs, StackValidationPolicy)
 from pulumi_policy import deserialize as _deserialize
 from pulumi_policy import policy as _policy
@@ -73,6 +73,17 @@ def wireguard_port() -> int:
     return int(value)
 
 
+ROOT_VOLUME_ENCRYPTED = "RootVolumeEncrypted"
+
+
+def kept_unencrypted() -> list[str]:
+    """The hosts whose stack sets `<host>RootVolumeEncrypted` to false itself (the default is true): a live
+    unencrypted root volume kept as it is, by a decision in the stack file, never by a list of the pack's."""
+    config = pulumi.runtime.get_config_env()
+    return [key.removesuffix(ROOT_VOLUME_ENCRYPTED) for key in _declared() if key.endswith(ROOT_VOLUME_ENCRYPTED)
+            and str(config.get(f"{PROJECT}:{key}", "")).lower() == "false"]
+
+
 def secret_config() -> dict[str, str]:
     """Each secret key of Pulumi.yaml that the stack sets -> its plaintext."""
     config = pulumi.runtime.get_config_env()
@@ -81,14 +92,13 @@ def secret_config() -> dict[str, str]:
 
 
 def _resource_policy(name: str, description: str,
-                     check: Callable[[ResourceValidationArgs, dict], list[str]],
-                     config_schema: PolicyConfigSchema | None = None) -> ResourceValidationPolicy:
+                     check: Callable[[ResourceValidationArgs, dict], list[str]]) -> ResourceValidationPolicy:
     def validate(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
         for message in check(args, _plain(args.props)):
             report_violation(message, args.urn)
 
     return ResourceValidationPolicy(name=name, description=description, validate=validate,
-                                    enforcement_level=EnforcementLevel.MANDATORY, config_schema=config_schema)
+                                    enforcement_level=EnforcementLevel.MANDATORY)
 
 
 def _buckets_encrypted(args: StackValidationArgs, report_violation: ReportViolation) -> None:
@@ -108,12 +118,10 @@ POLICIES = [
                      "too) and Traefik's HelmChartConfig are protected; a k3s agent holds no state.",
                      lambda args, inputs: rules.stateful_protected(args.resource_type, {"protect": args.opts.protect},
                                                                    inputs)),
-    _resource_policy("encryption-at-rest", "Disks are encrypted (an adopted unencrypted root volume only when "
-                     "named in the config).",
-                     lambda args, inputs: rules.encrypted_at_rest(
-                         args.resource_type, args.name, inputs, args.get_config().get("unencryptedRootVolumes", [])),
-                     PolicyConfigSchema(properties={"unencryptedRootVolumes": {"type": "array",
-                                                                               "items": {"type": "string"}}})),
+    _resource_policy("encryption-at-rest", "Disks are encrypted (an adopted unencrypted root volume only when the "
+                     "stack sets <host>RootVolumeEncrypted to false).",
+                     lambda args, inputs: rules.encrypted_at_rest(args.resource_type, args.name, inputs,
+                                                                  kept_unencrypted())),
     StackValidationPolicy(name="buckets-encrypted", description="Every bucket has server-side encryption.",
                           validate=_buckets_encrypted, enforcement_level=EnforcementLevel.MANDATORY),
     _resource_policy("imdsv2-only", "Instances require IMDSv2 session tokens.",

@@ -95,12 +95,14 @@ def stateful_protected(resource_type: str, options: Mapping[str, Any],
 
 
 def encrypted_at_rest(resource_type: str, name: str, inputs: Mapping[str, Any],
-                      unencrypted_root_volumes: Iterable[str] = ()) -> list[str]:
+                      kept_unencrypted: Iterable[str] = ()) -> list[str]:
     """Disks are encrypted. An adopted host whose root volume was made unencrypted keeps it (encryption
-    cannot change on a running instance) only when named in the policy's config."""
+    cannot change on a running instance, and another value replaces it) only when the stack says so:
+    `kept_unencrypted` names the hosts whose stack config sets `<host>RootVolumeEncrypted` to false, as
+    make discover writes it for a live unencrypted volume."""
     found = []
     if resource_type == "aws:ec2/instance:Instance":
-        if name not in unencrypted_root_volumes and not (inputs.get("rootBlockDevice") or {}).get("encrypted"):
+        if name not in kept_unencrypted and not (inputs.get("rootBlockDevice") or {}).get("encrypted"):
             found.append(f"the root volume of instance {name} is not encrypted")
         for device in _as_list(inputs.get("ebsBlockDevices")):
             if not device.get("encrypted"):

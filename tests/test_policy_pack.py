@@ -15,7 +15,7 @@ from pulumi_policy.policy import _PolicyAnalyzerServicer  # the service the CLI 
 
 from policy import rules
 from policy.pack import POLICIES, keep_secrets_marked
-from tools.offline import effective_config, evaluate_cached
+from tools.offline import effective_config, evaluate, evaluate_cached
 
 WIREGUARD_PORT = 51820
 STACKS = ("prod", "qa")
@@ -132,6 +132,28 @@ def test_an_adopted_unencrypted_root_volume_passes_only_when_named():
     assert rules.encrypted_at_rest(INSTANCE, "k3s", inputs)
     assert rules.encrypted_at_rest(INSTANCE, "k3s", inputs, ["k3s"]) == []
     assert rules.encrypted_at_rest(INSTANCE, "vpn", inputs, ["k3s"])
+
+
+@pytest.fixture(scope="module")
+def unencrypted():
+    """prod's plan with both live root volumes kept unencrypted."""
+    return evaluate("prod", {"katforge:k3sRootVolumeEncrypted": "false", "katforge:vpnRootVolumeEncrypted": "false"})
+
+
+@pytest.mark.parametrize("config, flagged", [
+    ({}, {"k3s", "vpn"}),  # unencrypted by nobody's decision
+    ({"katforge:k3sRootVolumeEncrypted": "false"}, {"vpn"}),
+    ({"katforge:k3sRootVolumeEncrypted": "false", "katforge:vpnRootVolumeEncrypted": "false"}, set()),
+    ({"katforge:k3sRootVolumeEncrypted": "true", "katforge:vpnRootVolumeEncrypted": "true"}, {"k3s", "vpn"}),
+], ids=["unset", "k3s-kept", "both-kept", "both-true"])
+def test_the_pack_keeps_an_unencrypted_root_volume_only_where_the_stack_says_so(analyzer, unencrypted, monkeypatch,
+                                                                             config, flagged):
+    """What make discover writes for a live unencrypted volume (<host>RootVolumeEncrypted false) is the one
+    decision the pack honours: no list of its own to keep in step with the stack."""
+    live = unencrypted
+    monkeypatch.setenv("PULUMI_CONFIG", json.dumps(config))
+    found = {name for name in ("k3s", "vpn") if "encryption-at-rest" in analyze(analyzer, live.named(name, INSTANCE))}
+    assert found == flagged
 
 
 def test_the_pack_declares_each_checked_invariant():

@@ -220,6 +220,25 @@ def test_a_live_rule_that_would_be_dropped(plans, stack, passing, live_account):
     assert assess(plans, setting(stack, adminCidrs=[], k3sKeepSecurityGroups=[group]), passing[0]).hazards == []
 
 
+def test_a_live_egress_rule_that_would_be_dropped(plans, stack, passing, live_account):
+    # The office's SSH covered by adminCidrs, so only the live group's egress decides whether it must stay.
+    group = live_account.made["k3s"]["group"]
+    setting(stack, adminCidrs=["203.0.113.7/32"], k3sKeepSecurityGroups=[])
+    document = copy.deepcopy(passing[0])
+    egress = document["aws"]["instances"]["k3s"]["securityGroups"][group]["egress"]
+    # To another group's members: inside what the program's own egress (all traffic to 0.0.0.0/0) allows.
+    egress.append({"protocol": "tcp", "fromPort": 5432, "toPort": 5432,
+                   "securityGroupId": live_account.made["vpn"]["group"]})
+    assert assess(plans, stack, document).hazards == []
+    # IPv6: the program's egress is IPv4 only, so the host would lose it with the group.
+    egress.append({"protocol": "-1", "fromPort": None, "toPort": None, "cidrIpv6": "::/0"})
+    line = only(assess(plans, stack, document), f"k3s host: adopting it detaches live security group {group} (k3s) "
+                                                "and with it egress all traffic to ::/0")
+    assert line.endswith(f"add {group} to katforge:k3sKeepSecurityGroups (make discover does)")
+    assert adoption.groups_to_keep(plans(stack, document), document)["k3s"] == [group]
+    assert assess(plans, setting(stack, k3sKeepSecurityGroups=[group]), document).hazards == []
+
+
 def test_a_live_wireguard_peer_missing_from_config(plans, stack, passing):
     document = copy.deepcopy(passing[0])  # a peer added on the host by hand since
     key = "Q" * 43 + "="

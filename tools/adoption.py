@@ -241,6 +241,11 @@ class Peer:
             return mine.version == theirs.version and theirs.subnet_of(mine)
         if self.prefix_list or other.prefix_list:
             return self.prefix_list == other.prefix_list
+        if self.cidr and other.group:
+            # A group as peer stands for its members' private IPv4 addresses (docs.aws.amazon.com/vpc/latest/
+            # userguide/security-group-rules.html, "Security group referencing"): every address holds them, a
+            # narrower range cannot be judged without them.
+            return self.cidr == "0.0.0.0/0"
         return bool(other.hosts) and other.hosts <= self.hosts
 
     def __str__(self) -> str:

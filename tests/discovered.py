@@ -43,7 +43,9 @@ def host_args(sshd, fake_hosts) -> list[str]:
     args = ["--ssh-key", str(sshd.key), "--ssh-user", sshd.user, "--ssh-port", str(sshd.port),
             "--k3s-host", sshd.host, "--vpn-host", sshd.host]
     args += [f"--ssh-option={option}" for option in sshd.options]
-    return args + [f"--host-env={name}={value}" for name, value in fake_hosts.env.items()]
+    # The live sshd is the session's own (root by key), whose configuration tests/sshd.py writes beside its keys.
+    host_env = {**fake_hosts.env, "SSHD_CONFIG": str(sshd.key.parent / "sshd_config")}
+    return args + [f"--host-env={name}={value}" for name, value in host_env.items()]
 
 
 def stack_copy(directory: Path) -> Path:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 
 import pytest
 
+from infra.bootstrap import HOST_FILES
 from tests.fake_hosts import K3S_VERSION, WG_ADDRESS, wg_keypair
 from tools import discover_hosts
 from tools.discover_targets import targets
@@ -21,8 +23,10 @@ pytestmark = pytest.mark.usefixtures("sshd", "fake_hosts")
 
 
 def ssh_of(sshd, fake_hosts, **env) -> discover_hosts.Ssh:
+    # The live sshd is the session's own, whose configuration tests/sshd.py writes beside its keys.
+    env = {**fake_hosts.env, "SSHD_CONFIG": str(sshd.key.parent / "sshd_config"), **env}
     return discover_hosts.Ssh(user=sshd.user, key=str(sshd.key), port=sshd.port, options=sshd.options,
-                              host_env=tuple({**fake_hosts.env, **env}.items()),
+                              host_env=tuple(env.items()),
                               addresses={"k3s": sshd.host, "vpn": sshd.host})
 
 
@@ -204,3 +208,24 @@ def test_a_user_other_than_root_goes_through_sudo():
     command = discover_hosts.Ssh(user="ubuntu", host_env=(("K3S_DATA_DIR", "/srv/k3s"),)).command("10.0.0.1")
     assert command[-1] == "sudo -n env K3S_DATA_DIR=/srv/k3s bash -s"
     assert "BatchMode=yes" in command
+
+
+def test_sshd_settings_the_baseline_sets_are_read_as_sshd_has_them_in_effect(found):
+    # tests/sshd.py: key logins only, root by key (sshd -T prints prohibit-password as without-password).
+    hosts, _ = found
+    for role in ("k3s", "vpn"):
+        assert hosts[role]["sshd"] == {"settings": {"passwordauthentication": "no", "kbdinteractiveauthentication": "no",
+                                                    "permitrootlogin": "without-password"}}
+
+
+def test_sshd_discovery_reads_the_settings_host_baseline_sets():
+    baseline = (HOST_FILES / "host-baseline.sh").read_text()
+    declared = re.search(r"^declare -A ssh_settings=\((.*)\)$", baseline, flags=re.M).group(1)
+    listed = re.search(r"^SSHD_KEYS='(.*)'$", (HOST_FILES / "discover-sshd.sh").read_text(), flags=re.M).group(1)
+    assert sorted(listed.split()) == sorted(re.findall(r"\[(\w+)\]=", declared))
+
+
+def test_an_sshd_that_cannot_print_its_settings_is_an_error_not_a_setting(sshd, fake_hosts, prod_targets):
+    vpn_only = dataclasses.replace(prod_targets, hosts=("vpn",))
+    hosts, _ = discover_hosts.discover(vpn_only, ssh_of(sshd, fake_hosts, SSHD_CONFIG="/nonexistent/sshd_config"))
+    assert hosts["vpn"]["reached"] and "/nonexistent/sshd_config" in hosts["vpn"]["sshd"]["error"]

@@ -325,6 +325,26 @@ def test_the_traefik_manifest_that_the_handover_cannot_take(plans, stack, passin
     assert report.hazards == [] and report.row("HelmChartConfig:cluster-traefik-config").op != "risk"
 
 
+def test_what_the_baseline_changes_in_sshd_is_a_risk_on_its_step(plans, stack, passing):
+    # The live sshd (tests/sshd.py) lets root log in with a key, which host-baseline.sh turns off.
+    report = assess(plans, stack, passing[0])
+    assert report.hazards == []
+    for host in ("k3s", "vpn"):
+        row = report.row(f"Command:bootstrap-{host}-baseline")
+        assert row.op == "risk" and row.detail.startswith(
+            "host-baseline.sh changes sshd: permitrootlogin without-password → no (root cannot log in over SSH")
+    document = copy.deepcopy(passing[0])
+    document["hosts"]["k3s"]["sshd"]["settings"]["passwordauthentication"] = "yes"
+    document["hosts"]["vpn"]["sshd"]["settings"]["permitrootlogin"] = "no"
+    report = assess(plans, stack, document)
+    assert "passwordauthentication yes → no (logins with a password end)" in report.row(
+        "Command:bootstrap-k3s-baseline").detail
+    assert report.row("Command:bootstrap-vpn-baseline").op == "create"  # nothing changes there
+    document["hosts"]["vpn"]["sshd"] = {"error": "/usr/sbin/sshd: no hostkeys available -- exiting."}
+    assert report.hazards == [] and assess(plans, stack, document).row(
+        "Command:bootstrap-vpn-baseline").detail.startswith("not checked what host-baseline.sh changes in sshd")
+
+
 def test_md5_roles_that_pg_configure_refuses(plans, stack, passing):
     document = copy.deepcopy(passing[0])
     document["hosts"]["k3s"]["postgres"]["roles"]["katforge"] = {"login": True, "password": "md5", "superuser": False,

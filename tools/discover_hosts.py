@@ -17,6 +17,8 @@ from infra.bootstrap import HOST_FILES
 from tools.discover_targets import Targets
 
 SCRIPTS = {"k3s": HOST_FILES / "discover-k3s.sh", "vpn": HOST_FILES / "discover-vpn.sh"}
+# Read on every host ahead of its own script: the sshd settings host-baseline.sh sets.
+SSHD_SCRIPT = HOST_FILES / "discover-sshd.sh"
 REDACTED = "[redacted]"
 TIMEOUT = 120  # seconds per host: psql and k3s answer in well under that
 
@@ -46,8 +48,8 @@ class Ssh:
 def run(ssh: Ssh, role: str, address: str) -> tuple[list[list[str]], Optional[str]]:
     """The script's facts as fields per line, or the reason it could not run."""
     try:
-        result = subprocess.run(ssh.command(address), input=SCRIPTS[role].read_text(), capture_output=True,
-                                text=True, timeout=TIMEOUT)
+        result = subprocess.run(ssh.command(address), input=SSHD_SCRIPT.read_text() + SCRIPTS[role].read_text(),
+                                capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         return [], f"no answer within {TIMEOUT} s"
     if result.returncode != 0:
@@ -248,6 +250,14 @@ def vpn_facts(lines: list[list[str]], secrets: list[dict]) -> dict:
     return {"wireguard": wg}
 
 
+def sshd_facts(lines: list[list[str]]) -> dict:
+    """sshd's settings in effect that host-baseline.sh sets ({"settings": {key: value}}), or {"error": ...}."""
+    errors = [f[0] if f else "sshd -T failed" for kind, *f in lines if kind == "sshd-error"]
+    if errors:
+        return {"error": errors[0]}
+    return {"settings": {f[0]: f[1] for kind, *f in lines if kind == "sshd-setting" and len(f) == 2}}
+
+
 def discover(targets: Targets, ssh: Ssh) -> tuple[dict, list[dict]]:
     secrets: list[dict] = []
     defaults = {"k3s": targets.k3s_public_ip, "vpn": targets.vpn_public_ip}
@@ -259,7 +269,7 @@ def discover(targets: Targets, ssh: Ssh) -> tuple[dict, list[dict]]:
             hosts[role] = {"address": address, "reached": False, "error": error}
             continue
         facts = k3s_facts(lines, targets, secrets) if role == "k3s" else vpn_facts(lines, secrets)
-        hosts[role] = {"address": address, "reached": True, **facts}
+        hosts[role] = {"address": address, "reached": True, "sshd": sshd_facts(lines), **facts}
     if ssh.key and any(h.get("reached") for h in hosts.values()):
         secrets.append({"where": f"operator: the SSH key that reached the hosts, {ssh.key}",
                         "configKey": "sshPrivateKey", "from": ssh.key})

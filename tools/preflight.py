@@ -582,6 +582,26 @@ class Checks:
         elif error:
             self.replace_row(m, "risk", f"not checked what postgres owns outside schema public in {database}: {error}")
 
+    def sshd(self) -> None:
+        """What host-baseline.sh changes in sshd for whoever logs in today: each of its settings that sshd has
+        otherwise in effect on the live host (sshd -T, read by discovery), as a risk on the host's baseline
+        step, with who loses what."""
+        wanted = baseline_sshd_settings()
+        for m in self.commands():
+            host = re.fullmatch(r"bootstrap-(.+)-baseline", m.resource.name)
+            facts = (((self.document.get("hosts") or {}).get(host.group(1)) or {}).get("sshd")) if host else None
+            if facts is None:
+                continue
+            if "error" in facts:
+                self.replace_row(m, "risk", f"not checked what host-baseline.sh changes in sshd: {facts['error']}")
+                continue
+            live = facts.get("settings") or {}
+            changes = [f"{key} {live[key]} → {value} ({SSHD_LOSSES.get(key, 'changes')})"
+                       for key, value in sorted(wanted.items()) if key in live and live[key] != value]
+            if changes:
+                self.replace_row(m, "risk", "host-baseline.sh changes sshd: " + "; ".join(changes) + ": make sure "
+                                 "every operator logs in as a user of their own with a key (then sudo) before up")
+
     def k3s(self) -> None:
         """What k3s-install.sh refuses, decided by the script itself (its check-only mode) on the live facts:
         live flags, env files and config.yaml that config.yaml sets otherwise, a downgrade or a jump of more
@@ -672,8 +692,8 @@ class Checks:
         network = PlannedNetwork(self.plan, self.shown)
         self.sources()
         self.resources()
-        for check in (self.access_keys, self.key_pair, self.zones, self.mail_from, self.postgres, self.k3s, self.wireguard,
-                      self.traefik):
+        for check in (self.access_keys, self.key_pair, self.zones, self.mail_from, self.postgres, self.k3s,
+                      self.wireguard, self.traefik, self.sshd):
             check()
         if self.document.get("aws") is not None:
             self.security_groups(network)
@@ -835,6 +855,19 @@ def overridden(pg: dict, names: Iterable[str]) -> list[str]:
             row = max(later, key=lambda r: r["seqno"])
             found.append(f"{name} from {row['file']} line {row['line']}")
     return found
+
+
+# Who loses what when host-baseline.sh turns a setting of sshd off.
+SSHD_LOSSES = {"passwordauthentication": "logins with a password end",
+               "kbdinteractiveauthentication": "keyboard-interactive logins (passwords, one-time codes) end",
+               "permitrootlogin": "root cannot log in over SSH, with a key or otherwise"}
+
+
+def baseline_sshd_settings() -> dict[str, str]:
+    """The sshd settings host-baseline.sh sets, as sshd -T prints them: the script's own table."""
+    text = (HOST_FILES / "host-baseline.sh").read_text()
+    table = re.search(r"^declare -A ssh_settings=\((.*)\)$", text, flags=re.M)
+    return dict(re.findall(r"\[(\w+)\]=(\S+?)(?=\s|$)", table.group(1))) if table else {}
 
 
 # Settings pg-configure.sh writes that PostgreSQL reads only at start (postmaster context, PostgreSQL 16)

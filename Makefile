@@ -27,15 +27,19 @@ $(VENV)/.tools-installed: requirements-tools.txt $(VENV)/.plan-installed
 	$(PIP) -r requirements-tools.txt
 	@touch $@
 
-$(VENV)/.test-installed: requirements-test.txt $(VENV)/.tools-installed
+# pytest-xdist from its own lock, every file checked against its hash (requirements-xdist.in says how it is made).
+$(VENV)/.test-installed: requirements-test.txt requirements-xdist.lock $(VENV)/.tools-installed
 	$(PIP) -r requirements-test.txt
+	$(PIP) --require-hashes --no-deps -r requirements-xdist.lock
 	@touch $@
 
 plan: $(VENV)/.plan-installed ## offline plan of STACK (default prod): summary, and build/plan-STACK.json
 	@$(PY) -m tools.plan --stack $(STACK)
 
-test: $(VENV)/.test-installed ## the whole test suite
-	$(PY) -m pytest -q
+# One pytest-xdist worker per CPU; each test file runs whole on one worker, in order (some are scenarios
+# sharing a module's live fixture), and each worker starts its own session servers.
+test: $(VENV)/.test-installed ## the whole test suite, on every core
+	$(PY) -m pytest -q -n logical --dist loadfile
 
 plan-diff: $(VENV)/.plan-installed ## the offline plans of BASE (a git ref) and of the working tree compared, as markdown
 	@$(PY) -m tools.plan_diff --base "$(BASE)"

@@ -98,6 +98,17 @@ def test_the_vpn_and_its_operators_are_drawn(drawn):
                for tail, head, label in edges)
 
 
+def test_the_backup_box_shows_the_backup_timers_schedule_not_another_timers(plans, drawn):
+    nodes, _ = drawn
+    (box,) = titled(nodes, "backups")
+    [unit] = [r["inputs"]["stdin"] for r in resources(plans, "command:remote:Command")
+              if r["inputs"].get("create", "").endswith(" /etc/systemd/system/katforge-backup.timer")]
+    [when] = re.findall(r"^OnCalendar=(.+)$", unit, re.M)
+    assert when == "*-*-* 03:30:00 UTC"  # Pulumi.yaml's default backupTime
+    # The schedule also installs the drill's monthly and the watchdog's hourly timers.
+    assert nodes[box][-1] == when
+
+
 def test_the_committed_diagram_is_generated_from_todays_plans(plans):
     svg = ROOT / "docs" / "estate.svg"
     assert svg.exists() and (ROOT / "docs" / "estate.png").exists(), "run make diagram"

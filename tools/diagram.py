@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, Optional
 
+from infra.backups import UNIT as BACKUP_UNIT
 from infra.settings import STAGES
 from tools.offline import KNOWN_AFTER_DEPLOY, ROOT, SecretValue, evaluate
 
@@ -54,6 +55,7 @@ TRAEFIK_CONFIG = "kubernetes:helm.cattle.io/v1:HelmChartConfig"
 BACKUP_SCHEDULE = "katforge:backups:BackupSchedule"
 STAGE_DATABASE = "katforge:bootstrap:StageDatabase"
 REMOTE_COMMAND = "command:remote:Command"
+BACKUP_TIMER = f"/etc/systemd/system/{BACKUP_UNIT}.timer"
 
 PORTS = {("tcp", 22): "SSH", ("tcp", 80): "HTTP", ("tcp", 443): "HTTPS", ("tcp", 587): "SMTP",
          ("tcp", 5432): "PostgreSQL", ("tcp", 6443): "k3s API", ("udp", 51820): "WireGuard",
@@ -444,8 +446,10 @@ class Drawing:
         buckets = [self.graph.node(b["urn"], f"S3 bucket\n{b['inputs'].get('bucket', b['name'])}", "data", self.aws)
                    for b in self.estate.of(BUCKET)]
         for schedule in self.estate.of(BACKUP_SCHEDULE):
-            units = " ".join(str(c["inputs"].get("stdin", "")) for c in self.estate.descendants(schedule))
-            when = re.search(r"OnCalendar=(.+)", units)
+            # The backup timer's own schedule: the schedule also installs the watchdog's and the drill's timers.
+            timer_unit = " ".join(str(c["inputs"].get("stdin", "")) for c in self.estate.descendants(schedule)
+                                  if str(c["inputs"].get("create", "")).endswith(f" {BACKUP_TIMER}"))
+            when = re.search(r"OnCalendar=(.+)", timer_unit)
             label = "\n".join(["backups", "pg_dump, systemd timer", *([when.group(1).strip()] if when else [])])
             timer = self.graph.node(schedule["urn"], label, "service", self.host_box(self.postgres_host))
             if self.postgres:

@@ -66,8 +66,8 @@ def prod_estate(settings: Settings) -> StageBase:
         databases.append(RdsStageDatabase("database-rds", settings.stage_facts, settings.db_password,
                                           bootstrap.k3s_target, rds.address, after=rds.files))
         exports["rdsAddress"] = rds.address
-        if settings.database.on_rds:
-            postgres = rds_endpoint(rds.address, settings.network.vpc_cidr)
+        postgres = rds_endpoint(rds.address, settings.network.vpc_cidr) if settings.database.on_rds else \
+            PostgresEndpoint.migrating(settings.network.k3s_private_ip, settings.network.vpc_cidr)
     alerts = BackupAlerts("backup-alerts", settings.backups, settings.email.domain,
                           permissions_boundary=pipeline.boundary_arn)
     BackupSchedule("backup-schedule", settings.backups, STAGES.values(), backups, alerts, bootstrap.k3s_target,
@@ -108,8 +108,8 @@ def qa_estate(settings: Settings) -> StageBase:
     if settings.database.has_rds_role:  # prod declares the instance once its own database leaves the host
         address = prod.require_output("rdsAddress")
         databases.append(RdsStageDatabase("database-rds", settings.stage_facts, settings.db_password, host, address))
-        if settings.database.on_rds:
-            postgres = rds_endpoint(address, settings.network.vpc_cidr)
+        postgres = rds_endpoint(address, settings.network.vpc_cidr) if settings.database.on_rds else \
+            PostgresEndpoint.migrating(settings.network.k3s_private_ip, settings.network.vpc_cidr)
     return StageBase(
         records=records, databases=databases, postgres=postgres, host=host,
         providers=kubernetes_providers(prod.require_output("kubeconfig"), prod.require_output("k3sInstanceId")),

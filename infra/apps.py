@@ -13,7 +13,7 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 from urllib.parse import quote
 
 import pulumi
@@ -179,14 +179,25 @@ def database_url(*, role: str, password: str, host: str, database: str, options:
 class PostgresEndpoint:
     """Where a stage's apps reach PostgreSQL: `host` goes into DATABASE_URL, `cidr` into their egress policy.
     The k3s host is one address; RDS is a name whose address moves (a failover, maintenance) within the
-    VPC, so the policy admits the VPC's port 5432, where RDS's security group admits the nodes only."""
+    VPC, so the policy admits the VPC's port 5432, where RDS's security group admits the nodes only.
+    `switching`: the stage is `migrating`, and `make migrate-database` owns DATABASE_URL (it points the apps
+    at RDS once the data has moved), so Pulumi leaves the Secret's value as it finds it."""
     host: pulumi.Input[str]
     cidr: str
     options: str = ""
+    switching: bool = False
 
     @staticmethod
     def on_host(private_ip: str) -> "PostgresEndpoint":
         return PostgresEndpoint(host=private_ip, cidr=f"{private_ip}/32")
+
+    @staticmethod
+    def migrating(private_ip: str, vpc_cidr: str) -> "PostgresEndpoint":
+        """The host's PostgreSQL until the tool switches the apps; their policy admits RDS already (the
+        VPC's port 5432, the host's address among it), so the switch needs no `pulumi up` to work. Every
+        run refreshes first, so a deploy between the switch and the commit of `database: rds` keeps the
+        tool's DATABASE_URL rather than sending the apps back to the host's copy."""
+        return PostgresEndpoint(host=private_ip, cidr=vpc_cidr, switching=True)
 
 
 def mailer_dsn(*, username: str, password: str) -> str:
@@ -472,11 +483,12 @@ class StageWorkloads(pulumi.ComponentResource):
 
         env_values: dict[str, pulumi.Input[str]] = {}  # what the apps read from Secrets, by Secret/key
 
-        def secret(key: str, type_: str, string_data: Mapping[str, pulumi.Input[str]]) -> k8s.core.v1.Secret:
+        def secret(key: str, type_: str, string_data: Mapping[str, pulumi.Input[str]],
+                   options: Optional[Mapping[str, Any]] = None) -> k8s.core.v1.Secret:
             if key != PULL_SECRET:
                 env_values.update({f"{key}/{k}": v for k, v in string_data.items()})
             return declare(k8s.core.v1.Secret, f"{name}-{key}", namespace, type=type_,
-                           metadata=object_metadata(key, ns),
+                           metadata=object_metadata(key, ns), options=options,
                            string_data={k: pulumi.Output.secret(v) for k, v in string_data.items()})
 
         secrets = [
@@ -485,7 +497,8 @@ class StageWorkloads(pulumi.ComponentResource):
                                                                           token=token))}),
             secret(DATABASE_SECRET, "Opaque", {"DATABASE_URL": pulumi.Output.all(db_password, postgres.host).apply(
                 lambda values: database_url(role=stage.db_role, password=values[0], host=values[1],
-                                            database=stage.database, options=postgres.options))}),
+                                            database=stage.database, options=postgres.options))},
+                   options={"ignore_changes": ["stringData", "data"]} if postgres.switching else None),
         ]
         if any(app.smtp for app in apps):
             smtp = pulumi.Output.all(smtp_username, smtp_password)

@@ -27,7 +27,7 @@ from tests.test_agents import ingress
 from tests.test_cluster import CRD_KINDS
 from tests.test_policy_pack import CHECKS, analyze
 from tools import force_new
-from tools.offline import SecretValue, effective_config, evaluate, unwrap
+from tools.offline import SecretValue, effective_config, evaluate, evaluate_cached, unwrap
 
 COMMAND = "command:remote:Command"
 RDS = "aws:rds/instance:Instance"
@@ -319,3 +319,20 @@ def test_checkov_finds_nothing_unexplained_in_the_objects_rds_changes(tmp_path, 
     [found] = [r for r in (report if isinstance(report, list) else [report]) if r["check_type"] == "kubernetes"]
     assert found["summary"]["parsing_errors"] == 0 and found["summary"]["passed"] > 0
     assert [f"{f['check_id']} {f['resource']}" for f in found["results"]["failed_checks"]] == []
+
+
+def test_while_migrating_the_apps_may_reach_rds_and_a_deploy_keeps_the_url_the_tool_wrote():
+    """`make migrate-database` points the apps at RDS while the stack still says `migrating`: their policy
+    must admit RDS already (else the switched apps reach nothing), and a deploy before `database: rds` is
+    committed must not write the host's URL back (the apps would write to the host's stale copy)."""
+    def ignored(plan) -> list:
+        return plan.named("apps-database", "kubernetes:core/v1:Secret").options.get("ignore_changes") or []
+
+    plan = migrating()
+    assert ignored(plan) == ["data", "stringData"]
+    to_postgres = [rule["to"] for policy in plan.of_type("kubernetes:networking.k8s.io/v1:NetworkPolicy")
+                   for rule in policy.inputs["spec"].get("egress", []) if {"protocol": "TCP", "port": 5432} in rule["ports"]]
+    assert to_postgres and all(to == [{"ipBlock": {"cidr": "172.31.0.0/16"}}] for to in to_postgres)
+    assert urlsplit(database_url(plan)).hostname == "172.31.14.98"  # until the tool switches them
+    # On the host or on RDS, the program owns the URL again.
+    assert ignored(scaled.rds()) == [] and ignored(evaluate_cached("prod")) == []

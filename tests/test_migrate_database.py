@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import sys
 import uuid
@@ -262,6 +263,23 @@ def test_the_operator_part_runs_the_tool_on_the_host_only_once_the_stage_is_migr
     assert args == ["ssh", "ubuntu@k3s.example", "sudo python3 - --here --stage qa --namespace qa --database katforge_qa "
                                                   "--role katforge_qa"]
     assert program == Path(tool.__file__).read_text()
+
+
+def test_the_help_says_what_the_tool_does_whole_and_what_every_option_is(capsys):
+    with pytest.raises(SystemExit) as exited:
+        tool.main(["--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: make migrate-database ")
+    words = " ".join(text.split())
+    first_paragraph = " ".join(tool.__doc__.split("\n\n")[0].split())
+    assert first_paragraph.endswith("that time measured.") and first_paragraph in words
+    options = text.split("\noptions:\n", 1)[1]
+    entries = re.split(r"\n  (?=-)", options.strip())
+    assert len(entries) == 8  # -h and the seven options
+    for entry in entries:
+        # The entry without its option names and metavar: the option's help.
+        assert re.sub(r"^(?:-[-\w]+(?: [A-Z_]+)?(?:, )?)+", "", entry).strip(), entry
 
 
 def test_the_tool_needs_only_pythons_standard_library_on_the_host():

@@ -386,13 +386,30 @@ def from_operator(args: argparse.Namespace) -> int:
         return subprocess.run(["ssh", args.ssh, shlex.join(remote)], stdin=source).returncode
 
 
+def arguments() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="make migrate-database", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", required=True,
+                        help="the stage whose database moves (prod or qa; move qa first, it rehearses prod's move); "
+                             "its stack file must say katforge:database migrating")
+    parser.add_argument("--ssh", default="ubuntu@k3s.katforge.com",
+                        help="the k3s host as user@host, where the tool runs itself over SSH: RDS admits the nodes "
+                             "only (default: %(default)s)")
+    parser.add_argument("--here", action="store_true",
+                        help="run on this machine, the k3s host, as root (the operator's run passes it, with "
+                             "--namespace, --database and --role, over SSH)")
+    parser.add_argument("--namespace", help="with --here: the stage's namespace, whose Deployments are stopped and "
+                                            "whose Secret `database` gets the RDS DATABASE_URL")
+    parser.add_argument("--database", help="with --here: the stage's database, dumped on the host and restored "
+                                           "under the same name on RDS")
+    parser.add_argument("--role", help="with --here: the stage's role, which owns every restored object on RDS "
+                                       "(the extensions are the master user's)")
+    parser.add_argument("--report", help="with --here: also write the report it prints (JSON: bytes dumped, relations "
+                                        "compared, seconds stopped) to this file")
+    return parser
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--stage", required=True)
-    parser.add_argument("--ssh", default="ubuntu@k3s.katforge.com", help="the k3s host (user@host)")
-    parser.add_argument("--here", action="store_true", help="run on this machine: the k3s host, as root")
-    parser.add_argument("--namespace"), parser.add_argument("--database"), parser.add_argument("--role")
-    parser.add_argument("--report", help="also write the report (JSON) to this file")
+    parser = arguments()
     args = parser.parse_args(argv)
     if args.here:
         if not (args.namespace and args.database and args.role):

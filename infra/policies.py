@@ -198,13 +198,12 @@ def _s3_statements(scope: EstateScope) -> list[dict]:
     buckets = [f"arn:aws:s3:::{bucket}" for bucket in scope.buckets]
     state = f"arn:aws:s3:::{scope.state_bucket}"
     return [
-        # The buckets' settings only (their ARNs name no object): never a dump. Not the policy nor the
-        # public access block (OperatorsOnly).
+        # The buckets' settings only (their ARNs name no object): never a dump. Not the policy, the public
+        # access block nor the lifecycle rules (OperatorsOnly).
         {"Sid": "EstateBuckets", "Effect": "Allow",
          "Action": ["s3:CreateBucket", "s3:ListBucket", "s3:GetBucket*", "s3:GetAccelerateConfiguration",
                     "s3:GetLifecycleConfiguration", "s3:GetReplicationConfiguration", "s3:GetEncryptionConfiguration",
-                    "s3:PutBucketVersioning", "s3:PutEncryptionConfiguration", "s3:PutLifecycleConfiguration",
-                    "s3:PutBucketTagging"],
+                    "s3:PutBucketVersioning", "s3:PutEncryptionConfiguration", "s3:PutBucketTagging"],
          "Resource": buckets},
         {"Sid": "StateBucket", "Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetBucketLocation"],
          "Resource": state},
@@ -271,13 +270,18 @@ def guard_statements(scope: EstateScope) -> list[dict]:
         #   changed trust policy (the writer's; a hand-made katforge-* role without the boundary);
         # - handing a role to an instance (RunInstances with an instance profile and its own user data,
         #   an association; each needs iam:PassRole) or to an instance profile;
-        # - a managed policy's versions: operators, unbounded, attach katforge-backup-restore.
+        # - a managed policy's versions: operators, unbounded, attach katforge-backup-restore;
+        # - what destroys data: terminating an instance or deleting a volume (the k3s host's holds
+        #   PostgreSQL), a bucket's lifecycle rules (a one-day expiry deletes every dump). The deploy role
+        #   writes the policies of every bounded user, whose keys are in the state it decrypts, so a denial
+        #   in its own policy alone would not hold. Removing or replacing a k3s agent is an operator's too.
         {"Sid": "OperatorsOnly", "Effect": "Deny",
          "Action": ["s3:PutBucketPolicy", "s3:DeleteBucketPolicy", "s3:PutBucketPublicAccessBlock", "s3:Put*Acl",
                     "s3:PutBucketOwnershipControls", "iam:CreateRole", "iam:UpdateAssumeRolePolicy", "iam:PassRole",
                     "iam:AddRoleToInstanceProfile", "ec2:AssociateIamInstanceProfile",
                     "ec2:ReplaceIamInstanceProfileAssociation", "iam:CreatePolicyVersion",
-                    "iam:DeletePolicyVersion", "iam:SetDefaultPolicyVersion"],
+                    "iam:DeletePolicyVersion", "iam:SetDefaultPolicyVersion", "ec2:TerminateInstances",
+                    "ec2:DeleteVolume", "s3:PutLifecycleConfiguration"],
          "Resource": "*"},
         # The dumps are the backup writer's alone: the k3s host adds them and reads them back (the HEAD
         # after a lost upload answer, the drill, `sudo katforge-restore`); operators restore with a policy

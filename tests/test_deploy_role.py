@@ -83,11 +83,6 @@ ACCEPTED = {
         "(Amazon SES v2) lists configuration-set* for these actions",
     ("katforge-github-deploy-policy", "IamRead", "RESOURCE_MISMATCH"):
         "iam:Get*/List* also name account-wide reads, which these resources leave out on purpose",
-    ("katforge-github-deploy-policy", "EstateBuckets", "RESOURCE_POLICY_PRIVILEGE_ESCALATION"):
-        "s3:PutLifecycleConfiguration (the bucket's expiry rules) could expire dumps: destroying, not reading or "
-        "planting one; the bucket policy that could hand it the dumps is an operator's (OperatorsOnly), and "
-        "NoDatabaseDumps denies them whatever a bucket policy says "
-        "(test_a_bucket_policy_cannot_hand_the_deploy_role_the_dumps)",
     ("permissions-boundary", "s3:*", "RESOURCE_POLICY_PRIVILEGE_ESCALATION"):
         "the boundary's OperatorsOnly denies every bounded identity the bucket policy, and NoDatabaseDumps the dumps",
     **{("permissions-boundary", first, "RESOURCE_MISMATCH"): "the boundary is a ceiling in service-wide actions over "
@@ -261,6 +256,12 @@ ESCALATIONS = [
     # A managed policy operators attach (no boundary on them): a new default version would be theirs.
     *((action, f"arn:aws:iam::{ACCOUNT}:policy/katforge-backup-restore", {}) for action in (
         "iam:CreatePolicyVersion", "iam:SetDefaultPolicyVersion", "iam:DeletePolicyVersion")),
+    # What destroys data, for any bounded identity (a user whose policy the deploy role writes): the k3s
+    # host or its volume (PostgreSQL's data), a k3s agent too, the dumps by a short lifecycle expiry.
+    ("ec2:TerminateInstances", ec2("instance", "i-0abc12345def67890"), TAGGED),
+    ("ec2:TerminateInstances", ec2("instance", "i-0agent"), {**TAGGED, "aws:ResourceTag/Role": "k3s-agent"}),
+    ("ec2:DeleteVolume", ec2("volume", "vol-0abc"), TAGGED),
+    ("s3:PutLifecycleConfiguration", f"arn:aws:s3:::{BACKUPS}", {}),
 ]
 OUTSIDE_THE_ESTATE = [
     ("iam:PutRolePolicy", role("admin"), WITH_BOUNDARY),
@@ -283,7 +284,6 @@ OUTSIDE_THE_ESTATE = [
 ]
 # Within the estate, but not the deploy role's to do: what protect and the runbooks keep to operators.
 NOT_THE_DEPLOYS = [
-    ("ec2:TerminateInstances", ec2("instance", "i-0abc12345def67890"), TAGGED),
     ("s3:DeleteBucket", f"arn:aws:s3:::{BACKUPS}", {}),
     ("s3:PutObject", f"arn:aws:s3:::{BACKUPS}/prod/katforge/planted.dump", {}),
     # The RDS instance holds the data: making, changing or deleting it is an operator's `pulumi up`.
@@ -318,7 +318,7 @@ def test_a_role_the_deploy_role_makes_can_do_no_more_than_the_boundary_allows():
     made = node(role("katforge-made"), [admin], plan_document("permissions-boundary"))
     for action, resource, context in ESCALATIONS + OUTSIDE_THE_ESTATE:
         assert not allowed(made, action, resource, **context), (action, resource)
-    assert allowed(made, "ec2:TerminateInstances", ec2("instance", "i-0abc"), **TAGGED)  # within the estate
+    assert allowed(made, "ec2:StopInstances", ec2("instance", "i-0abc"), **TAGGED)  # within the estate
 
 
 def test_without_the_boundary_the_same_role_could_do_anything():
@@ -563,8 +563,7 @@ WORK_BY_TYPE = {
     "aws:route53/record:Record": ("route53:ChangeResourceRecordSets", ZONE,
                                   {"route53:ChangeResourceRecordSetsNormalizedRecordNames": ["k3s.katforge.com"]}),
     "aws:s3/bucket:Bucket": ("s3:PutBucketTagging", f"arn:aws:s3:::{BACKUPS}", {}),
-    "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration": ("s3:PutLifecycleConfiguration",
-                                                                        f"arn:aws:s3:::{BACKUPS}", {}),
+    "aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration": None,  # a short expiry deletes every dump
     "aws:s3/bucketPolicy:BucketPolicy": None,  # what could make a dump public
     "aws:s3/bucketPublicAccessBlock:BucketPublicAccessBlock": None,
     "aws:s3/bucketServerSideEncryptionConfiguration:BucketServerSideEncryptionConfiguration": (

@@ -11,7 +11,12 @@ How the pack sees a resource (pulumi-policy 1.21, policy.py `_PolicyAnalyzerServ
 - `protect` as `args.opts.protect`: a resource option, which the engine sends in the request's options
   (`AnalyzerResourceOptions.protect`), not among the inputs;
 - the stack's config, secrets decrypted, in the environment (`PULUMI_CONFIG`, as for the program:
-  analyzer_plugin.go `constructEnv`), which gives the WireGuard port and the secret values to look for.
+  analyzer_plugin.go `constructEnv`), which gives the WireGuard port and the secret values to look for;
+- which config keys are secret, in the `ConfigureStack` request (`config_secret_keys`, filled from the
+  keys whose values are encrypted: pkg/engine/update.go `target.Config.SecureKeys()`), sent before any
+  resource. Not in the environment: the language host sets `PULUMI_CONFIG_SECRET_KEYS` for a program
+  (sdk/python/cmd/pulumi-language-python/main.go, Run) but only `PULUMI_CONFIG` for a policy pack
+  (RunPlugin), and pulumi-policy's servicer keeps nothing of the request but the stack's tags.
 """
 from __future__ import annotations
 
@@ -48,10 +53,24 @@ def as_planned(value: Any) -> Any:
     return KNOWN_AFTER_DEPLOY if value in _UNKNOWN else value
 
 
+# The config keys the engine marks secret (ConfigureStack): every key set with `--secret`, declared
+# secret or not (rdsMasterPassword may not be: Pulumi refuses a default on a secret key).
+_engine_secret_keys: set[str] = set()
+
+
 def keep_secrets_marked() -> None:
-    """Make the pack's deserializer (`pulumi_policy.policy.deserialize_properties`) keep secrets marked."""
+    """Make the pack's deserializer (`pulumi_policy.policy.deserialize_properties`) keep secrets marked,
+    and its servicer keep the names of the secret config keys the engine sends in ConfigureStack."""
     plain = _deserialize.deserialize_properties
     _policy.deserialize_properties = lambda props, proxy_secrets=False: plain(as_planned(props), proxy_secrets)
+    configure = _policy._PolicyAnalyzerServicer.ConfigureStack
+
+    def configure_stack(servicer, request, context):
+        _engine_secret_keys.clear()
+        _engine_secret_keys.update(request.config_secret_keys)
+        return configure(servicer, request, context)
+
+    _policy._PolicyAnalyzerServicer.ConfigureStack = configure_stack
 
 
 def _plain(value: Any) -> Any:
@@ -85,10 +104,11 @@ def kept_unencrypted() -> list[str]:
 
 
 def secret_config() -> dict[str, str]:
-    """Each secret key of Pulumi.yaml that the stack sets -> its plaintext."""
+    """Each secret key that the stack sets (`<namespace>:<name>`) -> its plaintext: the keys Pulumi.yaml
+    declares secret and every key the engine marks secret."""
     config = pulumi.runtime.get_config_env()
-    return {key: str(config[f"{PROJECT}:{key}"]) for key, declaration in _declared().items()
-            if declaration.get("secret") and f"{PROJECT}:{key}" in config}
+    declared = {f"{PROJECT}:{key}" for key, declaration in _declared().items() if declaration.get("secret")}
+    return {key: str(config[key]) for key in sorted(declared | _engine_secret_keys) if key in config}
 
 
 def _resource_policy(name: str, description: str,

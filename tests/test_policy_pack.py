@@ -17,6 +17,8 @@ from policy import rules
 from policy.pack import POLICIES, keep_secrets_marked
 from tools.offline import effective_config, evaluate, evaluate_cached
 
+from tests import scaled
+
 WIREGUARD_PORT = 51820
 STACKS = ("prod", "qa")
 
@@ -221,3 +223,27 @@ def test_the_pack_reads_the_wireguard_port_from_the_stack_config(analyzer, monke
     rule = plan.named("vpn-udp51820-from-0.0.0.0-0", INGRESS)
     monkeypatch.setenv("PULUMI_CONFIG", json.dumps({"katforge:wireguardPort": "51821"}))
     assert analyze(analyzer, rule) == ["open-only-web-and-vpn"]
+
+
+@pytest.fixture()
+def engine_secret_keys(analyzer):
+    """Name the secret config keys to the pack as the engine does, before any resource (ConfigureStack)."""
+    def use(keys: list[str]) -> None:
+        analyzer.ConfigureStack(analyzer_pb2.AnalyzerStackConfigureRequest(
+            stack="prod", project="katforge", config_secret_keys=keys), None)
+    yield use
+    use([])
+
+
+def test_the_pack_refuses_in_plain_a_secret_that_pulumi_yaml_does_not_declare(analyzer, monkeypatch,
+                                                                               engine_secret_keys):
+    """rdsMasterPassword is not declared `secret: true` (Pulumi refuses a default on a secret key) but is
+    set with --secret: the engine names it secret, and the pack looks for its value as for a declared one."""
+    config, secret_keys = effective_config("prod", scaled.RDS)
+    assert "katforge:rdsMasterPassword" in secret_keys
+    monkeypatch.setenv("PULUMI_CONFIG", json.dumps(config))
+    engine_secret_keys(secret_keys)
+    instance = scaled.rds().named("rds", "aws:rds/instance:Instance")
+    leaked = copy.copy(instance)
+    leaked.raw_inputs = {**instance.raw_inputs, "password": instance.raw_inputs["password"]["value"]}  # unwrapped
+    assert analyze(analyzer, instance) == [] and analyze(analyzer, leaked) == ["no-plain-secrets"]

@@ -211,6 +211,19 @@ def test_multi_line_values_show_as_a_unified_diff():
     assert "-reboot" not in text  # only what changed is marked
 
 
+def test_a_policy_document_shows_as_a_diff_of_its_indented_lines():
+    """IAM documents are one-line JSON strings: a reviewer sees the statement that changed, not two blobs."""
+    before = {"Version": "2012-10-17", "Statement": [{"Sid": "Read", "Effect": "Allow", "Action": ["ec2:Describe*"],
+                                                      "Resource": "*"}]}
+    after = json.loads(json.dumps(before))
+    after["Statement"][0]["Action"].append("rds:Describe*")
+    text = render([diff_plans(plan(resource("deploy", {"policy": json.dumps(before)})),
+                              plan(resource("deploy", {"policy": json.dumps(after)})))], "main")
+    block = text.split("```diff\n", 1)[1].split("```", 1)[0]
+    changed = [" ".join(line.split()) for line in block.splitlines()[2:] if line.strip()[:1] in ("+", "-")]
+    assert changed == ['- "ec2:Describe*"', '+ "ec2:Describe*",', '+ "rds:Describe*"'], changed
+
+
 def test_the_comment_starts_with_the_marker_the_workflow_edits_it_by():
     text = render([diff_plans(plan(), plan(resource("a", {})))], "origin/main")
     assert text.startswith(MARKER + "\n")

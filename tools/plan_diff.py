@@ -220,14 +220,25 @@ def shown_path(path: str) -> str:
     return path.removeprefix("inputs.")
 
 
+def _document(value: Any) -> Any:
+    """A JSON object held in a string (an IAM policy, a trust policy) as indented lines, else the value."""
+    if isinstance(value, str) and value.startswith("{") and "\n" not in value:
+        try:
+            return json.dumps(json.loads(value), indent=2, sort_keys=True)
+        except ValueError:
+            pass
+    return value
+
+
 def render_change(change: Change) -> list[str]:
     name = code(shown_path(change.path))
     if change.because:
         return [f"- {name}: {KNOWN_AFTER_DEPLOY}, as {change.because}"]
     if all(isinstance(v, str) and SECRET_MARK.fullmatch(v) for v in (change.old, change.new)):
         return [f"- {name}: secret changed"]
-    if isinstance(change.old, str) and isinstance(change.new, str) and "\n" in change.old + change.new:
-        lines = difflib.unified_diff(change.old.splitlines(), change.new.splitlines(), "before", "after", lineterm="")
+    old, new = _document(change.old), _document(change.new)
+    if isinstance(old, str) and isinstance(new, str) and "\n" in old + new:
+        lines = difflib.unified_diff(old.splitlines(), new.splitlines(), "before", "after", lineterm="")
         return [f"- {name}:", "", "  ```diff", *(f"  {line}" for line in lines), "  ```"]
     return [f"- {name}: {show(change.old)} → {show(change.new)}"]
 

@@ -254,6 +254,28 @@ def preshared_keys(vpn) -> dict[str, str]:
     return dict(line.split("\t") for line in vpn.wg("preshared-keys").splitlines())
 
 
+def test_a_rerun_gives_the_running_interface_back_what_it_lost(vpn):
+    # The file is unchanged; the interface is not (a peer changed by hand, or a run that failed between
+    # installing the file and syncing it). Each loss alone: a rerun heals it without a restart.
+    private, public = keypair()
+    peers = clients(3)
+    psk = subprocess.run(["wg", "genpsk"], capture_output=True, text=True, check=True).stdout.strip()
+    vpn.start_live(live_conf(private, peers, psk=psk))
+    assert vpn.run(peers).returncode == 0
+    index, conf = vpn.ifindex(), vpn.conf.read_bytes()
+    for loss in ((peers[0][1], "remove"), (peers[1][1], "allowed-ips", "10.99.0.50/32"),
+                 (peers[2][1], "preshared-key", "/dev/null")):
+        vpn.inside("wg", "set", vpn.interface, "peer", *loss)
+        vpn.log.write_text("")
+        healed = vpn.run(peers)
+        assert healed.returncode == 0, healed.stderr
+        assert vpn.peers() == {p: address for _, p, address in peers} and preshared_keys(vpn)[peers[2][1]] == psk
+        assert vpn.wg("private-key") == private and healed.stdout == public
+        assert vpn.ifindex() == index and vpn.calls() == [] and vpn.conf.read_bytes() == conf  # no restart
+    again = vpn.run(peers)
+    assert again.returncode == 0 and again.stderr == ""  # and then nothing to do
+
+
 def test_adopting_the_live_server_keeps_its_key_address_port_and_peers(vpn):
     private, public = keypair()
     peers = clients(2)

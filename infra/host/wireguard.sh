@@ -12,8 +12,9 @@
 #
 # Runs as root. The private key lives in $WG_DIR/server.key and never leaves the host; it appears on
 # no command line: the interface configuration only points at the file, and `wg syncconf` reads it from
-# a private temporary file. Does nothing when the configuration is unchanged and running; a change of
-# peers only is applied to the running interface, so connected clients keep their tunnel.
+# a private temporary file. Does nothing when the configuration is unchanged and the running interface
+# has its key and its peers (keys, preshared keys, addresses); else, as for a change of peers only, the
+# file is applied to the running interface, so connected clients keep their tunnel.
 #
 # Adopting a server set up by hand (a wg0.conf this script did not write): its inline PrivateKey
 # moves to the key file, so clients keep the server they know. The run refuses, changing nothing,
@@ -307,6 +308,29 @@ keep_backup() {
 
 peers() { grep -c '^\[Peer\]' "$1" || true; }
 
+# "publickey presharedkey allowedips" per peer, sorted, with the addresses sorted and "(none)" for what a
+# peer lacks, as `wg show dump` prints it: of the running interface, and of what $conf and the preshared
+# keys give it (sync_running's input). Equal when the interface serves every client as the file says.
+sorted_ips() {
+  if [[ $1 == - || $1 == "(none)" ]]; then echo "(none)"; else tr , '\n' <<<"$1" | sort | paste -sd, -; fi
+}
+running_peers() {
+  local public_key psk ips rest
+  # The first line is the interface's own (its private key): skipped unread.
+  wg show "$interface" dump | tail -n +2 | while IFS=$'\t' read -r public_key psk _ ips rest; do
+    echo "$public_key $psk $(sorted_ips "$ips")"
+  done | sort
+}
+file_peers() {
+  local public_key ips psk file
+  conf_peers "$conf" | while read -r public_key ips _ _; do
+    file=$(psk_file "$public_key")
+    psk="(none)"
+    [[ ! -s $file ]] || psk=$(<"$file")
+    echo "$public_key $psk $(sorted_ips "$ips")"
+  done | sort
+}
+
 # Before a start: what brought the interface up takes it down, with the file it used ($conf, not yet
 # replaced), so that its PostDown undoes its PostUp: systemd, or wg-quick as the operator did by hand.
 # A unit systemd still counts as active though its link is gone is stopped too (its down then fails).
@@ -322,9 +346,14 @@ stop_interface() {
 }
 
 if $running && cmp -s "$candidate" "$conf"; then
+  # The file is right; the interface may not be: a peer removed by hand (`wg set ... remove`), or a
+  # run that failed between installing the file and syncing it. A rerun puts it right.
   if [[ $running_public != "$key_public" ]]; then
     sync_running
     log "$interface had lost its private key; restored from $key_file"
+  elif [[ $(running_peers) != "$(file_peers)" ]]; then
+    sync_running
+    log "$interface's peers differed from $conf; it now has its $(peers "$conf") peer(s), applied without a restart"
   fi
 elif $running && [[ -e $conf ]] && cmp -s <(interface_settings "$candidate") <(interface_settings "$conf"); then
   keep_backup
@@ -362,6 +391,10 @@ fi
 actual=$(wg show "$interface" public-key)
 if [[ $actual != "$key_public" ]]; then
   log "$interface runs with public key $actual, expected $key_public"
+  exit 1
+fi
+if [[ $(running_peers) != "$(file_peers)" ]]; then
+  log "$interface does not serve the peers of $conf as the file says (wg show $interface allowed-ips)"
   exit 1
 fi
 # Without a trailing newline: the output is the key, exactly.

@@ -8,7 +8,7 @@ when their Deployment is scaled to 0.
 
 The database is realistic but small: two schemas, foreign keys, btree and GIN indexes, sequences, a view
 and a materialized view, a plpgsql function and trigger, jsonb, bytea, numeric, timestamptz, TOASTed
-text, and grants to a second role."""
+text, and grants to a second role; one test adds an extension a superuser made (pgvector) and a table using it."""
 from __future__ import annotations
 
 import base64
@@ -175,6 +175,36 @@ def test_the_migration_moves_the_database_with_matching_checksums_and_measures_t
     seconds = report["seconds"]
     assert seconds["downtime"] >= seconds["dump"] + seconds["restore"] + seconds["verify"] > 0
     assert json.loads(json.dumps(report)) == report  # the report is JSON, as --report writes it
+
+
+# pgserver's PostgreSQL 16 ships no contrib (no citext, pg_trgm or hstore, the trusted ones): its one
+# extension besides plpgsql is pgvector, which RDS lets its master user (rds_superuser) create but which is
+# untrusted, so PostgreSQL lets only a superuser create it. The stand-in's master user is made one for
+# this test alone: the stage's role, which restores everything else, still may not.
+EXTENSION_SEED = """
+CREATE EXTENSION vector;
+SET ROLE {role};
+CREATE TABLE game.looks (player_id bigint PRIMARY KEY REFERENCES game.players, style vector(3) NOT NULL);
+INSERT INTO game.looks SELECT i, format('[%s,%s,%s]', i % 5, i % 7, i % 11)::vector FROM generate_series(1, 400) i;
+RESET ROLE;
+"""
+
+
+def test_an_extension_a_dba_made_on_the_host_is_made_on_rds_by_the_master_user(stage, pg, rds):
+    pg.psql(EXTENSION_SEED.format(role=stage.role), database=stage.database)
+    host_checksums = checksums(pg, stage.database)
+    rds.psql(f"ALTER ROLE {MASTER} SUPERUSER")
+    try:
+        stage.migrate().run()
+    finally:
+        rds.psql(f"ALTER ROLE {MASTER} NOSUPERUSER")
+    assert checksums(rds, stage.database) == host_checksums
+    assert rds.psql("SELECT extowner::regrole FROM pg_extension WHERE extname = 'vector'", database=stage.database) \
+        == MASTER
+    assert rds.psql("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'game.looks'::regclass",
+                    database=stage.database) == stage.role
+    nearest = "SELECT player_id FROM game.looks ORDER BY style <-> '[4,6,10]' LIMIT 1"
+    assert rds.psql(nearest, database=stage.database) == pg.psql(nearest, database=stage.database) == "384"
 
 
 # The backup, and then a changed checksum in its manifest: what a copy that differs from its dump looks like.

@@ -122,9 +122,11 @@ def qa_estate(settings: Settings) -> StageBase:
 settings = load()
 # An over-committed node stops the preview. prod's budget counts both stages' pods on its nodes (it owns
 # the hosts and knows the agents), and the tables it adds up are code: prod's preview of the same change
-# sees it.
+# sees it. With agents, the preview also says where each app pod lands.
 if settings.is_prod:
-    capacity.check(capacity.estate_report(settings.hosts.k3s_agents))
+    budget = capacity.estate_report(settings.hosts.k3s_agents)
+    capacity.check(budget)
+    capacity.log_placement(budget)
 adopt.use(settings.imports)  # before any resource: each asks whether it takes over a live object
 base = prod_estate(settings) if settings.is_prod else qa_estate(settings)
 apps = StageWorkloads("apps", stage=settings.stage_facts, network=settings.network, settings=settings.cluster,

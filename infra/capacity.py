@@ -101,6 +101,15 @@ class Estate:
         return next(node.node for node in self.nodes if any(item.name == pod for item in node.pods))
 
 
+def nodes_of(budget: Union[Report, Estate]) -> tuple[Report, ...]:
+    return budget.nodes if isinstance(budget, Estate) else (budget,)
+
+
+def node_label(node: Report) -> str:
+    """How a message names the node: the k3s host, or the agent by its name."""
+    return f"agent {node.node}" if node.instance_type else "the k3s host"
+
+
 SVCLB_POD = "kube-system/svclb-traefik"  # ServiceLB's DaemonSet pod, one on every node
 
 
@@ -180,25 +189,37 @@ def lines(budget: Union[Report, Estate]) -> list[str]:
     out = []
     for node in budget.nodes:
         out += _node_lines(node, _title(node)) + [""]
+    return out + placement(budget)
+
+
+def placement(budget: Estate) -> list[str]:
+    """One line per app pod (and the surge): the node its worst case lands on."""
     placed = [item.name for node in budget.nodes for item in node.pods if item in app_pods()]
-    out.append("Where each app pod's worst case (its limit) lands:")
-    out += [f"  {name}: {budget.node_of(name)}" for name in sorted(placed)]
-    return out
+    return ["Where each app pod's worst case (its limit) lands:",
+            *(f"  {name}: {budget.node_of(name)}" for name in sorted(placed))]
+
+
+def log_placement(budget: Union[Report, Estate]) -> None:
+    """With agents, `pulumi preview` shows where the pods land, as `make plan` does; the k3s host alone has
+    nothing to place, and its preview says nothing more."""
+    if isinstance(budget, Estate):
+        pulumi.log.info("\n".join(placement(budget)))
 
 
 def check(budget: Union[Report, Estate]) -> None:
-    nodes = budget.nodes if isinstance(budget, Estate) else (budget,)
-    over = [node for node in nodes if node.headroom_mib < 0]
+    over = [node for node in nodes_of(budget) if node.headroom_mib < 0]
     if not over:
         return
-    what = "; ".join(f"on {'the k3s host' if not node.instance_type else f'agent {node.node}'} the pods' limits "
-                     f"add up to {node.total_mib} MiB, {-node.headroom_mib} MiB more than the "
-                     f"{node.allocatable_mib} MiB the kubelet allocates to pods" for node in over)
+    who = " and ".join(node_label(node) for node in over)
+    budgets = "is over its memory budget" if len(over) == 1 else "are over their memory budgets"
+    what = "; ".join(f"on {node_label(node)} the pods' limits add up to {node.total_mib} MiB, {-node.headroom_mib} "
+                     f"MiB more than the {node.allocatable_mib} MiB the kubelet allocates to pods" for node in over)
     raise CapacityError(
-        f"the k3s host is over its memory budget: {what}. Lower a memory limit (APPS in infra/apps.py, "
+        f"{who} {budgets}: {what}. Lower a memory limit (APPS in infra/apps.py, "
         "infra/traefik_values.py), lower PostgreSQL's worst case (max_connections in "
-        "infra/host/postgresql-katforge.conf), add an agent (katforge:k3sAgents), or move to a larger instance "
-        "type and set HOST_MEMTOTAL_MIB in infra/capacity.py.\n" + "\n".join(lines(budget)))
+        "infra/host/postgresql-katforge.conf), add an agent or give one a larger instance type "
+        "(katforge:k3sAgents), or move the k3s host to a larger instance type and set HOST_MEMTOTAL_MIB in "
+        "infra/capacity.py.\n" + "\n".join(lines(budget)))
 
 
 def agents_in_plan(document: dict) -> tuple[AgentSpec, ...]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import stat
 import subprocess
@@ -17,13 +18,14 @@ import pytest
 import yaml
 
 import tools.offline as offline
-from infra import traefik_values
+from infra import capacity, traefik_values
 from infra.bootstrap import HOST_FILES, K3S_AGENT_MEMORY_MIB, SYSTEM_MEMORY_MIB, kubelet_args
 from infra.settings import SettingsError
 from tests import scaled
 from tests.test_bootstrap import command_line
 from tests.test_traefik_values import ARGS, chart, helm_merge  # noqa: F401 (chart is a fixture)
 from tools.offline import evaluate, redact, unwrap
+from tools.plan import capacity_section
 from tools.plan_diff import diff_plans
 
 COMMAND = "command:remote:Command"
@@ -195,6 +197,21 @@ def test_with_agents_traefik_and_its_volume_stay_on_the_server():
     config = scaled.agents(1).named("cluster-traefik-config")
     assert yaml.safe_load(config.inputs["spec"]["valuesContent"])["nodeSelector"] == \
         traefik_values.SERVER_NODE_SELECTOR
+
+
+def test_the_preview_logs_where_each_app_pod_lands_as_make_plan_prints_it_and_only_with_agents(caplog):
+    caplog.set_level(logging.INFO)
+    evaluate("prod", {"katforge:k3sAgents": list(scaled.TWO_AGENTS)})
+    with_agents = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    caplog.clear()
+    evaluate("prod")
+    alone = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    printed = capacity_section(scaled.agents(2))
+    where = printed[printed.index("Where each app pod's worst case (its limit) lands:"):]
+    assert with_agents == ["\n".join(where)]
+    assert len(where) == 1 + len(capacity.app_pods())  # a line per app pod and the surge, each naming a node
+    assert {line.rsplit(": ", 1)[1] for line in where[1:]} <= {"k3s", "agent-1", "agent-2"}
+    assert alone == []  # the k3s host alone: the preview says no more than it did
 
 
 @pytest.mark.parametrize("line, problem", [

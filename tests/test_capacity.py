@@ -3,6 +3,7 @@ fits today, and that overflowing it stops the program."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -187,8 +188,24 @@ def test_the_preview_says_which_node_each_app_pods_worst_case_lands_on():
 
 def test_an_agent_over_its_budget_stops_the_preview_naming_it(monkeypatch):
     monkeypatch.setitem(capacity.MEMTOTAL_MIB, "t3.small", 700)  # 700 - 384 - 320 leaves no room at all
-    with pytest.raises(capacity.CapacityError, match="on agent agent-2 the pods' limits add up to"):
+    with pytest.raises(capacity.CapacityError) as info:
         capacity.check(capacity.estate_report((AGENT, SMALL)))
+    assert str(info.value).startswith("agent agent-2 is over its memory budget: on agent agent-2 the pods' limits "
+                                      "add up to ")
+    assert "k3s host is over" not in str(info.value)
+
+
+def test_every_node_over_its_budget_is_named_first():
+    host, agent = capacity.report([capacity.Item("default/hog", 4096)]), capacity.agent_report(SMALL)
+    agent = replace(agent, pods=(*agent.pods, capacity.Item("qa/hog", 2048)))
+    with pytest.raises(capacity.CapacityError) as both:
+        capacity.check(capacity.Estate(nodes=(host, capacity.agent_report(AGENT), agent)))
+    with pytest.raises(capacity.CapacityError) as alone:
+        capacity.check(host)
+    assert str(both.value).startswith("the k3s host and agent agent-2 are over their memory budgets: on the k3s "
+                                      "host the pods' limits add up to ")
+    assert "; on agent agent-2 the pods' limits add up to " in str(both.value)
+    assert str(alone.value).startswith("the k3s host is over its memory budget: on the k3s host the pods' limits")
 
 
 def test_agents_let_apps_that_overflow_the_host_fit(monkeypatch):

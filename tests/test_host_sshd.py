@@ -15,7 +15,8 @@ SCRIPT = HOST_FILES / "host-baseline.sh"
 SSHD = Path("/usr/sbin/sshd")
 
 STAND_INS = {
-    "systemctl": 'echo "systemctl $*" >>"$FAKE/calls.log"\n',
+    # A reload fails while $FAKE/reload-fails exists, as when sshd is not running or its unit is masked.
+    "systemctl": 'echo "systemctl $*" >>"$FAKE/calls.log"\n[[ $1 != reload || ! -e $FAKE/reload-fails ]]\n',
     "dpkg-query": "echo 'install ok installed'\n",
     "apt-get": 'echo "apt-get $*" >>"$FAKE/calls.log"; exit 1\n',
     "timedatectl": '[[ $1 == show ]] && echo UTC\n',
@@ -46,7 +47,7 @@ class SshHost:
         self.log.touch()
         self.env = {**os.environ, "PATH": f"{bin_dir}:/usr/sbin:{os.environ['PATH']}", "FAKE": str(root),
                     "SSHD_CONFIG": str(self.config), "SSHD_DROP_IN": str(self.drop_in),
-                    "APT_CONF_DIR": str(root / "apt.conf.d")}
+                    "APT_CONF_DIR": str(root / "apt.conf.d"), "KATFORGE_STATE_DIR": str(root / "state")}
 
     def run(self) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(SCRIPT)], env=self.env, capture_output=True, text=True)
@@ -109,3 +110,20 @@ def test_a_drop_in_sshd_would_not_apply_is_put_back_and_not_reloaded(ssh):
     # The next run tests again rather than finding the file in place.
     again = ssh.run()
     assert again.returncode == 1 and ssh.reloads() == 0
+
+
+def test_a_reload_that_failed_is_tried_again_by_the_next_run(ssh):
+    # The drop-in is installed, the reload fails: sshd still runs with the old settings.
+    (ssh.root / "reload-fails").touch()
+    failed = ssh.run()
+    assert failed.returncode != 0 and ssh.reloads() == 1
+    assert ssh.effective()["passwordauthentication"] == "no"  # the files are right; the daemon is not
+    # The next run finds the file in place, and still reloads: until one reload succeeds.
+    again = ssh.run()
+    assert again.returncode != 0 and ssh.reloads() == 2
+    (ssh.root / "reload-fails").unlink()
+    healed = ssh.run()
+    assert healed.returncode == 0, healed.stderr
+    assert ssh.reloads() == 3 and "sshd reloaded" in healed.stderr
+    settled = ssh.run()
+    assert settled.returncode == 0 and ssh.reloads() == 3

@@ -8,12 +8,17 @@
 #               (sshd keeps the first value it reads, so the lowest name wins over cloud-init's files)
 # SSHD_CONFIG   sshd's main configuration, which includes the drop-in; default /etc/ssh/sshd_config
 # APT_CONF_DIR  default /etc/apt/apt.conf.d
+# KATFORGE_STATE_DIR  where a reload still owed is recorded; default /var/lib/katforge
 #
 # Runs as root. Does nothing that is already in place. sshd reloads only after `sshd -t` accepts its
-# whole configuration with the new drop-in and `sshd -T` shows the drop-in's settings in effect;
-# otherwise the previous drop-in is put back, sshd is not reloaded and the run fails, so that the next
-# run tries again. A configuration sshd rejects before any change is left alone. Every run checks the
-# settings sshd has in effect, not only the file.
+# whole configuration with the new drop-in and `sshd -T` shows that it would take the drop-in's
+# settings; otherwise the previous drop-in is put back, sshd is not reloaded and the run fails, so that
+# the next run tries again. A configuration sshd rejects before any change is left alone.
+# `sshd -T` reads the configuration files, not the running daemon: every run checks with it that the
+# files, all of them, give the drop-in's settings (another file may have come to override them). That
+# the daemon runs with them rests on the reload: a marker written before the drop-in is installed and
+# removed once `systemctl reload ssh` succeeded makes every later run reload until one does, so a
+# failed reload is not mistaken for "in place" because the file is.
 set -euo pipefail
 
 log() { printf 'host-baseline: %s\n' "$*" >&2; }
@@ -21,6 +26,7 @@ log() { printf 'host-baseline: %s\n' "$*" >&2; }
 drop_in=${SSHD_DROP_IN:-/etc/ssh/sshd_config.d/00-katforge.conf}
 sshd_config=${SSHD_CONFIG:-/etc/ssh/sshd_config}
 apt_conf_dir=${APT_CONF_DIR:-/etc/apt/apt.conf.d}
+reload_pending=${KATFORGE_STATE_DIR:-/var/lib/katforge}/sshd-reload-pending
 apt_get() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q "$@"; }
 
 # Writes stdin to $1 unless it already holds exactly that; succeeds only if the file changed.
@@ -70,6 +76,10 @@ if ! cmp -s "$ssh_candidate" "$drop_in"; then
     cp -p "$drop_in" "$ssh_candidate.old"
     had_drop_in=true
   fi
+  # Before the file: a run cut short anywhere after it leaves the reload owed, not forgotten.
+  owed_before=false
+  [[ ! -e $reload_pending ]] || owed_before=true
+  install -D -m 0600 /dev/null "$reload_pending"
   install -D -m 0644 "$ssh_candidate" "$drop_in"
   if ! problems=$(sshd -t -f "$sshd_config" 2>&1); then
     problems=${problems:-"sshd -t failed"}
@@ -78,16 +88,21 @@ if ! cmp -s "$ssh_candidate" "$drop_in"; then
   fi
   if [[ -n $problems ]]; then
     if $had_drop_in; then mv "$ssh_candidate.old" "$drop_in"; else rm -f "$drop_in"; fi
+    $owed_before || rm -f "$reload_pending"
     log "sshd does not take the new $drop_in, so the previous one is back and sshd was not reloaded: $problems"
     exit 1
   fi
-  systemctl reload ssh
-  log "sshd: password and root logins off"
 fi
 problems=$(not_in_effect)
 if [[ -n $problems ]]; then
-  log "sshd does not have the settings of $drop_in in effect: $problems (a file it reads first sets them)"
+  log "sshd's configuration files do not give the settings of $drop_in: $problems (a file it reads first sets them)"
   exit 1
+fi
+if [[ -e $reload_pending ]]; then
+  # A reload that fails stops the run here, the marker kept: the next run reloads again.
+  systemctl reload ssh
+  rm -f "$reload_pending"
+  log "sshd reloaded: password and root logins off"
 fi
 
 if ! dpkg-query -W -f='${Status}' unattended-upgrades 2>/dev/null | grep -q 'install ok installed'; then

@@ -404,4 +404,5 @@ print(json.dumps({"key": key, "target": target, "manifest": json.load(open(manif
 PY
 fi
 log "restored s3://$BACKUP_BUCKET/$key into database $target in $(python3 -c "print(round($finished - $started, 1))") s"
-[[ -z $target_exists ]] || log "the database it replaced is kept as $before: drop it once satisfied (DROP DATABASE \"$before\";)"
+# The drop as a shell command, run where this ran, as the README's runbook has it (names are [A-Za-z0-9_-]).
+[[ -z $target_exists ]] || log "the database it replaced is kept as $before: drop it once satisfied (sudo -u postgres dropdb $before)"

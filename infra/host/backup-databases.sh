@@ -29,7 +29,8 @@
 # no object appears; the writer cannot delete one. A dump waits at most BACKUP_LOCK_WAIT for each
 # table's lock while holding the locks it already has, so a migration queued behind it waits no
 # longer than that; once every lock is held, a migration still waits for the dump to end (pg_dump
-# keeps its locks to the end): about a minute for a 1 GB database (README, RPO and RTO).
+# keeps its locks to the end): about 15 s per GiB of database (benchmarks/backup_throughput.py measured
+# 66-72 MiB/s on 2 quiet cores, 56 MiB/s busy; README, RPO and RTO).
 set -euo pipefail
 
 log() { printf 'katforge-backup: %s\n' "$*" >&2; }

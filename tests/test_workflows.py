@@ -359,6 +359,16 @@ def stack_root(tmp_path, stack_files: dict[str, str]) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """Check stack files of a project of their own: the check reads the project tools/offline.py reads
+    (the config the program's settings run on comes from there too)."""
+    def use(stack_files: dict[str, str]) -> None:
+        monkeypatch.setattr("tools.offline.ROOT", stack_root(tmp_path, stack_files))
+    return use
+
+
+# Every key the program requires of qa: the secrets (encrypted) and a release of each app it runs.
 COMPLETE = f"""encryptionsalt: v1:c2FsdA==:v1:aXY=:dGFn
 config:
   aws:region: us-east-2
@@ -370,22 +380,28 @@ config:
     secure: {SECURE}
   katforge:imageTags:
     - api=v1.0.0
+    - web=v1.0.0
+    - lextris=v1.0.0
+    - stumper=v1.0.0
 """
+SSH_PUBLIC_KEY = ("  katforge:sshPublicKey: ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG9mZmxpbmUtcGxhbi1wbGFjZWhvbGRlci1rZXkt"
+                  "MDAw ops@katforge.com\n")
+COMPLETE_PROD = COMPLETE + SSH_PUBLIC_KEY  # prod's hosts need the operators' key too
 
 
-def test_a_stack_file_with_every_required_key_passes(tmp_path):
+def test_a_stack_file_with_every_required_key_passes(project):
     from tools.check_stack_config import problems
-    root = stack_root(tmp_path, {"Pulumi.qa.yaml": COMPLETE, "Pulumi.prod.yaml": COMPLETE})
-    assert problems("qa", root) == []
-    assert problems("prod", root, backend_url="s3://katforge-pulumi-state?region=us-east-2") == []
+    project({"Pulumi.qa.yaml": COMPLETE, "Pulumi.prod.yaml": COMPLETE_PROD})
+    assert problems("qa") == []
+    assert problems("prod", backend_url="s3://katforge-pulumi-state?region=us-east-2") == []
 
 
-def test_a_required_key_neither_set_nor_defaulted_is_named_with_its_fix(tmp_path):
+def test_a_required_key_neither_set_nor_defaulted_is_named_with_its_fix(project):
     from tools.check_stack_config import problems
     text = COMPLETE.replace(f"  katforge:dbPassword:\n    secure: {SECURE}\n", "").replace(
-        "  katforge:imageTags:\n    - api=v1.0.0\n", "")
-    found = problems("qa", stack_root(tmp_path, {"Pulumi.qa.yaml": text}))
-    assert found == [
+        "  katforge:imageTags:\n    - api=v1.0.0\n    - web=v1.0.0\n    - lextris=v1.0.0\n    - stumper=v1.0.0\n", "")
+    project({"Pulumi.qa.yaml": text})
+    assert problems("qa") == [
         "Pulumi.qa.yaml: katforge:dbPassword is not set and has no default: set the secret with: pulumi config set "
         "--secret katforge:dbPassword --stack qa   (it prompts), then commit Pulumi.qa.yaml",
         "Pulumi.qa.yaml: katforge:imageTags is not set and has no default: set the value with: pulumi config set "
@@ -394,9 +410,10 @@ def test_a_required_key_neither_set_nor_defaulted_is_named_with_its_fix(tmp_path
 
 def test_todays_committed_stack_files_are_not_yet_deployable():
     """No secret is committed yet (an operator sets them, README "First deployment"): CI would stop here."""
-    from tools.check_stack_config import problems
+    from tools.check_stack_config import main, problems
     for stack in ("prod", "qa"):
         assert any("katforge:dbPassword is not set" in line for line in problems(stack))
+    assert main(["--stack", "qa"]) == 1  # the command fails on today's files, as CI would
 
 
 @pytest.mark.parametrize("change, message", [
@@ -405,19 +422,55 @@ def test_todays_committed_stack_files_are_not_yet_deployable():
     (lambda text: text.replace(f"katforge:ghcrToken:\n    secure: {SECURE}", "katforge:ghcrToken: ghp_plain"),
      "katforge:ghcrToken = [secret]: expected an encrypted value"),
 ])
-def test_a_stack_file_the_cli_could_not_decrypt_is_refused(tmp_path, change, message):
+def test_a_stack_file_the_cli_could_not_decrypt_is_refused(project, change, message):
     from tools.check_stack_config import problems
-    [found] = problems("qa", stack_root(tmp_path, {"Pulumi.qa.yaml": change(COMPLETE)}))
+    project({"Pulumi.qa.yaml": change(COMPLETE)})
+    [found] = problems("qa")
     assert message in found
 
 
-def test_a_backend_in_another_bucket_than_the_roles_may_use_is_refused(tmp_path):
-    from tools.check_stack_config import main, problems
-    root = stack_root(tmp_path, {"Pulumi.prod.yaml": COMPLETE + "  katforge:stateBucket: katforge-state-2\n"})
-    [found] = problems("prod", root, backend_url="s3://katforge-pulumi-state?region=us-east-2")
+RDS_PASSWORD = "  katforge:database: rds\n  katforge:rdsMasterPassword:\n    secure: " + SECURE + "\n"
+
+
+@pytest.mark.parametrize("stack, text, message", [
+    # sshPublicKey has a default ("": qa needs none), so only the program knows prod must set it.
+    ("prod", COMPLETE, "Pulumi.prod.yaml: katforge:sshPublicKey = (not set): expected an OpenSSH public key line "
+                       "such as 'ssh-ed25519 AAAA... ops@katforge.com'; set it with: pulumi config set "
+                       "katforge:sshPublicKey <value> --stack prod"),
+    ("prod", COMPLETE + '  katforge:sshPublicKey: ""\n', "Pulumi.prod.yaml: katforge:sshPublicKey = (not set): "
+                                                         "expected"),
+    # rdsMasterPassword too ("" while the database is on the host), and it is checked to be a secret.
+    ("prod", COMPLETE_PROD + "  katforge:database: migrating\n",
+     "Pulumi.prod.yaml: katforge:rdsMasterPassword = (not set): expected the RDS master user's password, set as a "
+     "secret"),
+    ("prod", COMPLETE_PROD + RDS_PASSWORD.replace(f"\n    secure: {SECURE}", " plain-text-password"),
+     "Pulumi.prod.yaml: katforge:rdsMasterPassword = [plain text, not shown]: expected"),
+    ("qa", COMPLETE + "  katforge:vpnClientCidr: 10.99.0.0\n", "Pulumi.qa.yaml: katforge:vpnClientCidr = 10.99.0.0: "
+                                                                "expected"),
+    ("qa", COMPLETE.replace("    - web=v1.0.0\n", ""), "Pulumi.qa.yaml: katforge:imageTags = "),
+], ids=["prod-no-ssh-key", "prod-empty-ssh-key", "rds-no-password", "rds-plain-password", "bad-cidr", "app-untagged"])
+def test_a_value_the_program_refuses_stops_ci_with_the_programs_own_line(project, stack, text, message):
+    """infra/settings.py runs on the config as the CLI hands it: its one line, nothing added, nothing else."""
+    from tools.check_stack_config import problems
+    project({f"Pulumi.{stack}.yaml": text})
+    [found] = problems(stack)
+    assert found.startswith(message) and "\n" not in found
+    assert "plain-text-password" not in found
+
+
+def test_a_secret_the_program_requires_passes_encrypted(project):
+    """Only the CLI decrypts: an encrypted rdsMasterPassword counts as set and secret."""
+    from tools.check_stack_config import problems
+    project({"Pulumi.prod.yaml": COMPLETE_PROD + RDS_PASSWORD})
+    assert problems("prod") == []
+
+
+def test_a_backend_in_another_bucket_than_the_roles_may_use_is_refused(project):
+    from tools.check_stack_config import problems
+    project({"Pulumi.prod.yaml": COMPLETE_PROD + "  katforge:stateBucket: katforge-state-2\n"})
+    [found] = problems("prod", backend_url="s3://katforge-pulumi-state?region=us-east-2")
     assert "its bucket is not katforge-state-2" in found
-    assert problems("prod", root, backend_url="s3://katforge-state-2") == []
-    assert main(["--stack", "qa"]) == 1  # the command fails on today's files, as CI would
+    assert problems("prod", backend_url="s3://katforge-state-2") == []
 
 
 def wg(*args: str, stdin: str = "") -> str:

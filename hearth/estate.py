@@ -2,18 +2,24 @@
 
 The addresses are the prod stack's config (the hosts and their Elastic IPs belong to prod; qa's records
 point at prod's `k3sPrivateIp` output, which is that config value), read as the Pulumi CLI would hand it
-to the program (tools.offline.effective_config: Pulumi.yaml's defaults under Pulumi.prod.yaml).
+to the program (tools.offline.effective_config: Pulumi.yaml's defaults under Pulumi.prod.yaml). So are
+its k3s agents (katforge:k3sAgents), each with its own memory budget (infra/capacity.py).
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
+import pulumi
+from pulumi.runtime import settings as runtime_settings
+
+from hearth.kube import EXIT_USAGE, HearthError
 from infra import apps as program
-from infra import capacity, dns
-from infra.settings import REGION, STAGES, Stage
+from infra import capacity, dns, settings
+from infra.settings import REGION, STAGES, AgentSpec, Stage
 from tools.offline import effective_config
 
 # Which config key holds the address behind each of infra/dns.py's run-time targets.
@@ -39,7 +45,8 @@ class Estate:
     addresses: Mapping[str, str]  # name -> declared address, every record of every stage
     bucket: str
     region: str
-    budget: capacity.Report
+    k3s_private_ip: str  # the k3s host's node has it as its InternalIP (k3s's node-ip)
+    budget: Union[capacity.Report, capacity.Estate]  # the k3s host's, or each node's with agents
 
     @property
     def namespace(self) -> str:
@@ -84,8 +91,25 @@ def _hosts_config() -> dict[str, str]:
     return effective_config(HOSTS_STACK)[0]
 
 
+def _hosts(config: Mapping[str, str]) -> tuple[settings.NetworkSettings, tuple[AgentSpec, ...]]:
+    """The network and the k3s agents as the program reads and checks them: infra/settings.py's own reader
+    over this config, in a context of its own (Pulumi's config and stack name are context variables), so
+    nothing is left set for the rest of the process. A refusal is the program's line, exit 2."""
+    def read():
+        pulumi.runtime.set_all_config(dict(config))
+        runtime_settings.SETTINGS.stack = HOSTS_STACK  # the stack file a refusal names
+        reader = settings._Reader(HOSTS_STACK)
+        network = settings._network(reader)
+        return network, settings._k3s_agents(reader, network)
+    try:
+        return contextvars.copy_context().run(read)
+    except settings.SettingsError as error:
+        raise HearthError(str(error), EXIT_USAGE) from None
+
+
 def load(stage_name: str, environ: Mapping[str, str] = os.environ) -> Estate:
     config = _hosts_config()
+    network, agents = _hosts(config)
     addresses = declared_addresses(config)
     stage = STAGES[stage_name]
     apps = tuple(program.apps_in(stage.name))
@@ -94,4 +118,4 @@ def load(stage_name: str, environ: Mapping[str, str] = os.environ) -> Estate:
     # BACKUP_BUCKET as `make restore` takes it; otherwise the prod stack's backupBucket setting.
     bucket = environ.get("BACKUP_BUCKET") or config["katforge:backupBucket"]
     return Estate(stage=stage, apps=apps, names=names, tls_names=tuple(tls), addresses=addresses, bucket=bucket,
-                  region=REGION, budget=capacity.estate_report())
+                  region=REGION, k3s_private_ip=network.k3s_private_ip, budget=capacity.estate_report(agents))

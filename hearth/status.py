@@ -19,6 +19,7 @@ from hearth import probes, rollout
 from hearth.estate import Estate
 from hearth.kube import Cluster
 from infra import apps as program
+from infra import capacity
 
 SCHEMA_VERSION = 1
 
@@ -113,29 +114,61 @@ def app_report(app: program.App, estate: Estate, deployment: Optional[dict], set
     }
 
 
+def _of_budget(node: dict, budget: capacity.Report, estate: Estate) -> bool:
+    """Whether the live node is the one the budget is for: an agent registers under its name (k3s's
+    node-name), the k3s host under its host name, with the configured private address (node-ip)."""
+    if budget.instance_type:
+        return node["metadata"]["name"] == budget.node
+    addresses = ((node.get("status") or {}).get("addresses")) or []
+    return any(a.get("type") == "InternalIP" and a.get("address") == estate.k3s_private_ip for a in addresses)
+
+
 def memory_report(estate: Estate, nodes: list[dict]) -> dict:
-    """Node conditions, and the kubelet's allocatable memory against the budget (infra/capacity.py)."""
-    budget = estate.budget
-    facts = {"budget": {"allocatableMiB": budget.allocatable_mib, "podLimitsMiB": budget.total_mib}, "nodes": []}
+    """Node conditions, and each node's allocatable memory against its budget (infra/capacity.py): the k3s
+    host's, and with k3s agents each agent's, with the pods the budget places there."""
+    budgets = capacity.nodes_of(estate.budget)
+    facts = {"budget": {"allocatableMiB": sum(b.allocatable_mib for b in budgets),
+                        "podLimitsMiB": sum(b.total_mib for b in budgets)}, "nodes": []}
+    matched = {}  # budget's node -> the live node's facts
     for node in nodes:
         conditions = {c["type"]: c for c in (node.get("status") or {}).get("conditions") or []}
-        facts["nodes"].append({
+        budget = next((b for b in budgets if b.node not in matched and _of_budget(node, b, estate)), None)
+        fact = {
             "name": node["metadata"]["name"],
             "memoryPressure": conditions.get("MemoryPressure", {}).get("status") == "True",
             "allocatableMiB": mib(((node.get("status") or {}).get("allocatable") or {}).get("memory", "0")),
-        })
+        }
+        if budget is not None:
+            fact["budget"] = {"node": budget.node, "allocatableMiB": budget.allocatable_mib,
+                              "podLimitsMiB": budget.total_mib}
+            matched[budget.node] = fact
+        facts["nodes"].append(fact)
     if not facts["nodes"]:
         return {"state": "missing", "ok": False, "message": "the cluster lists no node", **facts}
+    several = len(budgets) > 1  # then each figure says which node it is
+    parts, over, absent = [], [], []
+    for budget in budgets:
+        fact = matched.get(budget.node)
+        if fact is None:
+            where = (f"no node {budget.node}" if budget.instance_type
+                     else f"no node with the k3s host's address {estate.k3s_private_ip}")
+            absent.append(f"{capacity.node_label(budget)} is not in the cluster ({where})")
+            continue
+        parts.append(f"{fact['name'] + ': ' if several else ''}allocatable {fact['allocatableMiB']} MiB, the pods' "
+                     f"limits {budget.total_mib} MiB (budget: {budget.allocatable_mib} MiB allocatable)")
+        if fact["allocatableMiB"] < budget.total_mib:
+            over.append(fact["name"])
+    summary = "; ".join(parts + absent)
     pressed = [n["name"] for n in facts["nodes"] if n["memoryPressure"]]
-    allocatable = sum(n["allocatableMiB"] for n in facts["nodes"])
-    summary = (f"allocatable {allocatable} MiB, the pods' limits {budget.total_mib} MiB "
-               f"(budget: {budget.allocatable_mib} MiB allocatable)")
     if pressed:
         return {"state": "pressure", "ok": False, "message": f"MemoryPressure on {', '.join(pressed)}; {summary}",
                 **facts}
-    if allocatable < budget.total_mib:
+    if absent:
+        return {"state": "missing", "ok": False, "message": summary, **facts}
+    if over:
+        where = f" on {', '.join(over)}" if several else ""
         return {"state": "overcommitted", "ok": False,
-                "message": f"{summary}: the pods can use more than the kubelet allocates", **facts}
+                "message": f"{summary}: the pods can use more than the kubelet allocates{where}", **facts}
     return {"state": "ok", "ok": True, "message": f"no memory pressure; {summary}", **facts}
 
 

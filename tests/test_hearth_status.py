@@ -17,8 +17,9 @@ import jsonschema
 import pytest
 
 from hearth.cli import main
+from tests import kube_api, scaled
 from tests.kube_api import AppState, Reply, app_objects, iso, status
-from tools.offline import ROOT
+from tools.offline import ROOT, effective_config
 
 pytest_plugins = ["tests.kube_api", "tests.tls_server", "tests.dns_server", "tests.live_account"]
 
@@ -444,6 +445,73 @@ def test_memory_pressure_and_an_overcommitted_node(hearth, running_cluster):
     assert tight.code == 1 and check_row(tight.out, "memory", "ip-172-31-14-98") == (
         "overcommitted allocatable 2000 MiB, the pods' limits 2062 MiB (budget: 2075 MiB allocatable): "
         "the pods can use more than the kubelet allocates")
+
+
+def stack_with_agents(monkeypatch, *lines: str) -> None:
+    """hearth reading a prod stack file whose katforge:k3sAgents lists these lines."""
+    from hearth import estate
+    config = effective_config("prod", {"katforge:k3sAgents": list(lines)})[0]
+    monkeypatch.setattr(estate, "_hosts_config", lambda: config)
+
+
+def agent_node(api, name: str, address: str, allocatable_mib: int) -> dict:
+    """An agent as k3s registers it (infra/bootstrap.py: node-name, node-ip), no control-plane role."""
+    node = api.get("v1", "Node", kube_api.NODE)
+    node["metadata"] = {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}}
+    node["spec"] = {"podCIDR": "10.42.1.0/24", "podCIDRs": ["10.42.1.0/24"], "providerID": f"k3s://{name}"}
+    node["status"]["addresses"] = [{"type": "InternalIP", "address": address}, {"type": "Hostname", "address": name}]
+    node["status"]["allocatable"]["memory"] = f"{allocatable_mib}Mi"
+    return node
+
+
+def test_with_an_agent_each_node_is_held_to_its_own_budget(hearth, running_cluster, monkeypatch):
+    from infra import capacity
+    from infra.settings import AgentSpec
+
+    stack_with_agents(monkeypatch, *scaled.ONE_AGENT)
+    host, agent = capacity.estate_report((AgentSpec(*scaled.ONE_AGENT[0].split(",")),)).nodes
+    assert host.total_mib < capacity.estate_report().total_mib  # the agent takes app pods off the host
+    with running_cluster.kept():
+        running_cluster.add(agent_node(running_cluster, "agent-1", "172.31.14.120", agent.allocatable_mib))
+        fits = hearth("status", "--json")
+        # Short of the agent's own budget, though the two nodes together allocate more than all the pods need.
+        short = agent.total_mib - 1
+        assert host.allocatable_mib + short > host.total_mib + agent.total_mib
+        running_cluster.add(agent_node(running_cluster, "agent-1", "172.31.14.120", short))
+        tight = hearth("status")
+        running_cluster.remove("v1", "Node", "agent-1")
+        gone = hearth("status")
+    report = json.loads(fits.out)
+    jsonschema.Draft202012Validator(json.loads(SCHEMA.read_text())).validate(report)
+    assert fits.code == 0 and report["memory"]["state"] == "ok"
+    assert sorted((n["name"], n["allocatableMiB"], n["budget"]) for n in report["memory"]["nodes"]) == [
+        ("agent-1", agent.allocatable_mib, {"node": "agent-1", "allocatableMiB": agent.allocatable_mib,
+                                            "podLimitsMiB": agent.total_mib}),
+        (kube_api.NODE, host.allocatable_mib, {"node": "k3s", "allocatableMiB": host.allocatable_mib,
+                                               "podLimitsMiB": host.total_mib})]
+    figures = (f"{kube_api.NODE}: allocatable {host.allocatable_mib} MiB, the pods' limits {host.total_mib} MiB "
+               f"(budget: {host.allocatable_mib} MiB allocatable); agent-1: allocatable {{}} MiB, the pods' limits "
+               f"{agent.total_mib} MiB (budget: {agent.allocatable_mib} MiB allocatable)")
+    assert report["memory"]["message"] == "no memory pressure; " + figures.format(agent.allocatable_mib)
+    assert tight.code == 1 and memory_row(tight.out) == (
+        f"memory agent-1, {kube_api.NODE} overcommitted {figures.format(short)}: the pods can use more than the "
+        "kubelet allocates on agent-1")
+    assert gone.code == 1 and memory_row(gone.out) == (
+        f"memory {kube_api.NODE} missing {figures.split('; ')[0]}; agent agent-1 is not in the cluster (no node "
+        "agent-1)")
+
+
+def test_an_agent_line_the_program_refuses_is_refused_in_the_programs_words(hearth, monkeypatch):
+    stack_with_agents(monkeypatch, "agent-1,t3.medium")
+    result = hearth("status", probes=False)
+    assert result.code == 2 and one_line(result) == (
+        'hearth: Pulumi.prod.yaml: katforge:k3sAgents = agent-1,t3.medium: expected "name,instanceType,privateIp", '
+        'e.g. "agent-1,t3.medium,172.31.14.120", but the line has 2 comma-separated parts, not 3\n')
+
+
+def memory_row(out: str) -> str:
+    [row] = [line for line in out.splitlines() if line.startswith("memory ")]
+    return " ".join(row.split())
 
 
 # --- the cluster cannot be asked -------------------------------------------------------------------------

@@ -24,6 +24,9 @@ from tools.discover_cluster import kubeconfig_path
 CONNECT_SECONDS = 3.0  # the API is reached through the VPN: when it is down, say so soon
 READ_SECONDS = 15.0
 EXIT_USAGE = 2  # the command could not ask: bad usage, no kubeconfig, no cluster
+# k3s's admin credentials: the file (and ~/.kube, if new) only its owner may read, whatever the shell's umask.
+WRITE_KUBECONFIG = ("(umask 077; mkdir -p ~/.kube && pulumi stack output kubeconfig --show-secrets --stack prod "
+                    "> ~/.kube/katforge-config)")
 
 
 class HearthError(Exception):
@@ -66,9 +69,8 @@ class Cluster:
     def __init__(self, explicit: Optional[str], environ: Mapping[str, str]):
         self.path = kubeconfig_path(explicit, dict(environ))
         if not self.path.is_file():
-            raise HearthError(f"no kubeconfig at {self.path}: write it with `pulumi stack output kubeconfig "
-                              "--show-secrets --stack prod > ~/.kube/katforge-config`, or pass --kubeconfig or set "
-                              "KUBECONFIG", EXIT_USAGE)
+            raise HearthError(f"no kubeconfig at {self.path}: write it with `{WRITE_KUBECONFIG}`, or pass "
+                              "--kubeconfig or set KUBECONFIG", EXIT_USAGE)
         try:
             config = KubeConfig.from_file(self.path)
             self.server = config.get().cluster.server

@@ -8,6 +8,8 @@ import datetime
 import io
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -100,7 +102,6 @@ def swap_app(api, stage: str, app: str, state: AppState) -> None:
 
 def normalized(text: str) -> str:
     """The table with the one thing that depends on the moment: the newest dump's name."""
-    import re
     return re.sub(r"\d{8}T\d{6}Z\.dump", "<timestamp>.dump", text)
 
 
@@ -524,9 +525,26 @@ def one_line(result: Result) -> str:
 def test_no_kubeconfig(hearth, tmp_path):
     result = hearth("status", "--kubeconfig", str(tmp_path / "absent"), probes=False)
     assert result.code == 2
-    assert one_line(result) == (f"hearth: no kubeconfig at {tmp_path / 'absent'}: write it with `pulumi stack output "
-                                "kubeconfig --show-secrets --stack prod > ~/.kube/katforge-config`, or pass --kubeconfig "
-                                "or set KUBECONFIG\n")
+    assert one_line(result) == (f"hearth: no kubeconfig at {tmp_path / 'absent'}: write it with `(umask 077; mkdir -p "
+                                "~/.kube && pulumi stack output kubeconfig --show-secrets --stack prod > "
+                                "~/.kube/katforge-config)`, or pass --kubeconfig or set KUBECONFIG\n")
+
+
+def test_the_written_kubeconfig_is_its_owners_alone_whatever_the_umask(hearth, tmp_path):
+    """The hint's command, run by bash with the usual umask 022, `pulumi` a stand-in printing a kubeconfig."""
+    [command] = re.findall(r"`([^`]+)`", one_line(hearth("status", "--kubeconfig", str(tmp_path / "absent"),
+                                                         probes=False)))
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    bin_dir.mkdir()
+    home.mkdir()
+    (bin_dir / "pulumi").write_text('#!/bin/sh\n[ "$*" = "stack output kubeconfig --show-secrets --stack prod" ] && '
+                                    'echo "apiVersion: v1"\n')
+    (bin_dir / "pulumi").chmod(0o755)
+    subprocess.run(["bash", "-c", f"umask 022; {command}"], check=True, timeout=30,
+                   env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(home)})
+    written = home / ".kube" / "katforge-config"
+    assert written.read_text() == "apiVersion: v1\n"
+    assert (stat.S_IMODE(written.stat().st_mode), stat.S_IMODE(written.parent.stat().st_mode)) == (0o600, 0o700)
 
 
 def test_the_default_kubeconfig_is_the_operators(hearth, monkeypatch, tmp_path):

@@ -97,7 +97,7 @@ def _hosts(config: Mapping[str, str]) -> tuple[settings.NetworkSettings, tuple[A
     nothing is left set for the rest of the process. A refusal is the program's line, exit 2."""
     def read():
         pulumi.runtime.set_all_config(dict(config))
-        runtime_settings.SETTINGS.stack = HOSTS_STACK  # the stack file a refusal names
+        runtime_settings._set_stack(HOSTS_STACK)  # the stack file a refusal names
         reader = settings._Reader(HOSTS_STACK)
         network = settings._network(reader)
         return network, settings._k3s_agents(reader, network)

@@ -354,6 +354,36 @@ def test_a_session_idle_in_a_transaction_makes_the_restore_refuse_at_once(drill,
     assert databases_like(pg, target) == [target]
 
 
+def test_a_lock_held_on_the_target_makes_the_switch_give_up_after_the_lock_timeout(drill, targets, pg):
+    """The switch renames the target, which takes an exclusive lock on the database. A DBA's open
+    transaction from another database that commented on the target holds a lock that conflicts
+    with it: the rename gives up after RESTORE_LOCK_TIMEOUT (PGOPTIONS' lock_timeout) instead of waiting
+    for that transaction (and locking out every new connection to the target meanwhile)."""
+    target = targets()
+    assert drill.restore("--at", drill.at, "--target", target).returncode == 0
+    before = checksums(pg, target)
+    dba = session(pg, "postgres", "BEGIN", f"COMMENT ON DATABASE {target} IS 'checked'",
+                  PGAPPNAME="dba-psql")
+    try:
+        wait_for(lambda: pg.psql("SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.objid "
+                                 f"WHERE l.classid = 'pg_database'::regclass AND d.datname = '{target}' "
+                                 "AND l.granted") == "1", "the DBA's lock")
+        started = time.monotonic()
+        result = drill.restore("--at", drill.at, "--target", target, "--force", RESTORE_LOCK_TIMEOUT="2s")
+        elapsed = time.monotonic() - started
+    finally:
+        dba.communicate("ROLLBACK;\n", timeout=10)
+    assert result.returncode != 0
+    assert "canceling statement due to lock timeout" in result.stderr
+    assert re.search(rf"could not rename database {target}; sessions holding a lock on it:\n"
+                     r"  pid \d+, user \w+, database postgres, application dba-psql, idle in transaction .*: "
+                     "ShareUpdateExclusiveLock", result.stderr)
+    assert 2 <= elapsed < 30  # not the 60 s the harness waits for a restore stuck behind the lock
+    assert f"dropped {target}__restore; database {target} is as it was" in result.stderr
+    assert checksums(pg, target) == before
+    assert databases_like(pg, target) == [target]
+
+
 class Cluster:
     """tests/kube_api.py's server with the live estate's Deployments, over TLS and with the discovery
     documents kubectl reads first (a bearer token never goes to a plain-HTTP server). A Deployment

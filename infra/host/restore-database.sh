@@ -378,13 +378,28 @@ if [[ -n $target_exists ]]; then
     printf '  %s\n' "${others//$'\n'/$'\n'  }" >&2
     exit 1
   fi
-  run psql -X -q -v ON_ERROR_STOP=1 --dbname=postgres -v target="$target" -v scratch="$scratch" \
+  if ! run psql -X -q -v ON_ERROR_STOP=1 --dbname=postgres -v target="$target" -v scratch="$scratch" \
     -v before="$before" <<'SQL'
 BEGIN;
 ALTER DATABASE :"target" RENAME TO :"before";
 ALTER DATABASE :"scratch" RENAME TO :"target";
 COMMIT;
 SQL
+  then
+    # The rename's lock on the database waits at most lock_timeout: name who holds one (from any database).
+    holders=$(sql postgres -v db="$target" <<'SQL'
+SELECT format('pid %s, user %s, database %s, application %s, %s since %s: %s', a.pid, a.usename, a.datname,
+              coalesce(nullif(a.application_name, ''), '-'), a.state, date_trunc('second', a.xact_start), l.mode)
+  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'object' AND l.classid = 'pg_database'::regclass AND l.granted
+   AND l.objid = (SELECT oid FROM pg_database WHERE datname = :'db') AND l.pid <> pg_backend_pid()
+ ORDER BY a.pid;
+SQL
+    ) || holders=''
+    log "FAILED: the switch could not rename database $target${holders:+; sessions holding a lock on it:}"
+    [[ -z $holders ]] || printf '  %s\n' "${holders//$'\n'/$'\n'  }" >&2
+    exit 1
+  fi
 else
   sql postgres -v target="$target" -v scratch="$scratch" <<<'ALTER DATABASE :"scratch" RENAME TO :"target";'
 fi

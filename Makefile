@@ -67,10 +67,16 @@ diagram: $(VENV)/.plan-installed ## docs/estate.svg and docs/estate.png from bot
 	@$(PY) -m tools.diagram
 
 # On the k3s host over SSH (SSH=user@host, default ubuntu@k3s.katforge.com), as the superuser there: only it can
-# bring back every owner, extension and database setting, and the host's role reads the bucket.
+# bring back every owner, extension and database setting, and the host's role reads the bucket. ssh joins its
+# arguments into one remote command line, so only the words katforge-restore accepts are sent; they are read
+# from the environment (make exports command-line variables), so no value is parsed by the shell first.
 restore: ## restore a backup on the host: make restore STAGE=... AT=... TARGET=... (run it alone for the usage)
 	@if [ -z "$(STAGE)" ] || [ -z "$(AT)" ] || [ -z "$(TARGET)" ]; then \
 		echo "usage: $(RESTORE_USAGE)" >&2; exit 2; fi
+	@for word in "$$STAGE" "$$TARGET" $${DATABASE:+"$$DATABASE"}; do printf '%s\n' "$$word" | grep -Eqx '[A-Za-z0-9_-]+' || \
+		{ echo "make restore: '$$word': expected a stage or database name (letters, digits, _ and -)" >&2; exit 2; }; done
+	@printf '%s\n' "$$AT" | grep -Eqx 'latest|[0-9]{8}T[0-9]{6}Z' || \
+		{ echo "make restore: AT=$$AT: expected latest or a dump's UTC time such as 20270115T033000Z" >&2; exit 2; }
 	ssh -t $(or $(SSH),ubuntu@k3s.katforge.com) sudo katforge-restore --stage '$(STAGE)' --at '$(AT)' --target '$(TARGET)' \
 		$(if $(DATABASE),--database '$(DATABASE)') $(if $(filter 1 yes true,$(FORCE)),--force) \
 		$(if $(filter 1 yes true,$(STOP_APPS)),--stop-apps)

@@ -4,6 +4,7 @@ tests/test_restore.py, against PostgreSQL 16 and moto's S3."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -106,3 +107,21 @@ def test_make_drill_runs_the_hosts_own_drill_unit_over_ssh():
     assert subprocess.run(["bash", "-n", "-c", remote]).returncode == 0
     refused = subprocess.run(["make", "-s", "drill", "STAGE=qa;reboot"], cwd=root, capture_output=True, text=True)
     assert refused.returncode == 2 and "usage: make drill STAGE=" in refused.stderr
+
+
+@pytest.mark.parametrize("argument", ["TARGET=katforge;reboot", "TARGET=a b", "DATABASE=x'y", "AT=now", "STAGE=qa&&id",
+                                      "DATABASE=katforge"])
+def test_make_restore_sends_only_words_the_hosts_restore_accepts(argument, tmp_path):
+    """ssh joins its arguments into one remote command line, so make's quotes would not reach the host."""
+    root = Path(__file__).resolve().parent.parent
+    ssh = tmp_path / "ssh"  # never the network: a stand-in that says it was reached
+    ssh.write_text("#!/bin/sh\necho ssh reached >&2\nexit 99\n")
+    ssh.chmod(0o755)
+    args = dict(a.split("=", 1) for a in ("STAGE=qa", "AT=latest", "TARGET=katforge_qa", argument))
+    refused = subprocess.run(["make", "-s", "restore", *(f"{k}={v}" for k, v in args.items())], cwd=root,
+                             capture_output=True, text=True, env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+    if argument == "DATABASE=katforge":  # the control: good words reach ssh
+        assert "ssh reached" in refused.stderr
+        return
+    assert refused.returncode == 2 and refused.stderr.startswith("make restore: "), refused.stderr
+    assert "ssh reached" not in refused.stderr

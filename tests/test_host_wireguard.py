@@ -196,8 +196,12 @@ def live_conf(private_key: str, peers, address: str = ADDRESS, port: int = 51820
 
 def test_a_new_server_gets_a_key_an_address_and_its_peers(vpn):
     peers = clients(2)
+    # What make preflight reads (WG_PRINT_INTERFACE): the [Interface] section the run writes, and nothing done.
+    printed = vpn.run(peers, WG_PRINT_INTERFACE="1")
+    assert printed.returncode == 0 and list(vpn.dir.iterdir()) == [] and vpn.calls() == []
     result = vpn.run(peers)
     assert result.returncode == 0, result.stderr
+    assert vpn.conf.read_text().split("\n\n")[0].split("\n", 1)[1] == printed.stdout.rstrip("\n")
     private = vpn.key_file.read_text().strip()
     assert stat.S_IMODE(vpn.key_file.stat().st_mode) == 0o600
     assert vpn.wg("private-key") == private

@@ -265,6 +265,34 @@ def test_a_live_wireguard_peer_at_another_address(plans, stack, passing):
     only(assess(plans, stack, document), "which wireguard.sh cannot keep (one /32 per peer)")
 
 
+def test_live_wireguard_hooks_the_new_configuration_does_not_keep(plans, stack, passing):
+    # The live wg0.conf (tests/fake_hosts.py) masquerades everything its clients send out of eth0: a full tunnel.
+    report = assess(plans, stack, passing[0])
+    assert report.hazards == []
+    row = report.row("Command:bootstrap-wireguard")
+    assert row.op == "risk" and ("does not keep its PostUp `iptables -t nat -A POSTROUTING -s 10.99.0.0/24 -o eth0 "
+                                 "-j MASQUERADE`; PostDown `iptables -t nat -D POSTROUTING -s 10.99.0.0/24 -o eth0 "
+                                 "-j MASQUERADE`: its own rules let clients reach 172.31.0.0/16 ") in row.detail
+    # Rules wireguard.sh writes too, in an operator's words (the interface's name, a host address for its
+    # network, -I with a position, -w, `|| true`): kept. One it does not write is named alone.
+    document = copy.deepcopy(passing[0])
+    wg = document["hosts"]["vpn"]["wireguard"]
+    interface = wg["interface"]
+    wg["config"]["hooks"] = {
+        "PreUp": [], "PostDown": [],
+        "PostUp": [f"iptables -w 5 -t nat -I POSTROUTING 1 -s 10.99.0.1/24 -d 172.31.0.0/16 -j MASQUERADE; "
+                   f"iptables -A FORWARD -i {interface} -d 172.31.0.0/16 -j ACCEPT"],
+        "PreDown": ["iptables -t nat -D POSTROUTING -s 10.99.0.0/24 -d 172.31.0.0/16 -j MASQUERADE || true"]}
+    assert assess(plans, stack, document).row("Command:bootstrap-wireguard").op == "create"
+    wg["config"]["hooks"]["PostUp"].append("iptables -A FORWARD -i %i -o eth0 -j ACCEPT")
+    detail = assess(plans, stack, document).row("Command:bootstrap-wireguard").detail
+    assert "does not keep its PostUp `iptables -A FORWARD -i %i -o eth0 -j ACCEPT`: its own" in detail
+    # A discovered file from before discovery read the hooks.
+    del wg["config"]["hooks"]
+    assert assess(plans, stack, document).row("Command:bootstrap-wireguard").detail.startswith(
+        "not checked which live PostUp/PostDown rules wireguard.sh keeps")
+
+
 def test_a_hosted_zone_missing_from_the_account(plans, stack, passing):
     document = copy.deepcopy(passing[0])
     document["aws"]["route53"]["zones"]["stumper.gg"] = {"exists": False}

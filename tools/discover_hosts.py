@@ -21,6 +21,7 @@ SCRIPTS = {"k3s": HOST_FILES / "discover-k3s.sh", "vpn": HOST_FILES / "discover-
 SSHD_SCRIPT = HOST_FILES / "discover-sshd.sh"
 REDACTED = "[redacted]"
 TIMEOUT = 120  # seconds per host: psql and k3s answer in well under that
+WG_HOOKS = ("PreUp", "PostUp", "PreDown", "PostDown")  # wg-quick(8)
 
 
 @dataclass(frozen=True)
@@ -214,12 +215,13 @@ def vpn_facts(lines: list[list[str]], secrets: list[dict]) -> dict:
     interface = next((s for s in sections.values() if (s["section"] or "").lower() == "interface"),
                      {"settings": []})
     settings = {key.lower(): value for key, value in interface["settings"]}
-    post_up = [v for k, v in interface["settings"] if k.lower() == "postup"]
+    # wg-quick's hooks, each in the file's order (a key may repeat): what wireguard.sh's may not keep.
+    hooks = {hook: [v for k, v in interface["settings"] if k.lower() == hook.lower()] for hook in WG_HOOKS}
     wg["config"].update(address=settings.get("address"),
                         listenPort=int(settings["listenport"]) if settings.get("listenport", "").isdigit() else None,
-                        postUp=post_up)
+                        hooks=hooks)
     inline = "privatekey" in settings
-    pointed = [v.split("private-key", 1)[1].split()[0] for v in post_up if "private-key" in v]
+    pointed = [v.split("private-key", 1)[1].split()[0] for v in hooks["PostUp"] if "private-key" in v]
     wg["privateKey"] = ({"where": "inline", "path": wg["config"].get("path")} if inline else
                         {"where": "file", "path": pointed[0].replace("%i", wg.get("interface", ""))} if pointed else
                         {"where": "file", "path": sorted(wg["keyFiles"])[0]} if wg["keyFiles"] else {"where": None})

@@ -34,6 +34,7 @@ from infra.settings import STAGES, SettingsError
 from tools import adoption
 from tools.adoption import Match, PlannedNetwork, Rule
 from tools.discover import SCHEMA
+from tools.discover_hosts import WG_HOOKS
 from tools.force_new import ABSENT, replacement_reasons, same, with_ignored
 from tools.offline import PROJECT, ROOT, NotFound, Plan, project_config_schema
 from tools.stackfile import StackFileError
@@ -662,6 +663,35 @@ class Checks:
                 self.hazard(f"WireGuard peer {name}: live AllowedIPs {allowed}, config {configured}: set its address "
                             f"in {PROJECT}:wireguardPeers to {allowed} (make discover does)")
 
+    def wireguard_hooks(self) -> None:
+        """wireguard.sh writes wg0.conf's [Interface] whole: the live file's own PostUp/PostDown rules go with
+        it (e.g. a full tunnel's `-o eth0 -j MASQUERADE`), and its rules let clients reach its destinations
+        only. Each live hook command the new section does not have is named, as a risk on the step."""
+        m = self.step_match("wireguard.sh")
+        wg = (((self.document.get("hosts") or {}).get("vpn") or {}).get("wireguard"))
+        if m is None or wg is None or not (wg.get("config") or {}).get("present"):
+            return
+        environment = self.step("wireguard.sh")[0]
+        live = wg["config"].get("hooks")
+        if live is None:
+            self.replace_row(m, "risk", "not checked which live PostUp/PostDown rules wireguard.sh keeps: the "
+                                        "discovered file does not list them (run make discover again)")
+            return
+        try:
+            planned = wireguard_section(environment)
+        except WireguardSectionError as error:
+            self.replace_row(m, "risk", f"not checked which live PostUp/PostDown rules wireguard.sh keeps: {error}")
+            return
+        lost = lost_hooks(live, planned, wg.get("interface") or "wg0")
+        if lost:
+            self.replace_row(m, "risk", "wireguard.sh rewrites the [Interface] of the live WireGuard configuration "
+                                        "and does not keep its " + "; ".join(f"{hook} `{command}`" for hook, command
+                                                                            in lost)
+                             + f": its own rules let clients reach {environment.get('WG_NAT_CIDRS', '(unknown)')} "
+                               "only, so what they route elsewhere through the VPN (a full tunnel: the internet) "
+                               "stops; no setting keeps it: if clients need it, add it to WG_NAT_CIDRS "
+                               "(infra/bootstrap.py) before up")
+
     def traefik(self) -> None:
         """k3s applies every file of its manifests directory over what Pulumi sets: the operators'
         traefik-config.yaml must leave it, and the HelmChartConfig must be either the one the handover
@@ -693,7 +723,7 @@ class Checks:
         self.sources()
         self.resources()
         for check in (self.access_keys, self.key_pair, self.zones, self.mail_from, self.postgres, self.k3s,
-                      self.wireguard, self.traefik, self.sshd):
+                      self.wireguard, self.wireguard_hooks, self.traefik, self.sshd):
             check()
         if self.document.get("aws") is not None:
             self.security_groups(network)
@@ -868,6 +898,82 @@ def baseline_sshd_settings() -> dict[str, str]:
     text = (HOST_FILES / "host-baseline.sh").read_text()
     table = re.search(r"^declare -A ssh_settings=\((.*)\)$", text, flags=re.M)
     return dict(re.findall(r"\[(\w+)\]=(\S+?)(?=\s|$)", table.group(1))) if table else {}
+
+
+class WireguardSectionError(Exception):
+    """wireguard.sh did not print its [Interface] section; the message is one line."""
+
+
+def wireguard_section(environment: dict[str, str]) -> list[tuple[str, str]]:
+    """The [Interface] settings wireguard.sh would write with the step's environment, as (key, value): the
+    script's own text (WG_PRINT_INTERFACE=1), not a copy of it."""
+    env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C.UTF-8", **environment, "WG_PRINT_INTERFACE": "1"}
+    result = subprocess.run(["bash", str(HOST_FILES / "wireguard.sh")], env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        said = result.stderr.strip().splitlines()
+        raise WireguardSectionError(f"wireguard.sh exited {result.returncode}" + (f": {said[-1]}" if said else ""))
+    return [(key.strip(), value.strip()) for key, _, value in
+            (line.partition("=") for line in result.stdout.splitlines() if "=" in line)]
+
+
+IPTABLES = ("iptables", "ip6tables", "iptables-legacy", "iptables-nft", "ip6tables-legacy", "ip6tables-nft")
+_ADD, _DELETE = ("-A", "--append", "-I", "--insert"), ("-D", "--delete")
+
+
+def _hook_rule(phase: str, command: str, interface: str) -> Optional[tuple]:
+    """What a hook command does, so that the same rule written otherwise compares equal: an iptables rule
+    as its table, chain, add or delete and the rest of the rule (the position of -I, -w, the interface's
+    name for %i and a host address for its network aside, as iptables itself stores it); any other command
+    as its words. None for what changes nothing (`true`, `iptables -C`)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        words = command.split()
+    words = ["%i" if word == interface else word for word in words]
+    if not words or words in (["true"], [":"]):
+        return None
+    if Path(words[0]).name not in IPTABLES:
+        return (phase, *words)
+    table, chain, action, rest = "filter", None, None, []
+    previous = ""
+    for word in words[1:]:
+        if previous in ("-t", "--table"):
+            table = word
+        elif previous in _ADD + _DELETE:
+            action, chain = ("add" if previous in _ADD else "delete"), word
+        elif word in ("-C", "--check"):
+            return None
+        elif word in ("-t", "--table", "-w", "--wait", *_ADD, *_DELETE):
+            pass
+        elif word.isdigit() and (previous in ("-w", "--wait") or (previous == chain and not rest)):
+            pass  # the seconds of -w, the position of -I
+        else:
+            try:
+                rest.append(str(ipaddress.ip_interface(word).network) if "/" in word else word)
+            except ValueError:
+                rest.append(word)
+        previous = word
+    return (phase, Path(words[0]).name.split("-")[0], table, chain, action, *rest)
+
+
+def lost_hooks(live: dict[str, list[str]], planned: list[tuple[str, str]], interface: str) -> list[tuple[str, str]]:
+    """Each live hook command (hook, command) whose rule the planned [Interface] does not have: up hooks
+    (PreUp, PostUp) against the planned up hooks, down hooks against down hooks. The private and preshared
+    keys a live hook sets are not among them: wireguard.sh keeps those itself (or refuses)."""
+    def phase(hook: str) -> str:
+        return "up" if hook.lower().endswith("up") else "down"
+
+    def commands(value: str) -> list[str]:
+        return [c.strip() for c in re.split(r";|&&|\|\|", value) if c.strip()]
+
+    order = [hook.lower() for hook in WG_HOOKS]  # as wg-quick runs them
+    kept = {_hook_rule(phase(hook), command, interface)
+            for hook, value in planned if hook.lower() in order for command in commands(value)}
+    return [(hook, command) for hook, values in sorted(live.items(), key=lambda item: order.index(item[0].lower()))
+            for value in values for command in commands(value)
+            if not re.match(r"wg\s+set\s.*\b(private|preshared)-key\b", command)
+            and (rule := _hook_rule(phase(hook), command, interface)) is not None and rule not in kept]
 
 
 # Settings pg-configure.sh writes that PostgreSQL reads only at start (postmaster context, PostgreSQL 16)

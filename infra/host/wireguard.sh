@@ -9,6 +9,8 @@
 # WG_PORT       UDP port; default 51820
 # WG_DIR        default /etc/wireguard; WG_INTERFACE default wg0
 # WG_SYSCTL_CONF  turns IPv4 forwarding on; default /etc/sysctl.d/60-katforge-wireguard.conf
+# WG_PRINT_INTERFACE=1  prints the [Interface] section this run would write, and does nothing else (for
+#               make preflight, tools/preflight.py: which live PostUp/PostDown rules it would not keep)
 #
 # Runs as root. The private key lives in $WG_DIR/server.key and never leaves the host; it appears on
 # no command line: the interface configuration only points at the file, and `wg syncconf` reads it from
@@ -47,6 +49,37 @@ key_file=$dir/server.key
 conf=$dir/$interface.conf
 unit=wg-quick@$interface
 header="# Managed by katforge (infra/host/wireguard.sh): changes made here are overwritten."
+
+# The [Interface] section: the same whatever the peers, so that a change of peers leaves it as it is.
+interface_section() {
+  echo "[Interface]"
+  echo "Address = $WG_ADDRESS"
+  echo "ListenPort = $port"
+  echo "PostUp = wg set %i private-key $key_file"
+  # Each peer with a key file in preshared/ (named as psk_file names it) gets it; the same line
+  # whatever the peers. No '#': wg-quick cuts there.
+  # shellcheck disable=SC2016 # expanded by wg-quick's hook, not here
+  printf 'PostUp = for peer in $(wg show %%i peers); do psk=%s/$(echo "$peer" | tr /+ _-).key; [ ! -s "$psk" ] || wg set %%i peer "$peer" preshared-key "$psk"; done\n' "$dir/preshared"
+  # iptables reads WG_ADDRESS as the clients' network. NAT makes their traffic the VPN host's own,
+  # so the VPC needs no route back to the tunnel and security groups see the VPN host as the source.
+  # Clients go to the destinations and nowhere else.
+  # wg-quick runs the hooks under errexit: a deletion that fails (a rule already gone) would stop
+  # `down` half-way and leave the interface up, so deletions may fail.
+  local action hook tolerate destination
+  for action in A D; do
+    if [[ $action == A ]]; then hook=PostUp tolerate=""; else hook=PreDown tolerate=" || true"; fi
+    for destination in "${destinations[@]}"; do
+      echo "$hook = iptables -t nat -$action POSTROUTING -s $WG_ADDRESS -d $destination -j MASQUERADE$tolerate"
+      echo "$hook = iptables -$action FORWARD -i %i -d $destination -j ACCEPT$tolerate"
+    done
+    echo "$hook = iptables -$action FORWARD -i %i -j DROP$tolerate"
+    echo "$hook = iptables -$action FORWARD -o %i -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT$tolerate"
+  done
+}
+if [[ ${WG_PRINT_INTERFACE:-} == 1 ]]; then
+  interface_section
+  exit 0
+fi
 
 if ! command -v wg-quick >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q update >&2
@@ -247,28 +280,7 @@ fi
 candidate=$work/$interface.conf
 {
   echo "$header"
-  echo "[Interface]"
-  echo "Address = $WG_ADDRESS"
-  echo "ListenPort = $port"
-  echo "PostUp = wg set %i private-key $key_file"
-  # Each peer with a key file in preshared/ (named as psk_file names it) gets it; the same line
-  # whatever the peers, so that a change of peers leaves [Interface] as it is. No '#': wg-quick cuts there.
-  # shellcheck disable=SC2016 # expanded by wg-quick's hook, not here
-  printf 'PostUp = for peer in $(wg show %%i peers); do psk=%s/$(echo "$peer" | tr /+ _-).key; [ ! -s "$psk" ] || wg set %%i peer "$peer" preshared-key "$psk"; done\n' "$dir/preshared"
-  # iptables reads WG_ADDRESS as the clients' network. NAT makes their traffic the VPN host's own,
-  # so the VPC needs no route back to the tunnel and security groups see the VPN host as the source.
-  # Clients go to the destinations and nowhere else.
-  # wg-quick runs the hooks under errexit: a deletion that fails (a rule already gone) would stop
-  # `down` half-way and leave the interface up, so deletions may fail.
-  for action in A D; do
-    if [[ $action == A ]]; then hook=PostUp tolerate=""; else hook=PreDown tolerate=" || true"; fi
-    for destination in "${destinations[@]}"; do
-      echo "$hook = iptables -t nat -$action POSTROUTING -s $WG_ADDRESS -d $destination -j MASQUERADE$tolerate"
-      echo "$hook = iptables -$action FORWARD -i %i -d $destination -j ACCEPT$tolerate"
-    done
-    echo "$hook = iptables -$action FORWARD -i %i -j DROP$tolerate"
-    echo "$hook = iptables -$action FORWARD -o %i -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT$tolerate"
-  done
+  interface_section
   for line in "${peer_lines[@]}"; do
     IFS=, read -r name public_key address <<<"$line"
     printf '\n# %s\n[Peer]\nPublicKey = %s\nAllowedIPs = %s\n' "$name" "$public_key" "$address"

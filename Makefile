@@ -37,9 +37,10 @@ plan: $(VENV)/.plan-installed ## offline plan of STACK (default prod): summary, 
 	@$(PY) -m tools.plan --stack $(STACK)
 
 # One pytest-xdist worker per CPU; each test file runs whole on one worker, in order (some are scenarios
-# sharing a module's live fixture), and each worker starts its own session servers.
+# sharing a module's live fixture), and each worker starts its own session servers. Bytecode is cached even
+# where the environment says not to (PYTHONDONTWRITEBYTECODE): the tests start the tools dozens of times.
 test: $(VENV)/.test-installed ## the whole test suite, on every core
-	$(PY) -m pytest -q -n logical --dist loadfile
+	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n logical --dist loadfile
 
 plan-diff: $(VENV)/.plan-installed ## the offline plans of BASE (a git ref) and of the working tree compared, as markdown
 	@$(PY) -m tools.plan_diff --base "$(BASE)"

@@ -37,7 +37,7 @@ class StageBase(NamedTuple):
 def prod_estate(settings: Settings) -> StageBase:
     """The hosts, DNS, mail, IAM, bootstrap, backups, cluster-wide objects and the CI roles."""
     # The permissions boundary every role and user of the estate carries, so first.
-    pipeline = Pipeline("pipeline", settings.pipeline, settings.backups.bucket)
+    pipeline = Pipeline("pipeline", settings.pipeline, settings.backups.bucket, rds=settings.database.rds is not None)
     # The addresses before the network: the k3s host's rules trust the VPN's real address.
     addresses = Addresses("addresses", settings.hosts)
     agents = settings.hosts.k3s_agents

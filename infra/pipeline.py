@@ -81,17 +81,18 @@ def trust_policy(provider_arn: str, claims: dict[str, str]) -> str:
     })
 
 
-def estate_scope(settings: PipelineSettings, backup_bucket: str) -> EstateScope:
+def estate_scope(settings: PipelineSettings, backup_bucket: str, rds: bool = False) -> EstateScope:
     return EstateScope(region=REGION, domains=dns.ZONES, ses_identity=email.IDENTITY,
                        ses_configuration_set=email.CONFIGURATION_SET, buckets=(backup_bucket,),
-                       state_bucket=settings.state_bucket, users=(iam.USER, email.SENDER))
+                       state_bucket=settings.state_bucket, users=(iam.USER, email.SENDER), rds=rds)
 
 
 class Pipeline(pulumi.ComponentResource):
-    def __init__(self, name: str, settings: PipelineSettings, backup_bucket: str,
+    def __init__(self, name: str, settings: PipelineSettings, backup_bucket: str, rds: bool = False,
                  opts: pulumi.ResourceOptions | None = None):
+        """`rds`: the stack declares the RDS instance, which CI's refresh must then read."""
         super().__init__("katforge:pipeline:Pipeline", name, None, opts)
-        scope = estate_scope(settings, backup_bucket)
+        scope = estate_scope(settings, backup_bucket, rds)
         # A managed policy of the estate's, new (no live one to adopt): every role and user names it as
         # its boundary.
         boundary = aws.iam.Policy(

@@ -97,6 +97,7 @@ class EstateScope:
     state_bucket: str  # the Pulumi DIY backend
     users: tuple[str, ...]  # the IAM users the program declares whose live names are not katforge-*
     name_prefix: str = "katforge-"  # roles, policies and instance profiles
+    rds: bool = False  # the stack declares the RDS instance (a stage's database is not on the host)
 
     def ec2(self, kind: str, name: str = "*") -> str:
         return f"arn:aws:ec2:{self.region}:{ACCOUNT}:{kind}/{name}"
@@ -313,17 +314,19 @@ def workload_statements(scope: EstateScope) -> list[dict]:
     ]
 
 
-def _rds_statements() -> list[dict]:
-    # Reading only, so that CI's refresh and preview work once a stage's database is on RDS; making or
-    # changing the instance, its parameter and subnet groups is an operator's `pulumi up` (README, "Moving a
-    # database to RDS"): the instance holds the data, and its master password travels in the request.
-    return [{"Sid": "RdsRead", "Effect": "Allow", "Action": ["rds:Describe*", "rds:ListTagsForResource"],
-             "Resource": "*"}]
+# Reading only, so that CI's refresh and preview work once the stack declares RDS; making or changing the
+# instance, its parameter and subnet groups is an operator's `pulumi up` (README, "Moving a database to
+# RDS"): the instance holds the data, and its master password travels in the request. Without RDS, nothing.
+RDS_READ = ("rds:Describe*", "rds:ListTagsForResource")
+
+
+def _rds_statements(scope: EstateScope) -> list[dict]:
+    return [{"Sid": "RdsRead", "Effect": "Allow", "Action": list(RDS_READ), "Resource": "*"}] if scope.rds else []
 
 
 def deploy_statements(scope: EstateScope) -> list[dict]:
     return [*_ec2_statements(scope), *_dns_statements(scope), *_ses_statements(scope), *_s3_statements(scope),
-            *_iam_statements(scope), *_rds_statements()]
+            *_iam_statements(scope), *_rds_statements(scope)]
 
 
 def deploy_policy(scope: EstateScope) -> str:
@@ -341,10 +344,10 @@ def boundary_policy(scope: EstateScope) -> str:
     tagged = deploy["Ec2ManageTagged"]["Resource"]
     iam = deploy["IamManage"]["Resource"]
     statements = (
-        # Reading configuration (no data): EC2, Route 53, IAM and RDS.
+        # Reading configuration (no data): EC2, Route 53, IAM, and RDS when the stack declares it.
         {"Sid": "Read", "Effect": "Allow",
-         "Action": ["ec2:Describe*", "route53:Get*", "route53:List*", "iam:Get*", "iam:List*", "rds:Describe*",
-                    "rds:List*"], "Resource": "*"},
+         "Action": ["ec2:Describe*", "route53:Get*", "route53:List*", "iam:Get*", "iam:List*",
+                    *(("rds:Describe*", "rds:List*") if scope.rds else ())], "Resource": "*"},
         deploy["Ec2CreateTagged"], deploy["Ec2TagOnCreate"], deploy["Ec2LaunchInto"],
         deploy["Ec2UbuntuImagesOnly"],
         {"Sid": "Ec2Estate", "Effect": "Allow", "Action": "ec2:*", "Resource": tagged,

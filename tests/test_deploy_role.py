@@ -70,9 +70,6 @@ ACCEPTED = {
     ("katforge-github-deploy-policy", "Ec2Read", "RESOURCE_STAR"):
         "ec2:Describe* has no resource-level permissions for most of its actions",
     ("permissions-boundary", "ec2:Describe*", "RESOURCE_STAR"): "the same",
-    ("katforge-github-deploy-policy", "RdsRead", "RESOURCE_STAR"):
-        "a refresh of the RDS instance and its groups: configuration, no data; several Describe* calls list "
-        "account-wide",
     **{(doc, sid, "RESOURCE_MISMATCH"): "RunInstances and the calls that name several resource types are split "
        "into one statement per type, so each type gets its own condition (tag, owner)"
        for doc in ("katforge-github-deploy-policy",)
@@ -198,9 +195,6 @@ ESTATE_WORK = [
     ("ses:VerifyDomainDkim", "*", {"aws:RequestedRegion": REGION}),
     ("s3:PutBucketVersioning", f"arn:aws:s3:::{BACKUPS}", {}),
     ("s3:PutObject", f"arn:aws:s3:::{STATE}/.pulumi/stacks/katforge/prod.json", {}),
-    # A refresh once a stage's database is on RDS (every run refreshes).
-    ("rds:DescribeDBInstances", f"arn:aws:rds:{REGION}:{ACCOUNT}:db:katforge-postgres", {}),
-    ("rds:DescribeDBParameters", f"arn:aws:rds:{REGION}:{ACCOUNT}:pg:katforge-postgres", {}),
 ]
 
 
@@ -283,13 +277,15 @@ OUTSIDE_THE_ESTATE = [
     ("s3:GetObject", f"arn:aws:s3:::{BACKUPS}/prod/katforge/20270115T033000Z.dump", {}),  # no one reads a dump
 ]
 # Within the estate, but not the deploy role's to do: what protect and the runbooks keep to operators.
+RDS_DB = f"arn:aws:rds:{REGION}:{ACCOUNT}:db:katforge-postgres"
+RDS_CHANGES = [*((action, RDS_DB, {}) for action in ("rds:CreateDBInstance", "rds:ModifyDBInstance",
+                                                     "rds:DeleteDBInstance", "rds:RestoreDBInstanceFromDBSnapshot")),
+               ("rds:ModifyDBParameterGroup", f"arn:aws:rds:{REGION}:{ACCOUNT}:pg:katforge-postgres", {})]
 NOT_THE_DEPLOYS = [
     ("s3:DeleteBucket", f"arn:aws:s3:::{BACKUPS}", {}),
     ("s3:PutObject", f"arn:aws:s3:::{BACKUPS}/prod/katforge/planted.dump", {}),
     # The RDS instance holds the data: making, changing or deleting it is an operator's `pulumi up`.
-    *((action, f"arn:aws:rds:{REGION}:{ACCOUNT}:db:katforge-postgres", {}) for action in (
-        "rds:CreateDBInstance", "rds:ModifyDBInstance", "rds:DeleteDBInstance", "rds:RestoreDBInstanceFromDBSnapshot")),
-    ("rds:ModifyDBParameterGroup", f"arn:aws:rds:{REGION}:{ACCOUNT}:pg:katforge-postgres", {}),
+    *RDS_CHANGES,
 ]
 
 
@@ -335,7 +331,6 @@ def test_the_preview_role_reads_the_state_but_never_a_dump():
                    plan_document("permissions-boundary"))
     assert allowed(preview, "s3:GetObject", f"arn:aws:s3:::{STATE}/.pulumi/stacks/katforge/prod.json")
     assert allowed(preview, "ec2:DescribeInstances", "*")
-    assert allowed(preview, "rds:DescribeDBInstances", f"arn:aws:rds:{REGION}:{ACCOUNT}:db:katforge-postgres")
     assert allowed(preview, "s3:PutObject", f"arn:aws:s3:::{STATE}/katforge-ci-locks/wireguard-ci-preview-prod.json")
     assert not allowed(preview, "s3:GetObject", f"arn:aws:s3:::{BACKUPS}/prod/katforge/20270115T033000Z.dump")
     assert not allowed(preview, "s3:PutObject", f"arn:aws:s3:::{STATE}/.pulumi/stacks/katforge/prod.json")
@@ -596,3 +591,25 @@ def test_moto_refuses_the_deploy_role_the_backup_buckets_policy(moto):
     assert denied(lambda: s3.put_bucket_policy(Bucket=BACKUPS, Policy=public))
     assert denied(lambda: s3.delete_bucket_policy(Bucket=BACKUPS))
     s3.put_bucket_tagging(Bucket=BACKUPS, Tagging={"TagSet": [{"Key": "Project", "Value": "katforge"}]})  # control
+
+
+def test_ci_reads_rds_once_the_stack_declares_it_and_changes_nothing_there():
+    """Every run refreshes, so CI's roles read the RDS instance of a stack that declares it (and only then:
+    the default estate's documents stay as they were); making or changing it stays an operator's."""
+    from moto.iam.aws_managed_policies import aws_managed_policies_data
+    from tests import scaled
+    read_only = json.dumps(json.loads(aws_managed_policies_data)["ReadOnlyAccess"]["Document"])
+
+    def document(plan, name: str) -> str:
+        return unwrap(next(r for r in plan.resources if r.name == name).raw_inputs["policy"])
+
+    for plan, declared in ((evaluate_cached("prod"), False), (scaled.rds(), True)):
+        boundary = document(plan, "permissions-boundary")
+        deploy = node(DEPLOY, [document(plan, "katforge-github-deploy-policy")], boundary)
+        preview = node(role("katforge-github-preview"), [read_only, document(plan, "katforge-github-preview-policy")],
+                       boundary)
+        for principal in (deploy, preview):
+            assert allowed(principal, "rds:DescribeDBInstances", RDS_DB) is declared
+            for action, resource, context in RDS_CHANGES:
+                assert not allowed(principal, action, resource, **context), action
+        assert ("rds:" in boundary) is declared

@@ -290,7 +290,7 @@ class Migration:
     # --- 5 ---------------------------------------------------------------------------------------
     def verify(self, manifest: dict) -> int:
         checksums = Path(self.host.get("KATFORGE_LIB_DIR", "/usr/local/lib/katforge")) / "table-checksums.sql"
-        lines = self.host.rds_psql(self.scratch, f"\\i {checksums}\n").splitlines()
+        lines = self.host.rds_psql(self.scratch, checksums.read_text()).splitlines()
         problems = compare(manifest, [json.loads(line) for line in lines if line.startswith("{")])
         if problems:
             raise MigrationError("the copy on RDS differs from the dump; the apps stay on the host:\n  "

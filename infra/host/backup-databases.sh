@@ -177,7 +177,8 @@ attempt() {
     fail "$key: no snapshot of database $database (see the psql error above)"
     return 1
   fi
-  printf '%s\n' "SAVEPOINT manifest;" "$DATABASE_SQL" "\\i $lib_dir/table-checksums.sql" \
+  # The query's text, not its path: this script reads it as root, psql runs as postgres, who may not reach it.
+  printf '%s\n' "SAVEPOINT manifest;" "$DATABASE_SQL" "$(<"$lib_dir/table-checksums.sql")" \
     "\\if :ERROR" "ROLLBACK TO SAVEPOINT manifest;" "\\echo FAILED" "\\endif" "\\echo END" >&"$to"
 
   dumped=$(stream_upload "s3://$BACKUP_BUCKET/$key.dump" "${dump_as[@]}" --format=custom \

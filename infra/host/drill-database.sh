@@ -78,7 +78,8 @@ flock 8
 drop_scratch  # left by a drill that was killed
 if "$restore_command" --stage "$stage" ${database:+--database "$database"} --at latest --target "$scratch" \
      --report "$work/report.json"; then
-  as_postgres psql -X -At -q -v ON_ERROR_STOP=1 --dbname="$scratch" -f "$lib_dir/table-checksums.sql" \
+  # On stdin, opened by this script (root): psql runs as postgres, who may not reach the file.
+  as_postgres psql -X -At -q -v ON_ERROR_STOP=1 --dbname="$scratch" <"$lib_dir/table-checksums.sql" \
     >"$work/restored.jsonl" || error="the checksums of the restored copy could not be read"
 else
   error="the restore failed (see above)"

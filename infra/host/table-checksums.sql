@@ -1,8 +1,9 @@
 -- Every table's row count and checksum and every sequence's position in the current database, one line
 -- of JSON each, in name order: {"table": "schema.name", "rows": N, "checksum": "S"} and
 -- {"sequence": "schema.name", "value": N}.
--- Read by psql (\i) in two places that must agree: katforge-backup, in the dump's own snapshot (the
--- manifest), and katforge-drill, on the restored copy. Installed as /usr/local/lib/katforge/.
+-- Fed to psql as text in places that must agree: katforge-backup, in the dump's own snapshot (the
+-- manifest), katforge-drill on the restored copy, migrate-database on RDS's copy. Installed as
+-- /usr/local/lib/katforge/; the scripts read it, psql never opens it (postgres may not reach the file).
 --
 -- A checksum is the sum of a 64-bit hash of each row's text, so it does not depend on row order; the
 -- settings below fix how values print, so both sides print a row alike. Only what pg_dump copies

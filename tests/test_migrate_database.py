@@ -139,7 +139,9 @@ def stage(pg, rds, s3, tmp_path):
 def test_the_migration_moves_the_database_with_matching_checksums_and_measures_the_downtime(stage, pg, rds):
     before_replicas = stage.cluster.replicas("default")
     host_checksums = checksums(pg, stage.database)
-    report = stage.migrate().run()
+    migration = stage.migrate()
+    report = migration.run()
+    assert not migration.work.exists()  # no copy of the data left behind on the host
 
     # The copy on RDS has every row: the tool compared it with the dump's manifest, and here it is compared
     # with the host's database independently.
@@ -194,8 +196,9 @@ def test_an_extension_a_dba_made_on_the_host_is_made_on_rds_by_the_master_user(s
     pg.psql(EXTENSION_SEED.format(role=stage.role), database=stage.database)
     host_checksums = checksums(pg, stage.database)
     rds.psql(f"ALTER ROLE {MASTER} SUPERUSER")
+    migration = stage.migrate()
     try:
-        stage.migrate().run()
+        migration.run()
     finally:
         rds.psql(f"ALTER ROLE {MASTER} NOSUPERUSER")
     assert checksums(rds, stage.database) == host_checksums
@@ -235,9 +238,11 @@ def test_a_copy_that_differs_from_the_dump_is_dropped_and_the_apps_come_back_on_
          "region_name": "us-east-2"}))
     before = stage.cluster.replicas("default")
     url = stage.secret_url()
+    migration = stage.migrate()
     with pytest.raises(tool.MigrationError, match=r"differs from the dump.*\n  table game.scores: 4000 rows"):
-        stage.migrate().run()
+        migration.run()
     assert stage.secret_url() == url and stage.cluster.replicas("default") == before
+    assert not migration.work.exists()  # a failed migration leaves no copy of the data behind either
     assert rds.psql(f"SELECT string_agg(datname, ' ') FROM pg_database WHERE datname LIKE '{stage.database}%'") \
         == stage.database
     assert rds.psql("SELECT count(*) FROM pg_class WHERE relname = 'players'", database=stage.database) == "0"

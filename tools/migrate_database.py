@@ -39,6 +39,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -313,6 +314,14 @@ class Migration:
         log(f"Secret {facts.namespace}/database: DATABASE_URL points at {rds['PGHOST']}")
 
     def run(self) -> dict:
+        """The migration, then its work directory goes: it holds a whole copy of the stage's data (the dump
+        is in the bucket already)."""
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def _run(self) -> dict:
         facts = self.facts
         rds = self.check()
         started = time.monotonic()

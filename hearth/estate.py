@@ -7,14 +7,10 @@ its k3s agents (katforge:k3sAgents), each with its own memory budget (infra/capa
 """
 from __future__ import annotations
 
-import contextvars
 import functools
 import os
 from dataclasses import dataclass
 from typing import Mapping, Optional, Union
-
-import pulumi
-from pulumi.runtime import settings as runtime_settings
 
 from hearth.kube import EXIT_USAGE, HearthError
 from infra import apps as program
@@ -95,14 +91,8 @@ def _hosts(config: Mapping[str, str]) -> tuple[settings.NetworkSettings, tuple[A
     """The network and the k3s agents as the program reads and checks them: infra/settings.py's own reader
     over this config, in a context of its own (Pulumi's config and stack name are context variables), so
     nothing is left set for the rest of the process. A refusal is the program's line, exit 2."""
-    def read():
-        pulumi.runtime.set_all_config(dict(config))
-        runtime_settings._set_stack(HOSTS_STACK)  # the stack file a refusal names
-        reader = settings._Reader(HOSTS_STACK)
-        network = settings._network(reader)
-        return network, settings._k3s_agents(reader, network)
     try:
-        return contextvars.copy_context().run(read)
+        return settings.from_config(HOSTS_STACK, config, read=settings.hosts)
     except settings.SettingsError as error:
         raise HearthError(str(error), EXIT_USAGE) from None
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import difflib
 import ipaddress
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 import pulumi
 import yaml
+from pulumi.runtime import settings as runtime_settings
 from pulumi.runtime.config import CONFIG
 
 PROJECT = "katforge"
@@ -790,3 +792,26 @@ def load() -> Settings:
             state_bucket=read.string("stateBucket", lambda v: bool(_BUCKET.match(v)), _BUCKET_FORM),
         ) if is_prod else None,
     )
+
+
+_T = TypeVar("_T")
+
+
+def hosts() -> tuple[NetworkSettings, tuple[AgentSpec, ...]]:
+    """The network and the k3s agents alone, as `load` reads and checks them (hearth's memory check)."""
+    read = _Reader(pulumi.get_stack())
+    network = _network(read)
+    return network, _k3s_agents(read, network)
+
+
+def from_config(stack: str, config: Mapping[str, str], secret_keys: Sequence[str] = (),
+                read: Callable[[], _T] = load) -> _T:
+    """`read` (all of `load` by default) on a stack's config given as the CLI hands it to the program, for
+    the tools that check a stack file outside a Pulumi run. In a context of its own: Pulumi's config and
+    stack name are context variables, so nothing stays set for the rest of the process."""
+    def run() -> _T:
+        runtime_settings._set_stack(stack)  # the stack file a refusal names
+        pulumi.runtime.set_all_config(dict(config), list(secret_keys))
+        return read()
+    return contextvars.copy_context().run(run)
+

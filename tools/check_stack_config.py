@@ -21,13 +21,10 @@ not a test of today's repository: tests/test_workflows.py runs it on stack files
 from __future__ import annotations
 
 import argparse
-import contextvars
 import sys
 from typing import Any, Optional
 
-import pulumi
 import yaml
-from pulumi.runtime import settings as runtime_settings
 
 from infra import settings
 from tools import offline, stackfile
@@ -57,13 +54,8 @@ def program_problem(stack: str) -> Optional[str]:
                   if "default" in schema[key] and f"{PROJECT}:{key}" not in committed}
     config, secret_keys = offline.effective_config(stack, as_the_cli)
 
-    def load() -> None:
-        runtime_settings._set_stack(stack)
-        pulumi.runtime.set_all_config(config, secret_keys)
-        settings.load()
-
     try:
-        contextvars.copy_context().run(load)  # the runtime's stack and config stay as they were
+        settings.from_config(stack, config, secret_keys)  # the runtime's stack and config stay as they were
     except settings.SettingsError as error:
         return str(error)
     return None

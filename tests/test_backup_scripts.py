@@ -129,6 +129,18 @@ def test_a_failed_dump_exits_non_zero_and_uploads_nothing(backups, databases):
     assert backups.keys() == []
 
 
+def test_without_its_checksum_query_the_run_dumps_nothing_and_mails_why(backups, databases, tmp_path):
+    """No manifest could vouch for a dump: the run stops before any, through the alert path."""
+    source = databases()
+    alert = tmp_path / "alert"
+    alert.write_text(f"#!/bin/sh\ncat > {tmp_path / 'mail'}\n")
+    alert.chmod(0o755)
+    result = backups.backup(f"{STAGE}:{source}", KATFORGE_LIB_DIR=str(tmp_path / "empty"), ALERT_COMMAND=str(alert))
+    assert result.returncode == 1 and "table-checksums.sql cannot be read: no database was dumped" in result.stderr
+    assert "table-checksums.sql cannot be read" in (tmp_path / "mail").read_text()
+    assert backups.keys() == []
+
+
 def test_one_failed_database_does_not_stop_the_others(backups, databases):
     good, missing = databases(), f"bk_missing_{uuid.uuid4().hex[:6]}"
     result = backups.backup(f"{STAGE}:{missing}", f"{STAGE}:{good}")

@@ -229,3 +229,20 @@ def test_an_sshd_that_cannot_print_its_settings_is_an_error_not_a_setting(sshd, 
     vpn_only = dataclasses.replace(prod_targets, hosts=("vpn",))
     hosts, _ = discover_hosts.discover(vpn_only, ssh_of(sshd, fake_hosts, SSHD_CONFIG="/nonexistent/sshd_config"))
     assert hosts["vpn"]["reached"] and "/nonexistent/sshd_config" in hosts["vpn"]["sshd"]["error"]
+
+
+def test_what_postgres_owns_outside_public_is_read_in_each_database_whatever_its_name(sshd, fake_hosts, prod_targets,
+                                                                                      pg):
+    """pg-database.sh hands the stage's role what postgres owns in public only: discovery lists the rest, in
+    every database, one whose name libpq would read as a connection string included."""
+    odd = "x=katforge odd"
+    pg.psql(f'CREATE DATABASE "{odd}"')
+    try:
+        pg.psql("CREATE SCHEMA ops; CREATE TABLE ops.jobs (id int); CREATE TABLE public.mine (id int)",
+                database=f"dbname='{odd}'")  # psql -d reads the bare name as a connection string
+        hosts, _ = discover_hosts.discover(k3s_only(prod_targets), ssh_of(sshd, fake_hosts))
+    finally:
+        pg.psql(f'DROP DATABASE "{odd}" WITH (FORCE)')
+    postgres = hosts["k3s"]["postgres"]
+    assert "foreignOwnedErrors" not in postgres or odd not in postgres["foreignOwnedErrors"], postgres
+    assert postgres["foreignOwned"][odd] == [["schema", "ops"], ["table", "ops.jobs"]]

@@ -199,6 +199,9 @@ def test_a_new_server_gets_a_key_an_address_and_its_peers(vpn):
     # What make preflight reads (WG_PRINT_INTERFACE): the [Interface] section the run writes, and nothing done.
     printed = vpn.run(peers, WG_PRINT_INTERFACE="1")
     assert printed.returncode == 0 and list(vpn.dir.iterdir()) == [] and vpn.calls() == []
+    refused = vpn.run(peers, WG_PRINT_INTERFACE="yes")  # not a full run by a typo
+    assert refused.returncode == 2 and "expected 1" in refused.stderr
+    assert list(vpn.dir.iterdir()) == [] and vpn.calls() == []
     result = vpn.run(peers)
     assert result.returncode == 0, result.stderr
     assert vpn.conf.read_text().split("\n\n")[0].split("\n", 1)[1] == printed.stdout.rstrip("\n")
@@ -273,6 +276,8 @@ def test_a_rerun_gives_the_running_interface_back_what_it_lost(vpn):
         vpn.log.write_text("")
         healed = vpn.run(peers)
         assert healed.returncode == 0, healed.stderr
+        if loss[1] != "preshared-key":  # what differed is named, by key and addresses (never a preshared key)
+            assert f"in the file, not running: {loss[0]}" in healed.stderr and psk not in healed.stderr
         assert vpn.peers() == {p: address for _, p, address in peers} and preshared_keys(vpn)[peers[2][1]] == psk
         assert vpn.wg("private-key") == private and healed.stdout == public
         assert vpn.ifindex() == index and vpn.calls() == [] and vpn.conf.read_bytes() == conf  # no restart
@@ -313,6 +318,19 @@ def test_adopting_the_live_server_keeps_its_key_address_port_and_peers(vpn):
     vpn.inside("systemctl", "stop", f"wg-quick@{vpn.interface}")
     vpn.inside("systemctl", "start", f"wg-quick@{vpn.interface}")
     assert preshared_keys(vpn)[peers[1][1]] == psk and vpn.wg("private-key") == private
+
+
+def test_a_live_all_zero_preshared_key_is_no_key_and_reruns_settle(vpn):
+    """wg shows an all-zero preshared key as (none): the rerun's comparison must read it so, or every run
+    would sync and then fail."""
+    private, _ = keypair()
+    peers = clients(2)
+    vpn.start_live(live_conf(private, peers, psk="A" * 43 + "="))
+    assert vpn.run(peers).returncode == 0
+    index = vpn.ifindex()
+    again = vpn.run(peers)
+    assert again.returncode == 0 and again.stderr == "", again.stderr
+    assert vpn.ifindex() == index
 
 
 def test_a_live_peer_missing_from_the_configuration_is_refused_with_the_command_to_add_it(vpn):

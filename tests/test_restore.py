@@ -231,7 +231,7 @@ def test_a_restore_over_the_stages_own_database_replaces_it_whole(drill, targets
     assert kept.startswith(f"{target}__before_") and f"kept as {kept}" in result.stderr
     assert pg.psql("SELECT count(*) FROM game.added_since", database=kept) == "0"
     # The printed drop is the README's shell command, and it works (here without sudo: pg's superuser).
-    [command] = re.findall(r"\(sudo -u postgres (dropdb \S+)\)$", result.stderr, re.M)
+    [command] = re.findall(r"\(sudo -u postgres (dropdb -- \S+)\)$", result.stderr, re.M)
     subprocess.run(command.split(), env=pg.env(), check=True)
     assert databases_like(pg, target) == [target]
 

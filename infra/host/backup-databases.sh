@@ -86,6 +86,13 @@ fail() {
   failures+=("FAILED $1")
 }
 
+# Read once, as root (psql runs as postgres, who may not reach the file); without it no manifest can vouch.
+if [[ ! -r $lib_dir/table-checksums.sql ]]; then
+  fail "$lib_dir/table-checksums.sql cannot be read: no database was dumped"
+  exit 1
+fi
+checksums_sql=$(<"$lib_dir/table-checksums.sql")
+
 # s3://bucket/key holds exactly $2 bytes: an upload that reported an error may still have landed whole.
 landed() {
   local length
@@ -177,8 +184,7 @@ attempt() {
     fail "$key: no snapshot of database $database (see the psql error above)"
     return 1
   fi
-  # The query's text, not its path: this script reads it as root, psql runs as postgres, who may not reach it.
-  printf '%s\n' "SAVEPOINT manifest;" "$DATABASE_SQL" "$(<"$lib_dir/table-checksums.sql")" \
+  printf '%s\n' "SAVEPOINT manifest;" "$DATABASE_SQL" "$checksums_sql" \
     "\\if :ERROR" "ROLLBACK TO SAVEPOINT manifest;" "\\echo FAILED" "\\endif" "\\echo END" >&"$to"
 
   dumped=$(stream_upload "s3://$BACKUP_BUCKET/$key.dump" "${dump_as[@]}" --format=custom \

@@ -249,8 +249,9 @@ main() {
     # stage's role what postgres owns in public only; the rest the apps could not use as that role.
     awk -F '\t' '$1 == "pg-database" && $5 == "t" && $2 != "postgres" { print $2 }' <<<"$facts" |
       while IFS= read -r database; do
-        if ! owned=$(runuser -u postgres -- "$pg_bin/psql" -X -A -t -q -F $'\t' -v ON_ERROR_STOP=1 -d "$database" \
-                       -c "$foreign_owned" 2>&1); then
+        # The name through PGDATABASE: libpq reads a -d value with "=" or a URI prefix as a connection string.
+        if ! owned=$(PGDATABASE=$database runuser -u postgres -- "$pg_bin/psql" -X -A -t -q -F $'\t' \
+                       -v ON_ERROR_STOP=1 -c "$foreign_owned" 2>&1); then
           emit pg-foreign-owned-error "$database" "$(head -n 1 <<<"$owned")"
         elif [[ -n $owned ]]; then
           printf '%s\n' "$owned"

@@ -69,8 +69,9 @@ hba_file=$(ask hba_file 'SHOW hba_file')
 managed_conf=$conf_dir/conf.d/katforge.conf
 declare -A target=([katforge.conf]="$managed_conf" [pg_hba.conf]="$hba_file")
 
-# Candidates and backups live beside the targets, so that swapping is an atomic rename.
-work=$(mktemp -d "$conf_dir/.katforge.XXXXXX")
+# Candidates and backups live beside the targets, so that swapping is an atomic rename; a check writes
+# nothing on the host's configuration directory.
+if [[ -n $check_only ]]; then work=$(mktemp -d); else work=$(mktemp -d "$conf_dir/.katforge.XXXXXX"); fi
 trap 'rm -rf "$work"' EXIT
 
 {

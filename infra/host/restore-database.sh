@@ -420,4 +420,4 @@ PY
 fi
 log "restored s3://$BACKUP_BUCKET/$key into database $target in $(python3 -c "print(round($finished - $started, 1))") s"
 # The drop as a shell command, run where this ran, as the README's runbook has it (names are [A-Za-z0-9_-]).
-[[ -z $target_exists ]] || log "the database it replaced is kept as $before: drop it once satisfied (sudo -u postgres dropdb $before)"
+[[ -z $target_exists ]] || log "the database it replaced is kept as $before: drop it once satisfied (sudo -u postgres dropdb -- $before)"

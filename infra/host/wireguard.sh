@@ -76,10 +76,12 @@ interface_section() {
     echo "$hook = iptables -$action FORWARD -o %i -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT$tolerate"
   done
 }
-if [[ ${WG_PRINT_INTERFACE:-} == 1 ]]; then
-  interface_section
-  exit 0
-fi
+case ${WG_PRINT_INTERFACE:-} in
+  "") ;;
+  1) interface_section; exit 0 ;;
+  *) log "WG_PRINT_INTERFACE=$WG_PRINT_INTERFACE: expected 1 (print the [Interface] section, change nothing) or unset"
+     exit 2 ;;
+esac
 
 if ! command -v wg-quick >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 -q update >&2
@@ -339,6 +341,8 @@ file_peers() {
     file=$(psk_file "$public_key")
     psk="(none)"
     [[ ! -s $file ]] || psk=$(<"$file")
+    # An all-zero key is no key: wg shows it as (none).
+    [[ $psk != AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA= ]] || psk="(none)"
     echo "$public_key $psk $(sorted_ips "$ips")"
   done | sort
 }
@@ -364,6 +368,9 @@ if $running && cmp -s "$candidate" "$conf"; then
     sync_running
     log "$interface had lost its private key; restored from $key_file"
   elif [[ $(running_peers) != "$(file_peers)" ]]; then
+    # What differed, by public key and addresses only (a preshared key is never printed).
+    while read -r line; do log "  $line"; done < <(diff <(running_peers | cut -d' ' -f1,3) <(file_peers | cut -d' ' -f1,3) |
+      sed -n 's/^< /running, not in the file: /p; s/^> /in the file, not running: /p')
     sync_running
     log "$interface's peers differed from $conf; it now has its $(peers "$conf") peer(s), applied without a restart"
   fi

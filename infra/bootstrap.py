@@ -227,6 +227,10 @@ def agent_target(private_ip: str, instance_id: pulumi.Input[str], jump_host: pul
         instance_id)
 
 
+# k3s's release download and checks, which the server's and the agents' installers source.
+K3S_RELEASE = "k3s-release.sh"
+
+
 def install_file(parent: pulumi.Resource, name: str, target: Target, path: str, content: pulumi.Input[str], *,
                  mode: str = "0755", after: Sequence[pulumi.Resource] = ()) -> command.remote.Command:
     """Put `content` at `path` on the target as root (a copy over SFTP would land as ubuntu).
@@ -243,17 +247,23 @@ def install_file(parent: pulumi.Resource, name: str, target: Target, path: str, 
 def run_script(parent: pulumi.Resource, name: str, target: Target, stage: str, script: str, *,
                environment: Optional[Mapping[str, pulumi.Input[str]]] = None,
                stdin: Optional[pulumi.Input[str]] = None,
-               after: Sequence[pulumi.Resource] = ()) -> command.remote.Command:
-    """Install infra/host/<script> on the target and run it there; returns the run."""
+               after: Sequence[pulumi.Resource] = (), libraries: Sequence[str] = ()) -> command.remote.Command:
+    """Install infra/host/<script>, and the `libraries` of infra/host/ it sources, beside it on the target
+    and run it there; returns the run, which runs again when any of their texts changes."""
     text = (HOST_FILES / script).read_text()
     path = f"{REMOTE_DIR}/{stage}/{script}"
-    installed = install_file(parent, f"{name}-script", target, path, text, after=after)
+    installed = [install_file(parent, f"{name}-script", target, path, text, after=after)]
+    texts = [(HOST_FILES / library).read_text() for library in libraries]
+    installed += [install_file(parent, f"{name}-{library.removesuffix('.sh')}-script", target,
+                               f"{REMOTE_DIR}/{stage}/{library}", library_text, mode="0644", after=after)
+                  for library, library_text in zip(libraries, texts)]
     line = pulumi.Output.from_input(dict(environment or {})).apply(lambda values: run_line(path, values))
     return command.remote.Command(
         name, connection=target.connection, create=line, stdin=stdin,
-        triggers=[pulumi.Output.all(text, line, stdin, target.identity).apply(lambda parts: content_hash(*parts))],
+        triggers=[pulumi.Output.all(text, *texts, line, stdin, target.identity)
+                  .apply(lambda parts: content_hash(*parts))],
         add_previous_output_in_env=False,
-        opts=pulumi.ResourceOptions(parent=parent, depends_on=[installed, *after]))
+        opts=pulumi.ResourceOptions(parent=parent, depends_on=[*installed, *after]))
 
 
 class HostBootstrap(pulumi.ComponentResource):
@@ -274,7 +284,7 @@ class HostBootstrap(pulumi.ComponentResource):
 
         k3s_config = k3s_host.public_ip.apply(lambda ip: render_k3s_config(
             public_ip=ip, private_ip=network.k3s_private_ip, secrets_encryption=bootstrap.k3s_secrets_encryption))
-        k3s_install = self.k3s_install = run("k3s", k3s, "k3s-install.sh",
+        k3s_install = self.k3s_install = run("k3s", k3s, "k3s-install.sh", libraries=[K3S_RELEASE],
                           environment={"K3S_VERSION": bootstrap.k3s_version,
                                        "K3S_REPLACE_LIVE_FLAGS": flag(bootstrap.k3s_replace_live_flags),
                                        "K3S_ENCRYPT_EXISTING_SECRETS": flag(bootstrap.k3s_encrypt_existing_secrets)},
@@ -338,7 +348,7 @@ class AgentBootstrap(pulumi.ComponentResource):
             config = render_k3s_agent_config(name=agent.name, private_ip=agent.private_ip,
                                              server_ip=network.k3s_private_ip)
             install = run_script(
-                self, f"{name}-{agent.name}-k3s", target, stage, "k3s-agent-install.sh",
+                self, f"{name}-{agent.name}-k3s", target, stage, "k3s-agent-install.sh", libraries=[K3S_RELEASE],
                 environment={"K3S_VERSION": bootstrap.k3s_version},
                 stdin=join_token.apply(lambda value, config=config: agent_install_input(value, config)),
                 after=[baseline])

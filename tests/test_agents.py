@@ -58,7 +58,8 @@ def test_each_agent_is_one_instance_with_its_bootstrap_and_its_node(prod, count)
     names = sorted(AGENT_IPS)[:count]
     assert sorted(r.name for r in plan.of_type(INSTANCE)) == sorted(["k3s", "vpn", *names])
     for name in names:
-        assert sorted(agent_runs(plan, name)) == ["baseline", "baseline-script", "k3s", "k3s-script", "node"]
+        assert sorted(agent_runs(plan, name)) == ["baseline", "baseline-script", "k3s", "k3s-k3s-release-script", "k3s-script",
+                                                   "node"]
     assert len([r for r in plan.of_type(COMMAND) if r.name == "agents-join-token"]) == (1 if count else 0)
     assert len([r for r in plan.of_type(GROUP) if r.name == "k3s-agents"]) == (1 if count else 0)
     assert len([r for r in plan.resources if r.type == "katforge:bootstrap:AgentBootstrap"]) == (1 if count else 0)
@@ -158,7 +159,7 @@ def test_removing_an_agent_drains_it_before_its_instance_goes():
     diff = diff_plans(json.loads(plan.to_json()), json.loads(scaled.agents(1).to_json()))
     assert {s.op for s in diff.steps} == {"delete"}
     assert {s.resource["name"] for s in diff.steps} == {"agent-2", *(f"agents-agent-2-{n}" for n in (
-        "baseline", "baseline-script", "k3s", "k3s-script", "node"))}
+        "baseline", "baseline-script", "k3s", "k3s-k3s-release-script", "k3s-script", "node"))}
 
 
 def test_pods_on_an_agent_reach_postgresql_at_the_servers_private_address(prod):

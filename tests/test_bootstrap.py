@@ -161,6 +161,21 @@ def test_a_new_release_or_an_edited_script_reruns_only_its_own_steps(prod, monke
     }
 
 
+def test_k3s_release_library_is_installed_beside_both_installers_and_reruns_them(prod, monkeypatch, tmp_path):
+    """k3s-install.sh and k3s-agent-install.sh source k3s-release.sh: it is on the host before they run,
+    and an edit of it reruns them as an edit of their own text would."""
+    library = prod.named("bootstrap-k3s-k3s-release-script", COMMAND)
+    assert library.urn in prod.named("bootstrap-k3s", COMMAND).options["depends_on"]
+    assert library.inputs["create"].endswith(f"/prod/{bootstrap.K3S_RELEASE}")
+    host_files = tmp_path / "host"
+    shutil.copytree(bootstrap.HOST_FILES, host_files)
+    with (host_files / bootstrap.K3S_RELEASE).open("a") as script:
+        script.write("# an edit\n")
+    monkeypatch.setattr(bootstrap, "HOST_FILES", host_files)
+    changed, before = triggers(evaluate("prod")), triggers(prod)
+    assert {name for name in before if changed[name] != before[name]} == {"bootstrap-k3s", "bootstrap-kubeconfig"}
+
+
 # --- secrets -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stack", ["prod", "qa"])

@@ -15,15 +15,16 @@
 #
 # Runs as root on an agent the program made (infra/hosts.py), so unlike the server's k3s-install.sh
 # there are no live flags to compare and no secrets encryption, and no PostgreSQL to share a restart
-# lock with. That script is left as it is: it runs on the live k3s host, and a change to it would run
-# it there again. What the two share is k3s's own: the release's binary checked against the release's
-# sha256sum-<arch>.txt, and the unit k3s's install.sh writes (create_systemd_service_file), here for
-# `k3s agent`. k3s restarts when the binary, the unit, config.yaml or the token changed; the run succeeds
+# lock with. What the two share is k3s's own: the release's binary checked against the release's
+# sha256sum-<arch>.txt and its --version (k3s-release.sh, sourced by both), and the unit k3s's install.sh
+# writes (create_systemd_service_file), here for `k3s agent`. k3s restarts when the binary, the unit, config.yaml or the token changed; the run succeeds
 # once the kubelet answers /healthz (it starts once the agent has joined the server); a restart that did
 # not get there is recorded and done again by the next run.
 set -euo pipefail
 
 log() { printf 'k3s-agent-install: %s\n' "$*" >&2; }
+# shellcheck source=k3s-release.sh
+source "$(dirname "$(readlink -f "$0")")/k3s-release.sh"
 
 : "${K3S_VERSION:?K3S_VERSION is required, e.g. v1.34.6+k3s1}"
 bin_dir=${K3S_BIN_DIR:-/usr/local/bin}
@@ -102,22 +103,7 @@ if [[ ${#restart_for[@]} -eq 0 ]]; then
 fi
 
 if [[ " ${changed[*]} " == *" binary "* ]]; then
-  case $(uname -m) in
-    x86_64) arch=amd64 asset=k3s ;;
-    aarch64) arch=arm64 asset=k3s-arm64 ;;
-    *) log "unsupported architecture $(uname -m)"; exit 1 ;;
-  esac
-  url=$releases/${K3S_VERSION//+/%2B}
-  log "downloading k3s $K3S_VERSION (was: ${installed:-not installed})"
-  curl -sfL --retry 3 -o "$work/sha256sum.txt" "$url/sha256sum-$arch.txt"
-  curl -sfL --retry 3 -o "$work/k3s" "$url/$asset"
-  expected=$(awk -v asset="$asset" '$2 == asset { print $1 }' "$work/sha256sum.txt")
-  actual=$(sha256sum "$work/k3s" | awk '{ print $1 }')
-  if [[ -z $expected || $actual != "$expected" ]]; then
-    log "the downloaded $asset has sha256 $actual, the release's sha256sum-$arch.txt says '${expected:-nothing}'; nothing was changed"
-    exit 1
-  fi
-  chmod 0755 "$work/k3s"
+  download_k3s
 fi
 
 # Recorded before anything is installed: until the agent is ready after its restart, a later run

@@ -58,6 +58,8 @@
 set -euo pipefail
 
 log() { printf 'k3s-install: %s\n' "$*" >&2; }
+# shellcheck source=k3s-release.sh
+source "$(dirname "$(readlink -f "$0")")/k3s-release.sh"
 
 : "${K3S_VERSION:?K3S_VERSION is required, e.g. v1.34.6+k3s1}"
 bin_dir=${K3S_BIN_DIR:-/usr/local/bin}
@@ -447,27 +449,7 @@ fi
 # --- apply -----------------------------------------------------------------------------------------
 
 if [[ " ${changed[*]} " == *" binary "* ]]; then
-  case $(uname -m) in
-    x86_64) arch=amd64 asset=k3s ;;
-    aarch64) arch=arm64 asset=k3s-arm64 ;;
-    *) log "unsupported architecture $(uname -m)"; exit 1 ;;
-  esac
-  url=$releases/${K3S_VERSION//+/%2B}
-  log "downloading k3s $K3S_VERSION (was: ${installed:-not installed})"
-  curl -sfL --retry 3 -o "$work/sha256sum.txt" "$url/sha256sum-$arch.txt"
-  curl -sfL --retry 3 -o "$work/k3s" "$url/$asset"
-  expected=$(awk -v asset="$asset" '$2 == asset { print $1 }' "$work/sha256sum.txt")
-  actual=$(sha256sum "$work/k3s" | awk '{ print $1 }')
-  if [[ -z $expected || $actual != "$expected" ]]; then
-    log "the downloaded $asset has sha256 $actual, the release's sha256sum-$arch.txt says '${expected:-nothing}'; nothing was changed"
-    exit 1
-  fi
-  chmod 0755 "$work/k3s"
-  reported=$("$work/k3s" --version | awk 'NR == 1 { print $3 }')
-  if [[ $reported != "$K3S_VERSION" ]]; then
-    log "the downloaded k3s says it is $reported, not $K3S_VERSION; nothing was changed"
-    exit 1
-  fi
+  download_k3s
 fi
 
 # Recorded before anything is installed: until k3s is ready after its restart (or the Secrets are all

@@ -53,36 +53,7 @@ if [[ $token_file != /* ]]; then
   exit 2
 fi
 
-cat >"$work/k3s-agent.service" <<EOF
-# Managed by katforge (infra/host/k3s-agent-install.sh): every setting is in $config_file.
-[Unit]
-Description=Lightweight Kubernetes
-Documentation=https://k3s.io
-Wants=network-online.target
-After=network-online.target
-
-[Install]
-WantedBy=multi-user.target
-
-[Service]
-Type=notify
-EnvironmentFile=-/etc/default/%N
-EnvironmentFile=-/etc/sysconfig/%N
-EnvironmentFile=-$systemd_dir/k3s-agent.service.env
-KillMode=process
-Delegate=yes
-User=root
-LimitNOFILE=1048576
-LimitNPROC=infinity
-LimitCORE=infinity
-TasksMax=infinity
-TimeoutStartSec=0
-Restart=always
-RestartSec=5s
-ExecStartPre=-/sbin/modprobe br_netfilter
-ExecStartPre=-/sbin/modprobe overlay
-ExecStart=$k3s agent
-EOF
+k3s_unit k3s-agent agent k3s-agent-install.sh >"$work/k3s-agent.service"
 
 installed=""
 [[ -x $k3s ]] && installed=$("$k3s" --version | awk 'NR == 1 { print $3 }')

@@ -123,39 +123,7 @@ fi
 
 # --- the live k3s's settings against config.yaml ---------------------------------------------------
 
-# k3s's own unit as install.sh writes it (create_systemd_service_file), without flags.
-cat >"$work/k3s.service" <<EOF
-# Managed by katforge (infra/host/k3s-install.sh): every setting is in $config_file.
-[Unit]
-Description=Lightweight Kubernetes
-Documentation=https://k3s.io
-Wants=network-online.target
-After=network-online.target
-
-[Install]
-WantedBy=multi-user.target
-
-[Service]
-Type=notify
-EnvironmentFile=-/etc/default/%N
-EnvironmentFile=-/etc/sysconfig/%N
-EnvironmentFile=-$systemd_dir/k3s.service.env
-KillMode=process
-Delegate=yes
-User=root
-# Having non-zero Limit*s causes performance problems due to accounting overhead
-# in the kernel. We recommend using cgroups to do container-local accounting.
-LimitNOFILE=1048576
-LimitNPROC=infinity
-LimitCORE=infinity
-TasksMax=infinity
-TimeoutStartSec=0
-Restart=always
-RestartSec=5s
-ExecStartPre=-/sbin/modprobe br_netfilter
-ExecStartPre=-/sbin/modprobe overlay
-ExecStart=$k3s server
-EOF
+k3s_unit k3s server k3s-install.sh >"$work/k3s.service"
 
 # The effective unit, as systemd reads it wherever it lies: the unit file, then its drop-ins, each
 # after a "# <path>" line.

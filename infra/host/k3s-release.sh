@@ -1,8 +1,8 @@
 # shellcheck shell=bash
-# k3s's own release, as its install.sh fetches it; sourced by k3s-install.sh (the server) and
-# k3s-agent-install.sh, and installed beside them (infra/bootstrap.py run_script's `libraries`: its text
-# is part of their runs' triggers).
-# shellcheck disable=SC2154 # $releases, $installed and $work are the sourcing script's
+# k3s's own release and unit, as its install.sh fetches and writes them; sourced by k3s-install.sh (the
+# server) and k3s-agent-install.sh, and installed beside them (infra/bootstrap.py run_script's
+# `libraries`: its text is part of their runs' triggers).
+# shellcheck disable=SC2154 # $releases, $installed, $work, $k3s, $config_file, $systemd_dir: the sourcing script's
 
 # The release's binary for this machine into $work/k3s, checked against the release's
 # sha256sum-<arch>.txt and its own --version; on any mismatch the run stops having changed nothing.
@@ -29,4 +29,41 @@ download_k3s() {
     log "the downloaded k3s says it is $reported, not $K3S_VERSION; nothing was changed"
     exit 1
   fi
+}
+
+# k3s's own unit as install.sh writes it (create_systemd_service_file), without flags: every setting is in
+# config.yaml. $1 the unit's name (k3s, k3s-agent), $2 k3s's command (server, agent), $3 the installer.
+k3s_unit() {
+  cat <<EOF
+# Managed by katforge (infra/host/$3): every setting is in $config_file.
+[Unit]
+Description=Lightweight Kubernetes
+Documentation=https://k3s.io
+Wants=network-online.target
+After=network-online.target
+
+[Install]
+WantedBy=multi-user.target
+
+[Service]
+Type=notify
+EnvironmentFile=-/etc/default/%N
+EnvironmentFile=-/etc/sysconfig/%N
+EnvironmentFile=-$systemd_dir/$1.service.env
+KillMode=process
+Delegate=yes
+User=root
+# Having non-zero Limit*s causes performance problems due to accounting overhead
+# in the kernel. We recommend using cgroups to do container-local accounting.
+LimitNOFILE=1048576
+LimitNPROC=infinity
+LimitCORE=infinity
+TasksMax=infinity
+TimeoutStartSec=0
+Restart=always
+RestartSec=5s
+ExecStartPre=-/sbin/modprobe br_netfilter
+ExecStartPre=-/sbin/modprobe overlay
+ExecStart=$k3s $2
+EOF
 }

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import pulumi
 import yaml
@@ -506,25 +506,32 @@ def _hosts(read: _Reader, imports: Mapping[str, str], network: NetworkSettings) 
     )
 
 
+def _named_lines(read: _Reader, key: str, form: str) -> Iterator[tuple[Callable[[str], SettingsError], str, str, str]]:
+    """Each "name,a,b" line of the list `key` (Pulumi's typed config has no list of objects,
+    pulumi/pulumi#11321): the refusal for that line, naming the part that is wrong, then its checked name
+    and its other two parts."""
+    for line in read.strings(key):
+        def wrong(problem: str, line: str = line) -> SettingsError:
+            return invalid(key, line, f"{form}, but {problem}")
+
+        parts = line.split(",")
+        if len(parts) != 3:
+            raise wrong(f"the line has {len(parts)} comma-separated parts, not 3")
+        name, first, second = parts
+        if not _LABEL.match(name):
+            raise wrong(f"the name {name!r} is not a lowercase label (a-z, 0-9 and inner hyphens)")
+        yield wrong, name, first, second
+
+
 def _k3s_agents(read: _Reader, network: NetworkSettings) -> tuple[AgentSpec, ...]:
-    """Agents as "name,instanceType,privateIp" lines (Pulumi's typed config has no list of objects,
-    pulumi/pulumi#11321). A refusal names the part of the line that is wrong."""
+    """Agents as "name,instanceType,privateIp" lines. A refusal names the part of the line that is wrong."""
     from infra.capacity import MEMTOTAL_MIB  # here, not at the top: infra.capacity imports this module
 
     form = '"name,instanceType,privateIp", e.g. "agent-1,t3.medium,172.31.14.120"'
     owners: dict[tuple[str, str], str] = {("address", network.k3s_private_ip): "k3s (the server)",
                                           ("name", "k3s"): "k3s (the server)", ("name", "vpn"): "vpn (the VPN host)"}
     agents = []
-    for line in read.strings("k3sAgents"):
-        def wrong(problem: str) -> SettingsError:
-            return invalid("k3sAgents", line, f"{form}, but {problem}")
-
-        parts = line.split(",")
-        if len(parts) != 3:
-            raise wrong(f"the line has {len(parts)} comma-separated parts, not 3")
-        name, instance_type, private_ip = parts
-        if not _LABEL.match(name):
-            raise wrong(f"the name {name!r} is not a lowercase label (a-z, 0-9 and inner hyphens)")
+    for wrong, name, instance_type, private_ip in _named_lines(read, "k3sAgents", form):
         if instance_type not in MEMTOTAL_MIB:
             raise wrong(f"the instance type {instance_type!r} has no memory figure in MEMTOTAL_MIB "
                         f"(infra/capacity.py): {', '.join(MEMTOTAL_MIB)}")
@@ -652,16 +659,7 @@ def _wireguard_peers(read: _Reader, vpn_client_cidr: str) -> tuple[WireguardPeer
     form = f'"name,publickey,address/32", e.g. "alice-laptop,<wg pubkey output>,{clients[2]}/32"'
     owners: dict[tuple[str, str], str] = {}  # (part, value) -> the peer that has it
     peers = []
-    for line in read.strings("wireguardPeers"):
-        def wrong(problem: str) -> SettingsError:
-            return invalid("wireguardPeers", line, f"{form}, but {problem}")
-
-        parts = line.split(",")
-        if len(parts) != 3:
-            raise wrong(f"the line has {len(parts)} comma-separated parts, not 3")
-        name, key, address = parts
-        if not _LABEL.match(name):
-            raise wrong(f"the name {name!r} is not a lowercase label (a-z, 0-9 and inner hyphens)")
+    for wrong, name, key, address in _named_lines(read, "wireguardPeers", form):
         if not _WIREGUARD_KEY.match(key):
             raise wrong(f"the public key {key!r} is not a WireGuard key (44 base64 characters ending in '=')")
         network = ipaddress.IPv4Network(address) if is_cidr(address) else None

@@ -23,6 +23,7 @@ import ssl
 import subprocess
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,7 +229,10 @@ def test_first_run_moves_the_file_out_root_only_and_deletes_what_k3s_applied_fro
 def test_what_a_restarting_k3s_applies_once_more_as_the_file_moves_is_removed_too(host):
     """A k3s that has just restarted scans its manifests once more and may apply the file it read just
     before the move: the handover waits one rescan and removes what came back."""
-    applied = [dict(o) for o in traefik_objects() if o["kind"] in ("HelmChartConfig", "Addon")]
+    # Created anew, as k3s's apply would: a new uid each (with the old one, kubectl delete --wait, which
+    # waits for that uid to go, could wait forever once the thread had put the object back).
+    applied = [{**o, "metadata": {**o["metadata"], "uid": str(uuid.uuid4())}}
+               for o in traefik_objects() if o["kind"] in ("HelmChartConfig", "Addon")]
     for obj in applied:
         if obj["kind"] == "Addon":
             obj["spec"] = {**obj["spec"], "source": str(host.manifest)}
